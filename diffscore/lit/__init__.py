@@ -1,0 +1,8 @@
+"""The only package that imports Lightning: LightningModules, DataModules, callbacks and the CLI."""
+
+from diffscore.lit.datamodules import DigitsDataModule, GMMDataModule
+from diffscore.lit.diffusion import DiffusionModule
+from diffscore.lit.ema import EDMEMA
+from diffscore.lit.sample_grid import SampleGrid
+
+__all__ = ["DiffusionModule", "DigitsDataModule", "EDMEMA", "GMMDataModule", "SampleGrid"]

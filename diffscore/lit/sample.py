@@ -1,0 +1,186 @@
+"""`diffscore sample`: draw N samples from a checkpoint's EMA weights, split over devices by seed.
+
+Sample i uses seed ``seed + i`` for its initial noise, so the output is the same on any number of devices
+and at any batch size. Rank r takes seeds r, r + world, ...: no seed is drawn twice, none is padded in.
+Output goes to a temporary name first and is renamed at the end, so an interrupted run leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from diffscore.core.samplers import SAMPLERS
+from diffscore.errors import DiffscoreError
+from diffscore.lit.diffusion import DiffusionModule
+
+
+class SeedDataModule(LightningDataModule):
+    """Integer seeds as a predict set, strided over ranks without padding."""
+
+    def __init__(self, seeds: list[int], batch_size: int) -> None:
+        super().__init__()
+        self.seeds = seeds
+        self.batch_size = batch_size
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        mine = torch.tensor(self.seeds[rank::world], dtype=torch.long)
+        return DataLoader(mine, batch_size=self.batch_size, shuffle=False)
+
+
+class ShardWriter(BasePredictionWriter):
+    """Each rank saves its samples to ``parts_dir/rank<r>.pt`` at the end of prediction."""
+
+    def __init__(self, parts_dir: Path) -> None:
+        super().__init__(write_interval="epoch")
+        self.parts_dir = parts_dir
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        seeds = torch.cat([p["seeds"] for p in predictions]) if predictions else torch.zeros(0, dtype=torch.long)
+        samples = torch.cat([p["samples"] for p in predictions]) if predictions else torch.zeros(0)
+        torch.save({"seeds": seeds, "samples": samples}, self.parts_dir / f"rank{trainer.global_rank}.pt")
+
+
+def load_diffusion_checkpoint(ckpt_path: str | Path) -> DiffusionModule:
+    """The DiffusionModule in ``ckpt_path`` with its EMA weights (what EDMEMA stores under ``state_dict``)."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DiffscoreError(f"checkpoint {path} does not exist; pass the .ckpt written by `diffscore fit`")
+    try:
+        model = DiffusionModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure here means "not one of ours"
+        raise DiffscoreError(
+            f"{path} is not a diffscore DiffusionModule checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
+    if not isinstance(model, DiffusionModule):
+        raise DiffscoreError(f"{path} holds a {type(model).__name__}, not a DiffusionModule")
+    return model
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.parent.is_dir():
+        raise DiffscoreError(f"output folder {out.parent} does not exist; create it or choose another --out")
+    if out.exists():
+        if not overwrite and (out.is_file() or any(out.iterdir())):
+            raise DiffscoreError(f"{out} already exists; remove it, choose another --out, or pass --overwrite true")
+        if out.is_file() != (out.suffix == ".npz"):
+            raise DiffscoreError(f"{out} exists and is not a {'file' if out.suffix == '.npz' else 'folder'}")
+
+
+def _write(out: Path, seeds: torch.Tensor, samples: torch.Tensor) -> None:
+    """Write to a temporary sibling, then rename: an interrupted write never leaves a partial output."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if out.suffix == ".npz":
+        with open(tmp, "wb") as f:
+            np.savez(f, seeds=seeds.numpy(), samples=samples.numpy())
+        os.replace(tmp, out)
+        return
+    if samples.ndim != 4:
+        raise DiffscoreError(f"samples of shape {tuple(samples.shape[1:])} are not images; use --out FILE.npz")
+    from torchvision.utils import save_image
+
+    tmp.mkdir()
+    try:
+        for s, img in zip(seeds.tolist(), samples):
+            save_image((img.clamp(-1, 1) + 1) / 2, tmp / f"{s:06d}.png", format="png")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sample(
+    ckpt_path: str,
+    out: str,
+    num_samples: int = 64,
+    steps: int | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    class_label: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    overwrite: bool = False,
+) -> Path | None:
+    """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
+
+    Args:
+        ckpt_path: checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt).
+        out: a folder (one PNG per seed, ``<seed>.png``) or a ``.npz`` file (arrays ``seeds``, ``samples`` in
+            data space; vector data need .npz).
+        num_samples: how many samples; seeds ``seed .. seed + num_samples - 1``.
+        steps: sampler steps (default: the checkpoint's num_steps; Heun 18 -> 35 evaluations).
+        sampler: sampler name (default: the checkpoint's sampler).
+        seed: the first seed.
+        batch_size: samples per forward pass on each device.
+        class_label: class for every sample of a class-conditional model (default: a seeded random class).
+        accelerator: "cpu", "gpu" or "auto".
+        devices: number of devices (or "auto"); the seeds are split across them.
+        strategy: Lightning strategy ("auto", "ddp", ...).
+        overwrite: replace an existing output.
+    """
+    if num_samples < 1:
+        raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
+    if steps is not None and steps < 1:
+        raise DiffscoreError(f"--steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise DiffscoreError(f"--batch_size must be >= 1, got {batch_size}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise DiffscoreError(f"--sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
+    out_path = Path(out)
+    _check_out(out_path, overwrite)
+    model = load_diffusion_checkpoint(ckpt_path)
+    if class_label is not None:
+        label_dim = getattr(model.backbone, "label_dim", 0)
+        if not 0 <= class_label < label_dim:
+            raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {label_dim} classes")
+    model.predict_options = {"num_steps": steps, "sampler": sampler, "class_label": class_label}
+
+    parts = out_path.with_name(f".{out_path.name}.parts")
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        callbacks=[ShardWriter(parts)],
+    )
+    if trainer.is_global_zero:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    trainer.strategy.barrier()
+    seeds = list(range(seed, seed + num_samples))
+    trainer.predict(model, datamodule=SeedDataModule(seeds, batch_size), return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    try:
+        shards = [torch.load(p, weights_only=True) for p in sorted(parts.glob("rank*.pt"))]
+        all_seeds = torch.cat([s["seeds"] for s in shards])
+        all_samples = torch.cat([s["samples"] for s in shards])
+        order = all_seeds.argsort()
+        all_seeds, all_samples = all_seeds[order], all_samples[order]
+        if all_seeds.tolist() != seeds:
+            raise DiffscoreError(f"internal: gathered {len(all_seeds)} samples, expected seeds {seed}..{seeds[-1]}")
+        _write(out_path, all_seeds, all_samples)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    print(f"diffscore: wrote {num_samples} samples to {out_path}", flush=True)
+    return out_path
+
+
+def sample_cli(argv: list[str]) -> None:
+    from jsonargparse import CLI
+
+    CLI(sample, args=argv, as_positional=False)

@@ -1,0 +1,111 @@
+"""A callback that draws a fixed-seed sample grid from the EMA weights: PNG on disk and to the logger."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+
+
+def save_png_atomic(path: Path, fig_or_tensor, nrow: int = 8) -> None:
+    """Write an image grid [N, C, H, W] in [-1, 1] (or a matplotlib figure) to ``path`` via a temp file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(fig_or_tensor, Tensor):
+        from torchvision.utils import save_image
+
+        images = (fig_or_tensor.float() + 1) / 2  # [N, C, H, W] in [0, 1]
+        if images.shape[-1] < 32:  # blow tiny images (8x8 digits) up so that a person can see them
+            images = torch.nn.functional.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+        save_image(images, tmp, nrow=nrow, padding=2, pad_value=0.5, format="png")
+    else:
+        fig_or_tensor.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def scatter_figure(samples: Tensor, reference: Tensor | None, title: str):
+    """A 2-D scatter (first two coordinates) of samples over reference data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if reference is not None:
+        ref = reference[:4096].float()
+        ax.scatter(ref[:, 0], ref[:, 1] if ref.shape[1] > 1 else ref[:, 0] * 0, s=2, alpha=0.3, label="data")
+    ax.scatter(samples[:, 0], samples[:, 1] if samples.shape[1] > 1 else samples[:, 0] * 0, s=4, label="samples")
+    ax.set_title(title)
+    ax.legend(loc="upper right", markerscale=3)
+    ax.set_aspect("equal", adjustable="datalim")
+    return fig
+
+
+class SampleGrid(Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of fit, sample ``num_samples`` fixed seeds with the
+    module's default sampler on the EMA weights (the raw weights if no EMA callback) and write
+    ``<log_dir>/samples/grid_step<N>.png``; image data give an image grid, vector data a scatter plot."""
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,  # 0 = only at the end of fit
+        num_samples: int = 64,  # grid size (a square number looks best)
+        seed: int = 0,  # first seed; the same seeds every time, so grids are comparable over training
+        num_steps: int | None = None,  # sampler steps (default: the module's num_steps)
+        sampler: str | None = None,  # sampler name (default: the module's sampler)
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.seed = seed
+        self.num_steps = num_steps
+        self.sampler = sampler
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    @staticmethod
+    def ema_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+                return cb._average_model.module
+        return pl_module
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.write(trainer, pl_module)
+
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
+        step = self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return None
+        module = self.ema_module(trainer, pl_module)
+        seeds = range(self.seed, self.seed + self.num_samples)
+        samples = module.generate(seeds, num_steps=self.num_steps, sampler=self.sampler).float().cpu()
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"grid_step{step:07d}.png"
+        if samples.ndim == 4:
+            save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))
+        else:
+            dm = trainer.datamodule
+            ref = dm.splits["train"][0] if dm is not None and getattr(dm, "splits", None) else None
+            fig = scatter_figure(samples, ref, f"samples at step {step}")
+            save_png_atomic(path, fig)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="samples", images=[str(path)], step=step)
+        self.last_path = path
+        return path
+
+

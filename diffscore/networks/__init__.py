@@ -1,0 +1,6 @@
+"""Backbones F(x_in, c_noise, cond, aug_label): plain nn.Modules that never see sigma scalings."""
+
+from diffscore.networks.mlp import MLP
+from diffscore.networks.unet import UNet
+
+__all__ = ["MLP", "UNet"]

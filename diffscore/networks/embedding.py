@@ -1,0 +1,92 @@
+"""The conditioning vector shared by all backbones: noise level, class label and augmentation label."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffscore.networks.init import init_weights
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer-style sinusoidal embedding of a scalar (DDPM++), [B] -> [B, num_channels] as [sin, cos]."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = True) -> None:
+        super().__init__()
+        half = num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32) / (half - (1 if endpoint else 0))
+        self.register_buffer("freqs", (1 / max_positions) ** freqs, persistent=False)  # [C/2]
+
+    def forward(self, x: Tensor) -> Tensor:
+        arg = x.float()[:, None] * self.freqs  # [B, C/2]
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features of a scalar (NCSN++), [B] -> [B, num_channels]; frequencies ~ N(0, scale^2)."""
+
+    def __init__(self, num_channels: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)  # [C/2], saved: it is random
+
+    def forward(self, x: Tensor) -> Tensor:
+        arg = x.float()[:, None] * (2 * math.pi * self.freqs)  # [B, C/2]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class ConditionEmbedding(nn.Module):
+    """emb = MLP(embed(c_noise) + W_label onehot(cond) + W_aug aug_label), EDM's SongUNet mapping network.
+
+    The label and augmentation maps have no bias, so an all-zero label (or ``cond=None``) means "none";
+    that is what classifier-free guidance and ScoreAug's identity transform rely on.
+    """
+
+    def __init__(
+        self,
+        noise_channels: int,  # width of the noise-level embedding
+        emb_channels: int,  # width of the output vector fed to every block
+        embedding_type: str = "positional",  # "positional" (DDPM++) or "fourier" (NCSN++)
+        fourier_scale: float = 16.0,  # frequency scale of the Fourier features
+        label_dim: int = 0,  # number of classes (0 = unconditional)
+        augment_dim: int = 0,  # size of the augmentation label (0 = none)
+        label_dropout: float = 0.0,  # probability of dropping the class label in training (for guidance)
+        init_mode: str = "xavier_uniform",
+    ) -> None:
+        super().__init__()
+        if embedding_type == "positional":
+            self.map_noise: nn.Module = PositionalEmbedding(noise_channels, endpoint=True)
+        elif embedding_type == "fourier":
+            self.map_noise = FourierEmbedding(noise_channels, scale=fourier_scale)
+        else:
+            raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
+        self.label_dim = label_dim
+        self.augment_dim = augment_dim
+        self.label_dropout = label_dropout
+        self.map_label = (
+            init_weights(nn.Linear(label_dim, noise_channels, bias=False), init_mode) if label_dim else None
+        )
+        self.map_augment = (
+            init_weights(nn.Linear(augment_dim, noise_channels, bias=False), init_mode) if augment_dim else None
+        )
+        self.map_layer0 = init_weights(nn.Linear(noise_channels, emb_channels), init_mode)
+        self.map_layer1 = init_weights(nn.Linear(emb_channels, emb_channels), init_mode)
+
+    def forward(self, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None) -> Tensor:
+        emb = self.map_noise(c_noise)  # [B, noise_channels]
+        if self.map_label is not None and cond is not None:
+            onehot = F.one_hot(cond.long(), self.label_dim).to(emb.dtype) if cond.ndim == 1 else cond.to(emb.dtype)
+            if self.training and self.label_dropout > 0:
+                keep = torch.rand(onehot.shape[0], 1, device=onehot.device) >= self.label_dropout
+                onehot = onehot * keep
+            emb = emb + self.map_label(onehot * math.sqrt(self.label_dim))
+        elif cond is not None:
+            raise ValueError("a class label was given but the backbone has label_dim=0; set label_dim")
+        if self.map_augment is not None and aug_label is not None:
+            emb = emb + self.map_augment(aug_label.to(emb.dtype))
+        elif aug_label is not None:
+            raise ValueError("an augmentation label was given but the backbone has augment_dim=0; set augment_dim")
+        emb = F.silu(self.map_layer0(emb))
+        return F.silu(self.map_layer1(emb))  # [B, emb_channels]

@@ -1,0 +1,215 @@
+"""The DDPM++ / NCSN++ U-Net as EDM configures it (Song et al. 2021; Karras et al. 2022, Appendix F.2).
+
+DDPM++ (CIFAR-10): positional embedding, 128 channels, multipliers [2, 2, 2], 4 blocks per resolution,
+attention at 16x16, resample filter [1, 1], dropout 0.13 -> 55.7M parameters, 42.4 GFLOP per 32x32 image.
+NCSN++: Fourier embedding (scale 16), residual encoder, resample filter [1, 3, 3, 1], noise-channel mult 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffscore.networks.embedding import ConditionEmbedding
+from diffscore.networks.init import init_weights
+
+INIT = "xavier_uniform"
+ZERO = 1e-5  # scale of "almost zero" initialisations (last conv of each residual branch)
+
+
+def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with at most 32 groups and at least 4 channels per group (EDM's choice), groups dividing C."""
+    groups = max(1, min(32, channels // 4))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+class Resample(nn.Module):
+    """2x up- or down-sampling with a separable FIR filter; [1, 1] is a box filter (nearest / average pool)."""
+
+    def __init__(self, mode: str, resample_filter: list[int] | tuple[int, ...] = (1, 1)) -> None:
+        super().__init__()
+        if mode not in ("up", "down"):
+            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
+        self.mode = mode
+        self.box = list(resample_filter) == [1, 1]
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = torch.outer(f, f) / f.sum() ** 2  # [k, k], sums to 1
+        self.register_buffer("filter", f, persistent=False)
+        self.pad = (len(resample_filter) - 1) // 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.box:  # the fast path: no depthwise convolution needed
+            return F.interpolate(x, scale_factor=2, mode="nearest") if self.mode == "up" else F.avg_pool2d(x, 2)
+        C = x.shape[1]
+        w = self.filter.to(x.dtype).tile(C, 1, 1, 1)  # [C, 1, k, k]
+        if self.mode == "up":
+            return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
+        return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
+
+
+class UNetBlock(nn.Module):
+    """Residual block: GN-SiLU-conv, + emb, GN-SiLU-dropout-conv, skip; optional resampling and self-attention."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int = 1,
+        dropout: float = 0.0,
+        skip_scale: float = math.sqrt(0.5),
+        resample_filter: list[int] | tuple[int, ...] = (1, 1),
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.skip_scale = skip_scale
+        self.num_heads = num_heads if attention else 0
+        self.resample = Resample("up" if up else "down", resample_filter) if (up or down) else None
+        self.norm0 = group_norm(in_channels)
+        self.conv0 = init_weights(nn.Conv2d(in_channels, out_channels, 3, padding=1), INIT)
+        self.affine = init_weights(nn.Linear(emb_channels, out_channels), INIT)
+        self.norm1 = group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv1 = init_weights(nn.Conv2d(out_channels, out_channels, 3, padding=1), INIT, ZERO)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            self.skip = init_weights(nn.Conv2d(in_channels, out_channels, 1), INIT)
+        if self.num_heads:
+            if out_channels % self.num_heads:
+                raise ValueError(f"{out_channels} channels do not split into {self.num_heads} heads")
+            self.norm2 = group_norm(out_channels)
+            self.qkv = init_weights(nn.Conv2d(out_channels, out_channels * 3, 1), INIT, math.sqrt(0.2))
+            self.proj = init_weights(nn.Conv2d(out_channels, out_channels, 1), INIT, ZERO)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        orig = x
+        h = F.silu(self.norm0(x))
+        if self.resample is not None:  # resample before the conv, as EDM does (cheaper going down)
+            h, orig = self.resample(h), self.resample(orig)
+        h = self.conv0(h)
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        h = self.conv1(self.dropout(h))
+        x = (h + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
+        if self.num_heads:
+            B, C, H, W = x.shape
+            qkv = self.qkv(self.norm2(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+            q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, HW, C/heads]
+            a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
+            a = a.transpose(-1, -2).reshape(B, C, H, W)
+            x = (self.proj(a) + x) * self.skip_scale
+        return x
+
+
+class UNet(nn.Module):
+    """EDM's SongUNet layout (DDPM++ / NCSN++) as a backbone F(x_in, c_noise, cond, aug_label) -> [B, C, H, W]."""
+
+    def __init__(
+        self,
+        resolution: int = 32,  # image side, a power of two
+        in_channels: int = 3,  # channels of the image
+        out_channels: int | None = None,  # channels of the output (default: in_channels)
+        label_dim: int = 0,  # number of classes (0 = unconditional)
+        augment_dim: int = 0,  # size of the augmentation label (0 = none)
+        model_channels: int = 128,  # base channel count
+        channel_mult: list[int] = [2, 2, 2],  # noqa: B006 - per-resolution channel multipliers
+        channel_mult_emb: int = 4,  # embedding width = model_channels * this
+        num_blocks: int = 4,  # residual blocks per resolution
+        attn_resolutions: list[int] = [16],  # noqa: B006 - resolutions with self-attention
+        dropout: float = 0.10,  # dropout inside residual blocks
+        label_dropout: float = 0.0,  # class-label dropout (classifier-free guidance)
+        embedding_type: str = "positional",  # "positional" (DDPM++) or "fourier" (NCSN++)
+        channel_mult_noise: int = 1,  # noise-embedding width = model_channels * this (NCSN++: 2)
+        encoder_type: str = "standard",  # "standard" (DDPM++) or "residual" (NCSN++)
+        resample_filter: list[int] = [1, 1],  # noqa: B006 - [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++)
+    ) -> None:
+        super().__init__()
+        if resolution < 4 or resolution & (resolution - 1):
+            raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
+        if resolution >> (len(channel_mult) - 1) < 1:
+            raise ValueError(f"{len(channel_mult)} levels are too many for resolution {resolution}")
+        if encoder_type not in ("standard", "residual"):
+            raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.out_channels = out_channels or in_channels
+        self.label_dim = label_dim
+        self.augment_dim = augment_dim
+        emb_channels = model_channels * channel_mult_emb
+        block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
+        self.emb = ConditionEmbedding(
+            model_channels * channel_mult_noise,
+            emb_channels,
+            embedding_type=embedding_type,
+            label_dim=label_dim,
+            augment_dim=augment_dim,
+            label_dropout=label_dropout,
+            init_mode=INIT,
+        )
+
+        # Encoder. Entries named "aux_*" carry the residual input pyramid of NCSN++.
+        self.enc = nn.ModuleDict()
+        cout, caux = in_channels, in_channels
+        skips = []
+        for level, mult in enumerate(channel_mult):
+            res = resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"] = init_weights(nn.Conv2d(cout, model_channels, 3, padding=1), INIT)
+                cout = model_channels
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+                if encoder_type == "residual":
+                    conv = init_weights(nn.Conv2d(caux, cout, 3, padding=1), INIT)
+                    self.enc[f"{res}x{res}_aux_residual"] = nn.Sequential(conv, Resample("down", resample_filter))
+                    caux = cout
+            skips.append(cout)
+            for idx in range(num_blocks):
+                cin, cout = cout, model_channels * mult
+                attn = res in attn_resolutions
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+                skips.append(cout)
+
+        # Decoder.
+        self.dec = nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+        self.out_norm = group_norm(cout)
+        self.out_conv = init_weights(nn.Conv2d(cout, self.out_channels, 3, padding=1), INIT, ZERO)
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None
+    ) -> Tensor:
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"UNet expects [B, {self.in_channels}, {self.resolution}, {self.resolution}], got {tuple(x.shape)}"
+            )
+        emb = self.emb(c_noise, cond, aug_label)  # [B, emb_channels]
+        skips, aux = [], x
+        for name, layer in self.enc.items():
+            if "aux_residual" in name:
+                x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
+                continue
+            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            skips.append(x)
+        for layer in self.dec.values():
+            if x.shape[1] != layer.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = layer(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))

@@ -1,0 +1,73 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import GMM, QUICKSTART, REPO, TINY, run_cli
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.name)
+def test_every_experiment_yaml_parses(config, capsys):
+    assert run_cli(["fit", "--config", config, "--print_config"]) == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_quickstart_fast_dev_run(in_tmp):
+    assert run_cli(["fit", "--config", QUICKSTART, "--trainer.fast_dev_run=true"]) == 0
+
+
+def test_gmm_fast_dev_run(in_tmp):
+    assert run_cli(["fit", "--config", GMM, "--trainer.fast_dev_run=true",
+                    "--model.init_args.backbone.init_args.width=32"]) == 0
+
+
+def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys):
+    assert run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    ckpt = next(in_tmp.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
+    grid = next(in_tmp.glob("runs/quickstart/version_*/samples/grid_step0000004.png"))
+    assert str(ckpt) in out.replace(str(in_tmp) + "/", "") or ckpt.name in out
+    assert grid.name in out
+    from PIL import Image
+
+    assert Image.open(grid).size[0] >= 64  # 8x8 digits are blown up to be seen
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model.init_args.not_an_option=1"], "not_an_option"),
+        (["--trainer.max_stepz=3"], "max_stepz"),
+        (["--model.init_args.num_steps=0"], "num_steps"),
+        (["--data.init_args.batch_size=0"], "batch_size"),
+        (["--data.init_args.num_train=99999"], "num_train"),
+        (["--model.init_args.sampler=dpm9"], "dpm9"),
+    ],
+)
+def test_bad_config_fails_with_one_clear_line(in_tmp, capsys, args, needle):
+    code = run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2", *args])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert needle in err.strip().splitlines()[-1] or needle in err
+    assert not list(in_tmp.glob("runs/**/*.ckpt"))
+
+
+def test_missing_config_file(in_tmp, capsys):
+    assert run_cli(["fit", "--config", "nope.yaml"]) != 0
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_two_processes(in_tmp):
+    cmd = [sys.executable, "-m", "diffscore.cli", "fit", "--config", QUICKSTART, *TINY,
+           "--trainer.max_steps=3", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    proc = subprocess.run(cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = next(Path(in_tmp).glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    assert "current_model_state" in state  # EMA and raw weights both saved

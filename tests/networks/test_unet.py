@@ -1,0 +1,115 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffscore.networks import MLP, UNet
+from diffscore.networks.unet import Resample, UNetBlock
+
+
+def count(net, resolution, channels=3):
+    params = sum(p.numel() for p in net.parameters())
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net.eval()(torch.randn(1, channels, resolution, resolution), torch.zeros(1))
+    return params, fc.get_total_flops()
+
+
+def test_ddpmpp_cifar10_matches_edm_size_and_cost(capsys):
+    """EDM's DDPM++ at 32x32: 55.7M parameters, 42.4 GFLOP per image (FACTS.md)."""
+    params, flops = count(UNet(), 32)
+    with capsys.disabled():
+        print(f"\nDDPM++ 32x32: {params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOP/img")
+    assert params / 1e6 == pytest.approx(55.73, abs=0.05)
+    assert flops / 1e9 == pytest.approx(42.38, abs=0.1)
+
+
+def test_ddpmpp_ffhq64_matches_edm_size_and_cost():
+    params, flops = count(UNet(resolution=64, channel_mult=[1, 2, 2, 2]), 64)
+    assert params / 1e6 == pytest.approx(61.80, abs=0.05)
+    assert flops / 1e9 == pytest.approx(83.72, abs=0.1)
+
+
+def test_ncsnpp_options_run():
+    net = UNet(resolution=16, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
+               embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+    out = net(torch.randn(2, 3, 16, 16), torch.randn(2))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    net = UNet(resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+               attn_resolutions=[4], **kw)
+    for p in net.parameters():  # leave the near-zero init so that every input path shows in the output
+        p.data.normal_(0, 0.2)
+    return net.eval()
+
+
+def test_zero_labels_mean_none():
+    net = small(label_dim=10, augment_dim=9)
+    x, c = torch.randn(3, 1, 8, 8), torch.randn(3)
+    base = net(x, c)
+    torch.testing.assert_close(net(x, c, torch.zeros(3, 10), torch.zeros(3, 9)), base)
+    assert not torch.allclose(net(x, c, torch.tensor([1, 2, 3])), base)
+    assert not torch.allclose(net(x, c, None, torch.ones(3, 9)), base)
+    # class indices and one-hot rows are the same thing
+    torch.testing.assert_close(net(x, c, torch.tensor([1, 2, 3])), net(x, c, F.one_hot(torch.tensor([1, 2, 3]), 10)))
+
+
+def test_conditioning_without_hook_is_an_error():
+    with pytest.raises(ValueError, match="label_dim"):
+        small()(torch.randn(2, 1, 8, 8), torch.zeros(2), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="expects"):
+        small()(torch.randn(2, 3, 8, 8), torch.zeros(2))
+
+
+def test_attention_equals_a_slow_einsum_implementation():
+    torch.manual_seed(0)
+    block = UNetBlock(16, 16, emb_channels=8, attention=True, num_heads=2).eval()
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    x, emb = torch.randn(2, 16, 4, 4), torch.randn(2, 8)
+    # reference: the same block with attention computed by hand
+    h = F.silu(block.norm0(x))
+    h = block.conv0(h)
+    h = F.silu(block.norm1(h + block.affine(emb)[:, :, None, None]))
+    y = (block.conv1(h) + x) * math.sqrt(0.5)
+    qkv = block.qkv(block.norm2(y)).reshape(2, 3, 2, 8, 16)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B, heads, C/h, HW]
+    w = torch.einsum("bhci,bhcj->bhij", q, k).div(math.sqrt(8)).softmax(-1)
+    a = torch.einsum("bhij,bhcj->bhci", w, v).reshape(2, 16, 4, 4)
+    ref = (block.proj(a) + y) * math.sqrt(0.5)
+    torch.testing.assert_close(block(x, emb), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resampling_filters():
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(Resample("down")(Resample("up")(x)), x)  # box filter: up then down is identity
+    torch.testing.assert_close(Resample("down")(x), F.avg_pool2d(x, 2))
+    const = torch.full((1, 2, 8, 8), 0.7)
+    fir_down = Resample("down", [1, 3, 3, 1])(const)
+    fir_up = Resample("up", [1, 3, 3, 1])(const)
+    assert fir_down.shape == (1, 2, 4, 4) and fir_up.shape == (1, 2, 16, 16)
+    torch.testing.assert_close(fir_down[..., 1:-1, 1:-1], torch.full((1, 2, 2, 2), 0.7))  # interior keeps the DC
+    torch.testing.assert_close(fir_up[..., 2:-2, 2:-2], torch.full((1, 2, 12, 12), 0.7))
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="power of two"):
+        UNet(resolution=12)
+    with pytest.raises(ValueError, match="encoder_type"):
+        UNet(resolution=8, encoder_type="skip")
+
+
+def test_mlp_shapes_and_hooks():
+    torch.manual_seed(0)
+    net = MLP(dim=3, width=32, depth=2, label_dim=4)
+    for p in net.parameters():
+        p.data.normal_(0, 0.2)
+    x, c = torch.randn(5, 3), torch.randn(5)
+    assert net(x, c).shape == (5, 3)
+    torch.testing.assert_close(net(x, c, torch.zeros(5, 4)), net(x, c))
+    with pytest.raises(ValueError, match="expects"):
+        net(torch.randn(5, 2), c)
