@@ -36,7 +36,11 @@ class LogNormalSigma:
         self.P_std = P_std
 
     def __call__(
-        self, batch: int, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         z = torch.randn(batch, device=device, generator=generator)  # [B]
         return (z * self.P_std + self.P_mean).exp()

@@ -98,7 +98,7 @@ class DiffscoreCLI(LightningCLI):
             if getattr(cb, "last_path", None):
                 lines.append(f"  sample grid: {cb.last_path}")
         if lines:
-            print("diffscore: fit finished after %d steps." % trainer.global_step, *lines, sep="\n", flush=True)
+            print(f"diffscore: fit finished after {trainer.global_step} steps.", *lines, sep="\n", flush=True)
 
 
 def _fail(message: str) -> None:

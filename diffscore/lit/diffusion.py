@@ -19,6 +19,13 @@ from diffscore.errors import DiffscoreError
 DEFAULT_VAL_SIGMAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 80.0)
 
 
+def _built_from_config() -> bool:
+    """True while LightningCLI instantiates this module (it hands over the config as hyper-parameters)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    return _given_hyperparameters.get() is not None
+
+
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """EDM's CIFAR-10 optimizer: Adam(lr 1e-3, betas (0.9, 0.999), eps 1e-8)."""
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
@@ -60,7 +67,10 @@ class DiffusionModule(LightningModule):
         nan_check_every: int = 1,  # check the loss is finite every N steps (N > 1 avoids a host sync per step)
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer"])
+        # Built by the CLI, the hyper-parameters are the config itself (backbone and optimizer as class_path
+        # dicts), so load_from_checkpoint rebuilds everything; built in Python, the modules are not saved and
+        # load_from_checkpoint(path, backbone=...) needs the backbone again.
+        self.save_hyperparameters(ignore=[] if _built_from_config() else ["backbone", "optimizer"])
         if lr_rampup_images < 0:
             raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {lr_rampup_images}")
         if any(s <= 0 for s in val_sigmas):
@@ -134,6 +144,13 @@ class DiffusionModule(LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
 
+    def __getstate__(self) -> dict:
+        # Copies (the EMA's deepcopy, pickles) never build an optimizer, and the CLI's optimizer factory can hold
+        # a lock under DDP, which cannot be copied.
+        state = super().__getstate__()
+        state["optimizer_factory"] = None
+        return state
+
     # ----------------------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x0, labels = batch
@@ -185,8 +202,10 @@ class DiffusionModule(LightningModule):
         x = seeded_noise(seeds, shape, self.device) * float(sigmas[0])
         if self.conditional and cond is None:  # a seeded label per sample, like the noise
             cond = torch.stack(
-                [torch.randint(self.backbone.label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1))
-                 for s in seeds]
+                [
+                    torch.randint(self.backbone.label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1))
+                    for s in seeds
+                ]
             ).to(self.device)
         was_training = self.training
         self.eval()

@@ -38,6 +38,7 @@ class EDMEMA(WeightAveraging):
         self.halflife_images = halflife_images
         self.rampup_ratio = rampup_ratio
         self.beta = 0.0
+        self._raw_state: dict[str, Tensor] | None = None
 
     def decay(self, images_seen: float, images_per_step: float) -> float:
         """The EMA decay beta after ``images_seen`` images in steps of ``images_per_step``."""
@@ -57,6 +58,21 @@ class EDMEMA(WeightAveraging):
         images_per_step = x0.shape[0] * trainer.world_size * trainer.accumulate_grad_batches
         self.beta = self.decay(trainer.global_step * images_per_step, images_per_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._raw_state = None
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning copies the EMA into the model here, and ModelCheckpoint may save "last" right after:
+        # keep the raw weights so that checkpoint still resumes from them, not from the EMA.
+        self._raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._raw_state
 
     def averaged_module(self) -> LightningModule | None:
         """The LightningModule holding the EMA weights (outside validation), or None before fit."""

@@ -6,7 +6,6 @@ import math
 import os
 from pathlib import Path
 
-
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
@@ -86,12 +85,13 @@ class SampleGrid(Callback):
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         step = self._last_step = trainer.global_step
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return None
         module = self.ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
         samples = module.generate(seeds, num_steps=self.num_steps, sampler=self.sampler).float().cpu()
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"grid_step{step:07d}.png"
+        path = Path(log_dir) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:
             save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))
         else:
@@ -107,5 +107,3 @@ class SampleGrid(Callback):
                 logger.log_image(key="samples", images=[str(path)], step=step)
         self.last_path = path
         return path
-
-

@@ -80,12 +80,36 @@ def test_input_not_modified_and_churn_reproducible():
     gauss = gaussian()
     x = start(n=8)
     x_copy = x.clone()
-    a = heun(gauss, x, karras_sigmas(10), s_churn=40, s_min=0.05, s_max=50, s_noise=1.003,
-             generator=torch.Generator().manual_seed(3))
-    b = heun(gauss, x, karras_sigmas(10), s_churn=40, s_min=0.05, s_max=50, s_noise=1.003,
-             generator=torch.Generator().manual_seed(3))
-    c = heun(gauss, x, karras_sigmas(10), s_churn=40, s_min=0.05, s_max=50, s_noise=1.003,
-             generator=torch.Generator().manual_seed(4))
+    a = heun(
+        gauss,
+        x,
+        karras_sigmas(10),
+        s_churn=40,
+        s_min=0.05,
+        s_max=50,
+        s_noise=1.003,
+        generator=torch.Generator().manual_seed(3),
+    )
+    b = heun(
+        gauss,
+        x,
+        karras_sigmas(10),
+        s_churn=40,
+        s_min=0.05,
+        s_max=50,
+        s_noise=1.003,
+        generator=torch.Generator().manual_seed(3),
+    )
+    c = heun(
+        gauss,
+        x,
+        karras_sigmas(10),
+        s_churn=40,
+        s_min=0.05,
+        s_max=50,
+        s_noise=1.003,
+        generator=torch.Generator().manual_seed(4),
+    )
     euler(gauss, x, karras_sigmas(10))
     assert torch.equal(x, x_copy)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -95,8 +119,15 @@ def test_churned_heun_samples_the_right_distribution():
     """Stochastic sampling (EDM Algorithm 2 with churn) still lands on N(mu, Sigma)."""
     gauss = gaussian(dim=2, seed=3)
     x_T = start(n=6000, dim=2, seed=5)
-    out = heun(gauss, x_T, karras_sigmas(64), s_churn=30, s_min=0.05, s_max=50,
-               generator=torch.Generator().manual_seed(0))
+    out = heun(
+        gauss,
+        x_T,
+        karras_sigmas(64),
+        s_churn=30,
+        s_min=0.05,
+        s_max=50,
+        generator=torch.Generator().manual_seed(0),
+    )
     cov = gauss.eigvecs @ torch.diag(gauss.eigvals) @ gauss.eigvecs.T
     emp_cov = torch.cov(out.T)
     assert (out.mean(0) - gauss.mean).abs().max().item() < 4 * cov.diag().max().sqrt().item() / 6000**0.5

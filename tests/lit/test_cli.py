@@ -21,8 +21,18 @@ def test_quickstart_fast_dev_run(in_tmp):
 
 
 def test_gmm_fast_dev_run(in_tmp):
-    assert run_cli(["fit", "--config", GMM, "--trainer.fast_dev_run=true",
-                    "--model.init_args.backbone.init_args.width=32"]) == 0
+    assert (
+        run_cli(
+            [
+                "fit",
+                "--config",
+                GMM,
+                "--trainer.fast_dev_run=true",
+                "--model.init_args.backbone.init_args.width=32",
+            ]
+        )
+        == 0
+    )
 
 
 def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys):
@@ -63,8 +73,18 @@ def test_missing_config_file(in_tmp, capsys):
 
 @pytest.mark.slow
 def test_ddp_on_cpu_with_two_processes(in_tmp):
-    cmd = [sys.executable, "-m", "diffscore.cli", "fit", "--config", QUICKSTART, *TINY,
-           "--trainer.max_steps=3", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffscore.cli",
+        "fit",
+        "--config",
+        QUICKSTART,
+        *TINY,
+        "--trainer.max_steps=3",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    ]
     proc = subprocess.run(cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = next(Path(in_tmp).glob("runs/quickstart/version_*/checkpoints/last.ckpt"))

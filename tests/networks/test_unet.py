@@ -32,16 +32,32 @@ def test_ddpmpp_ffhq64_matches_edm_size_and_cost():
 
 
 def test_ncsnpp_options_run():
-    net = UNet(resolution=16, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-               embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+    net = UNet(
+        resolution=16,
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        embedding_type="fourier",
+        channel_mult_noise=2,
+        encoder_type="residual",
+        resample_filter=[1, 3, 3, 1],
+    )
     out = net(torch.randn(2, 3, 16, 16), torch.randn(2))
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
 
 
 def small(**kw):
     torch.manual_seed(0)
-    net = UNet(resolution=8, in_channels=1, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-               attn_resolutions=[4], **kw)
+    net = UNet(
+        resolution=8,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        **kw,
+    )
     for p in net.parameters():  # leave the near-zero init so that every input path shows in the output
         p.data.normal_(0, 0.2)
     return net.eval()

@@ -1,0 +1,113 @@
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from diffscore.errors import DiffscoreError
+from diffscore.lit import DiffusionModule, DigitsDataModule, GMMDataModule
+from diffscore.networks import MLP, UNet
+
+
+def tiny_unet():
+    return UNet(
+        resolution=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        dropout=0.0,
+    )
+
+
+def trainer(tmp_path, **kw):
+    args = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
+    args.update(kw)
+    return Trainer(**args)
+
+
+def test_validation_logs_heldout_train_and_gap_per_sigma(tmp_path):
+    dm = DigitsDataModule(batch_size=64, num_train=200)
+    model = DiffusionModule(tiny_unet(), val_sigmas=[0.1, 1.0, 10.0])
+    metrics = trainer(tmp_path).validate(model, dm, verbose=False)[0]
+    for s in ("0.1", "1", "10"):
+        h, t, g = metrics[f"heldout/loss_s{s}"], metrics[f"train_eval/loss_s{s}"], metrics[f"gap/loss_s{s}"]
+        assert g == pytest.approx(h - t, abs=1e-5)
+    assert metrics["val/loss"] == pytest.approx(
+        sum(metrics[f"heldout/loss_s{s}"] for s in ("0.1", "1", "10")) / 3, rel=1e-5
+    )
+
+
+def test_validation_loss_is_deterministic_and_matches_the_exact_gmm_oracle(tmp_path):
+    """With the exact mixture denoiser in place of the network, the held-out loss per sigma equals the
+    oracle's EDM loss computed by hand over the same batches and noise; two validations agree exactly."""
+    dm = GMMDataModule(dim=2, num_components=4, num_train=512, num_val=512, batch_size=128)
+    model = DiffusionModule(MLP(dim=2, width=8, depth=1), val_sigmas=[0.05, 0.5])
+    mixture = dm.mixture
+    model.denoiser.forward = lambda x, sigma, cond=None, aug_label=None: mixture(x, sigma).float()
+    a = trainer(tmp_path).validate(model, dm, verbose=False)[0]
+    b = trainer(tmp_path).validate(model, dm, verbose=False)[0]
+    assert a == b
+    x_val = dm.splits["val"][0]
+    for s in (0.05, 0.5):
+        losses = []
+        for batch_idx, x0 in enumerate(x_val.split(128)):  # the loader's batches, noise seeded by batch index
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(batch_idx))
+            sig = torch.full((len(x0),), s)
+            err = ((mixture(x0 + s * noise, sig).float() - x0) ** 2).mean(1)
+            losses.append(err * (s**2 + 0.25) / (s * 0.5) ** 2)
+        assert a[f"heldout/loss_s{s:g}"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
+
+
+class LrRecorder(Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_learning_rate_ramps_up_over_images(tmp_path):
+    dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
+    rec = LrRecorder()
+    opt = lambda p: torch.optim.Adam(p, lr=0.01)  # noqa: E731
+    model = DiffusionModule(MLP(dim=2, width=8, depth=1), optimizer=opt, lr_rampup_images=256)
+    trainer(tmp_path, max_steps=6, callbacks=[rec], limit_val_batches=0).fit(model, dm)
+    assert rec.lrs == pytest.approx([0.01 * min((i + 1) * 64 / 256, 1.0) for i in range(6)])
+
+
+class NaNAfter(nn.Module):
+    """A backbone that turns its output into NaN from training step ``n`` on."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.inner = MLP(dim=2, width=8, depth=1)
+        self.n, self.calls, self.dim = n, 0, 2
+
+    def forward(self, x, c_noise, cond=None, aug_label=None):
+        out = self.inner(x, c_noise)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.n:
+                out = out * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, check_every):
+    dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
+    model = DiffusionModule(NaNAfter(5), nan_check_every=check_every)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1)
+    with pytest.raises(DiffscoreError, match="non-finite training loss at or before step"):
+        trainer(tmp_path, max_steps=20, callbacks=[ckpt], enable_checkpointing=True, limit_val_batches=0).fit(model, dm)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 5  # steps 1..5 were finite; step 6 was not
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values())

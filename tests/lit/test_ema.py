@@ -1,0 +1,55 @@
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from diffscore.lit import EDMEMA, DiffusionModule, GMMDataModule
+from diffscore.networks import MLP
+
+
+def test_decay_follows_edm_halflife_and_rampup():
+    ema = EDMEMA(halflife_images=1000, rampup_ratio=None)
+    assert ema.decay(10**9, 100) == pytest.approx(0.5**0.1)
+    ramped = EDMEMA(halflife_images=1000, rampup_ratio=0.05)
+    assert ramped.decay(10_000, 100) == pytest.approx(0.5 ** (100 / 500))  # min(1000, 0.05 * 10k) = 500
+    assert ramped.decay(10**7, 100) == pytest.approx(0.5**0.1)  # ramp over: back to the half-life
+    assert ramped.decay(0, 100) == pytest.approx(0.0)  # the first step takes the weights as they are
+
+
+class RecordRaw(Callback):
+    def __init__(self):
+        self.raw = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.raw.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+
+def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp_path):
+    torch.manual_seed(0)
+    dm = GMMDataModule(dim=2, num_components=3, num_train=256, num_val=64, num_test=64, batch_size=64)
+    model = DiffusionModule(MLP(dim=2, width=16, depth=1), nan_check_every=1)
+    ema = EDMEMA(halflife_images=200, rampup_ratio=0.5)
+    rec = RecordRaw()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(
+        max_steps=6,
+        callbacks=[rec, ema, ckpt],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(model, dm)
+    # hand-computed EMA over the recorded raw weights, with EDM's betas (64 images per step)
+    expected = dict(rec.raw[0])
+    for step, raw in enumerate(rec.raw[1:], start=2):
+        beta = 0.5 ** (64 / min(200, 0.5 * step * 64))
+        expected = {k: beta * expected[k] + (1 - beta) * raw[k] for k in raw}
+    averaged = dict(ema.averaged_module().named_parameters())
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k], v)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    for k, v in expected.items():
+        torch.testing.assert_close(state["state_dict"][k], v)  # the EMA, for sampling
+        torch.testing.assert_close(state["current_model_state"][k], rec.raw[-1][k])  # the raw, for resuming

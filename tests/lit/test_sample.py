@@ -1,0 +1,117 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+
+def sample_npz(ckpt, out, *extra):
+    return run_cli(["sample", "--ckpt_path", ckpt, "--out", out, *extra])
+
+
+def test_sample_writes_exactly_n_distinct_samples(tiny_ckpt, tmp_path):
+    out = tmp_path / "s.npz"
+    assert sample_npz(tiny_ckpt, out, "--num_samples", "7", "--steps", "3", "--seed", "10") == 0
+    data = np.load(out)
+    assert data["seeds"].tolist() == list(range(10, 17))
+    samples = data["samples"]
+    assert samples.shape == (7, 1, 8, 8)
+    flat = samples.reshape(7, -1)
+    assert len({row.tobytes() for row in flat}) == 7  # no duplicated sample
+    assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+
+
+def test_samples_do_not_depend_on_the_batch_size(tiny_ckpt, tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert sample_npz(tiny_ckpt, a, "--num_samples", "5", "--steps", "3", "--batch_size", "5") == 0
+    assert sample_npz(tiny_ckpt, b, "--num_samples", "5", "--steps", "3", "--batch_size", "2") == 0
+    np.testing.assert_allclose(np.load(a)["samples"], np.load(b)["samples"], atol=1e-5)
+
+
+def test_sample_png_folder(tiny_ckpt, tmp_path):
+    out = tmp_path / "pngs"
+    assert sample_npz(tiny_ckpt, out, "--num_samples", "4", "--steps", "2") == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+
+
+def test_sample_uses_the_ema_weights(tiny_ckpt):
+    from diffscore.lit.sample import load_diffusion_checkpoint
+
+    state = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
+    model = load_diffusion_checkpoint(tiny_ckpt)
+    name, ema = next((k, v) for k, v in state["state_dict"].items() if k.endswith("conv1.weight"))
+    raw = state["current_model_state"][name]
+    assert not torch.equal(ema, raw)
+    assert torch.equal(model.state_dict()[name], ema)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--ckpt_path", "missing.ckpt"], "does not exist"),
+        (["--num_samples", "0"], "num_samples"),
+        (["--num_samples", "-3"], "num_samples"),
+        (["--steps", "0"], "steps"),
+        (["--sampler", "nope"], "nope"),
+        (["--out", "no/such/dir/out.npz"], "does not exist"),
+        (["--class_label", "3"], "class_label"),
+    ],
+)
+def test_sample_bad_input(tiny_ckpt, tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    base = {"--ckpt_path": str(tiny_ckpt), "--out": "out.npz", "--steps": "2", "--num_samples": "2"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    code = run_cli(["sample", *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert needle in err[-1]
+    assert not (tmp_path / "out.npz").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_sample_refuses_foreign_checkpoint_and_existing_output(tiny_ckpt, tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    assert sample_npz(foreign, tmp_path / "x.npz", "--num_samples", "1") != 0
+    assert "not a diffscore" in capsys.readouterr().err
+    existing = tmp_path / "e.npz"
+    existing.write_bytes(b"keep me")
+    assert sample_npz(tiny_ckpt, existing, "--num_samples", "1", "--steps", "1") != 0
+    assert "already exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.slow
+def test_sample_on_two_ddp_processes_matches_one(tiny_ckpt, tmp_path):
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    assert sample_npz(tiny_ckpt, one, "--num_samples", "5", "--steps", "2", "--batch_size", "2") == 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffscore.cli",
+        "sample",
+        "--ckpt_path",
+        str(tiny_ckpt),
+        "--out",
+        str(two),
+        "--num_samples",
+        "5",
+        "--steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = np.load(one), np.load(two)
+    assert b["seeds"].tolist() == list(range(5))
+    np.testing.assert_allclose(a["samples"], b["samples"], atol=1e-5)
