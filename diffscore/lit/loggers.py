@@ -7,6 +7,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 
+from diffscore.errors import DiffscoreError
+
 
 def wandb_online() -> bool:
     """True when the user asked for online logging: WANDB_MODE=online, or an API key / netrc login exists."""
@@ -34,7 +36,14 @@ class WandbLogger(_LightningWandbLogger):
         log_model: bool = False,  # upload checkpoints as artifacts
         **kwargs: Any,
     ) -> None:
-        if offline is None:
-            offline = not wandb_online()
+        from lightning.pytorch.loggers.wandb import _WANDB_AVAILABLE
+
+        if not _WANDB_AVAILABLE:
+            raise DiffscoreError(
+                "trainer.logger: WandbLogger needs the wandb package; `pip install wandb`, or log to CSV with "
+                "--trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir runs"
+            )
+        if offline is None:  # WANDB_MODE=disabled is left to wandb itself (offline=True would override it)
+            offline = not wandb_online() and os.environ.get("WANDB_MODE", "").lower() != "disabled"
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)

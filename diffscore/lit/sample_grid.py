@@ -12,6 +12,17 @@ from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
 
+def run_dir(trainer: Trainer) -> Path:
+    """The run's folder, the parent of Lightning's ``checkpoints/`` (no collective: safe on rank zero alone)."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    if getattr(logger, "log_dir", None):  # CSV / TensorBoard: <save_dir>/<name>/version_<n>
+        return Path(logger.log_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version  # wandb: <project>/<id>
+
+
 def save_png_atomic(path: Path, fig_or_tensor, nrow: int = 8) -> None:
     """Write an image grid [N, C, H, W] in [-1, 1] (or a matplotlib figure) to ``path`` via a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,13 +96,12 @@ class SampleGrid(Callback):
 
     def write(self, trainer: Trainer, pl_module: LightningModule) -> Path | None:
         step = self._last_step = trainer.global_step
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
             return None
         module = self.ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
         samples = module.generate(seeds, num_steps=self.num_steps, sampler=self.sampler).float().cpu()
-        path = Path(log_dir) / "samples" / f"grid_step{step:07d}.png"
+        path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:
             save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))
         else:

@@ -35,13 +35,16 @@ def test_gmm_fast_dev_run(in_tmp):
     )
 
 
-def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys):
+def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the configs' real logger, offline as on these machines
     assert run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=4"]) == 0
     out = capsys.readouterr().out
-    ckpt = next(in_tmp.glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
-    grid = next(in_tmp.glob("runs/quickstart/version_*/samples/grid_step0000004.png"))
-    assert str(ckpt) in out.replace(str(in_tmp) + "/", "") or ckpt.name in out
-    assert grid.name in out
+    (ckpt,) = in_tmp.glob("runs/diffscore-quickstart/*/checkpoints/last.ckpt")
+    (grid,) = in_tmp.glob("runs/diffscore-quickstart/*/samples/grid_step0000004.png")
+    assert ckpt.parent.parent == grid.parent.parent  # one folder per run
+    assert f"last checkpoint: {ckpt.relative_to(in_tmp)}" in out
+    assert f"sample grid: {grid.relative_to(in_tmp)}" in out
+    assert list(in_tmp.glob("runs/wandb/offline-run-*"))
     from PIL import Image
 
     assert Image.open(grid).size[0] >= 64  # 8x8 digits are blown up to be seen
@@ -87,7 +90,7 @@ def test_ddp_on_cpu_with_two_processes(in_tmp):
     ]
     proc = subprocess.run(cmd, cwd=in_tmp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = next(Path(in_tmp).glob("runs/quickstart/version_*/checkpoints/last.ckpt"))
+    ckpt = next(Path(in_tmp).glob("runs/**/checkpoints/last.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 3
     assert "current_model_state" in state  # EMA and raw weights both saved
