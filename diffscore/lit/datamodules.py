@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from diffscore.core.gaussian import GMMDenoiser
 from diffscore.data.digits import load_digits_tensors, split_indices, subset
@@ -20,11 +20,20 @@ from diffscore.errors import DiffscoreError
 class TensorDataModule(LightningDataModule):
     """Shared loaders for data held as tensors: ``self.splits[name] = (x [N, ...], labels [N])``."""
 
-    def __init__(self, batch_size: int, eval_batch_size: int | None = None, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        epoch_size: int | None = None,
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DiffscoreError(f"data.batch_size must be >= 1, got {batch_size}")
+        if epoch_size is not None and epoch_size < batch_size:
+            raise DiffscoreError(f"data.epoch_size must be >= batch_size ({batch_size}), got {epoch_size}")
         self.batch_size = batch_size
+        self.epoch_size = epoch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -56,10 +65,15 @@ class TensorDataModule(LightningDataModule):
             data, labels = data[x], labels[x]
         if len(data) == 0:
             raise DiffscoreError(f"the {split} split of {type(self).__name__} is empty; enlarge it")
+        dataset = TensorDataset(data, labels)
+        # An epoch of epoch_size samples is a run of back-to-back permutations of the data (one progress bar
+        # for a short run instead of hundreds of 5-step epochs).
+        sampler = RandomSampler(dataset, num_samples=self.epoch_size) if shuffle and self.epoch_size else None
         return DataLoader(
-            TensorDataset(data, labels),
+            dataset,
             batch_size=min(batch_size, len(data)),
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             drop_last=shuffle,  # training batches all have the full size (after the min above)
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -94,8 +108,9 @@ class DigitsDataModule(TensorDataModule):
         seed: int = 0,  # seed of the split and of the subset
         eval_batch_size: int | None = None,  # validation/test batch (default: batch_size)
         num_workers: int = 0,  # loader processes (0: in-process; the data are 50 KB)
+        epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers)
+        super().__init__(batch_size, eval_batch_size, num_workers, epoch_size)
         self.num_train = num_train
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -131,8 +146,9 @@ class GMMDataModule(TensorDataModule):
         component_scale: float = 0.1,  # typical std inside a component
         batch_size: int = 512,  # training batch per device
         eval_batch_size: int | None = None,  # validation/test batch (default: batch_size)
+        epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, 0)
+        super().__init__(batch_size, eval_batch_size, 0, epoch_size)
         try:
             self.mixture: GMMDenoiser = random_gmm(dim, num_components, seed, mean_scale, component_scale)
         except ValueError as e:
