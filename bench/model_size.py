@@ -15,19 +15,18 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffscore.networks import UNet
 
 CONFIGS = {
-    "ddpmpp-cifar10-32": dict(resolution=32, channel_mult=[2, 2, 2]),
+    "ddpmpp-cifar10-32": dict(data_shape=[3, 32, 32], channel_mult=[2, 2, 2]),
     "ncsnpp-cifar10-32": dict(
-        resolution=32,
+        data_shape=[3, 32, 32],
         channel_mult=[2, 2, 2],
         embedding_type="fourier",
         channel_mult_noise=2,
         encoder_type="residual",
         resample_filter=[1, 3, 3, 1],
     ),
-    "ddpmpp-ffhq-64": dict(resolution=64, channel_mult=[1, 2, 2, 2]),
+    "ddpmpp-ffhq-64": dict(data_shape=[3, 64, 64], channel_mult=[1, 2, 2, 2]),
     "quickstart-digits-8": dict(
-        resolution=8,
-        in_channels=1,
+        data_shape=[1, 8, 8],
         model_channels=32,
         channel_mult=[1, 2],
         num_blocks=1,

@@ -3,6 +3,15 @@
 from diffscore.lit.datamodules import DigitsDataModule, GMMDataModule
 from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.ema import EDMEMA
+from diffscore.lit.image_data import CIFAR10DataModule, ImageDataModule
 from diffscore.lit.sample_grid import SampleGrid
 
-__all__ = ["DiffusionModule", "DigitsDataModule", "EDMEMA", "GMMDataModule", "SampleGrid"]
+__all__ = [
+    "CIFAR10DataModule",
+    "DiffusionModule",
+    "DigitsDataModule",
+    "EDMEMA",
+    "GMMDataModule",
+    "ImageDataModule",
+    "SampleGrid",
+]

@@ -16,7 +16,8 @@ DESCRIPTION = (
     "diffscore: score-based diffusion research on an EDM core.\n"
     "Training and evaluation: fit, validate, test, predict (LightningCLI, below).\n"
     "Sampling from a checkpoint: diffscore sample --ckpt_path CKPT --num_samples N --out DIR_or_file.npz "
-    "(see diffscore sample --help)."
+    "(see diffscore sample --help).\n"
+    "Making a data set: diffscore dataset --source SRC --dest out.zip [--resolution R --transform center-crop]."
 )
 
 
@@ -71,6 +72,13 @@ class DiffscoreCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Facts of the data set the backbone's shape and label count: never typed twice.
+        for source, target in (("data_shape", "data_shape"), ("label_dim", "label_dim")):
+            parser.link_arguments(
+                f"data.{source}", f"model.init_args.backbone.init_args.{target}", apply_on="instantiate"
+            )
+
     def instantiate_classes(self) -> None:
         """Build the configured objects; a constructor's DiffscoreError is reported as itself."""
         DiffscoreError.last = None
@@ -114,6 +122,12 @@ def main(args: list[str] | None = None) -> None:
             from diffscore.lit.sample import sample_cli
 
             sample_cli(argv[1:])
+        elif argv and argv[0] == "dataset":
+            from jsonargparse import CLI
+
+            from diffscore.data.convert import convert_dataset
+
+            CLI(convert_dataset, args=argv[1:], as_positional=False)
         else:
             DiffscoreCLI(args=None if args is None else argv)
     except DiffscoreError as e:

@@ -1,7 +1,10 @@
-"""DataModules over in-memory tensors: the embedded `digits` and `gmm` data sets (no download needed).
+"""DataModules: the shared batching/validation logic, and the embedded `digits` and `gmm` data sets.
 
-Validation has two loaders: 0 = the held-out split, 1 = a fixed subset of the training split of the
-same size, so the DiffusionModule can log the held-out minus train denoising loss (the overfitting gap).
+Batching follows EDM: ``batch_size`` is the *total* batch over all devices; ``batch_gpu`` caps what one device
+takes at once, the rest is gradient accumulation. The same YAML therefore trains with the same effective batch
+on 1 or 8 GPUs. Validation has two loaders: 0 = the held-out split, 1 = an equal-size fixed subset of the
+training split, so the DiffusionModule can log the held-out minus train loss (the overfitting gap).
+Images may travel as uint8 and are mapped to [-1, 1] on the device (4x less host-to-device traffic).
 """
 
 from __future__ import annotations
@@ -9,44 +12,132 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
-from diffscore.core.gaussian import GMMDenoiser
-from diffscore.data.digits import load_digits_tensors, split_indices, subset
+from diffscore.data.digits import load_digits_tensors
 from diffscore.data.gmm import random_gmm
+from diffscore.data.splits import split_indices, subset
 from diffscore.errors import DiffscoreError
 
 
-class TensorDataModule(LightningDataModule):
-    """Shared loaders for data held as tensors: ``self.splits[name] = (x [N, ...], labels [N])``."""
+def split_batch(total: int, batch_gpu: int | None, world_size: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) with total = per-device * accumulation * world_size (EDM)."""
+    if total % world_size:
+        raise DiffscoreError(f"data.batch_size={total} (the total batch) is not divisible by {world_size} devices")
+    per_device = total // world_size
+    if batch_gpu is None or batch_gpu >= per_device:
+        return per_device, 1
+    if batch_gpu < 1 or per_device % batch_gpu:
+        raise DiffscoreError(
+            f"data.batch_gpu={batch_gpu} must divide the per-device batch {per_device} "
+            f"(batch_size {total} over {world_size} devices)"
+        )
+    return batch_gpu, per_device // batch_gpu
+
+
+class BaseDataModule(LightningDataModule):
+    """Loaders over ``dataset(split)`` for split in train/val/test; subclasses provide the datasets."""
 
     def __init__(
         self,
         batch_size: int,
+        batch_gpu: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         epoch_size: int | None = None,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DiffscoreError(f"data.batch_size must be >= 1, got {batch_size}")
+        if batch_gpu is not None and batch_gpu < 1:
+            raise DiffscoreError(f"data.batch_gpu must be >= 1 or null, got {batch_gpu}")
         if epoch_size is not None and epoch_size < batch_size:
             raise DiffscoreError(f"data.epoch_size must be >= batch_size ({batch_size}), got {epoch_size}")
+        if num_workers < 0:
+            raise DiffscoreError(f"data.num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
-        self.epoch_size = epoch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.batch_gpu = batch_gpu
+        self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.epoch_size = epoch_size
+        self.pin_memory = pin_memory
+        self.device_batch, self.accumulate = split_batch(batch_size, batch_gpu, 1)
 
-    # Facts about the data that the model side needs.
+    # Facts the model side needs (linked into the backbone by the CLI).
     @property
     def data_shape(self) -> tuple[int, ...]:
-        self._ensure()
-        return tuple(self.splits["train"][0].shape[1:])
+        raise NotImplementedError
 
     @property
-    def num_classes(self) -> int:
+    def label_dim(self) -> int:
+        """Number of classes the model is conditioned on (0 = unconditional)."""
         return 0
+
+    def dataset(self, split: str) -> Dataset | None:
+        """The "train", "val" (held-out) or "test" dataset; None when there is none."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.device_batch, self.accumulate = split_batch(self.batch_size, self.batch_gpu, world)
+        if self.trainer is not None and stage == "fit":
+            if self.trainer.accumulate_grad_batches not in (1, self.accumulate):
+                raise DiffscoreError(
+                    "set the total batch with data.batch_size and the per-device cap with data.batch_gpu, "
+                    "not trainer.accumulate_grad_batches"
+                )
+            self.trainer.accumulate_grad_batches = self.accumulate
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        if len(dataset) == 0:
+            raise DiffscoreError(f"a {'training' if train else 'evaluation'} set of {type(self).__name__} is empty")
+        batch = self.device_batch if train else (self.eval_batch_size or self.device_batch)
+        sampler = None
+        if train and self.epoch_size:  # an epoch of epoch_size samples: back-to-back permutations of the data
+            sampler = RandomSampler(dataset, num_samples=self.epoch_size)  # DDP splits it across ranks
+        return DataLoader(
+            dataset,
+            batch_size=min(batch, len(dataset)),
+            shuffle=train if sampler is None else None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("train"), train=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        heldout = self.dataset("val")
+        if heldout is None or len(heldout) == 0:
+            return []
+        train = self.dataset("train")
+        n = min(len(heldout), len(train))
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+        return [self._loader(heldout, train=False), self._loader(Subset(train, pick.tolist()), train=False)]
+
+    def test_dataloader(self) -> DataLoader:
+        test = self.dataset("test")
+        if test is None:
+            raise DiffscoreError(f"{type(self).__name__} has no test split")
+        return self._loader(test, train=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, labels = batch
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32) / 127.5 - 1  # [0, 255] -> [-1, 1], on the device
+        return x, labels
+
+
+class TensorDataModule(BaseDataModule):
+    """Data held in memory as ``self.splits[name] = (x [N, ...], labels [N])``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
@@ -55,45 +146,20 @@ class TensorDataModule(LightningDataModule):
         if not self.splits:
             self.splits = self.load_splits()
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        self._ensure()
+        return tuple(self.splits["train"][0].shape[1:])
+
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         self._ensure()
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int, x: Tensor | None = None) -> DataLoader:
+    def dataset(self, split: str) -> Dataset | None:
         self._ensure()
-        data, labels = self.splits[split]
-        if x is not None:
-            data, labels = data[x], labels[x]
-        if len(data) == 0:
-            raise DiffscoreError(f"the {split} split of {type(self).__name__} is empty; enlarge it")
-        dataset = TensorDataset(data, labels)
-        # An epoch of epoch_size samples is a run of back-to-back permutations of the data (one progress bar
-        # for a short run instead of hundreds of 5-step epochs).
-        sampler = RandomSampler(dataset, num_samples=self.epoch_size) if shuffle and self.epoch_size else None
-        return DataLoader(
-            dataset,
-            batch_size=min(batch_size, len(data)),
-            shuffle=shuffle if sampler is None else None,
-            sampler=sampler,
-            drop_last=shuffle,  # training batches all have the full size (after the min above)
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        self._ensure()
-        n_val = len(self.splits["val"][0])
-        n_train = len(self.splits["train"][0])
-        train_eval = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))[: min(n_val, n_train)]
-        return [
-            self._loader("val", False, self.eval_batch_size),
-            self._loader("train", False, self.eval_batch_size, x=train_eval.sort().values),
-        ]
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        if split not in self.splits:
+            return None
+        return TensorDataset(*self.splits[split])
 
 
 class DigitsDataModule(TensorDataModule):
@@ -101,16 +167,19 @@ class DigitsDataModule(TensorDataModule):
 
     def __init__(
         self,
-        batch_size: int = 256,  # training batch per device
+        batch_size: int = 256,  # total training batch (over all devices)
+        batch_gpu: int | None = None,  # most images per device at once; the rest is gradient accumulation
+        cond: bool = False,  # condition the model on the digit class (10 labels)
         num_train: int | None = None,  # use a seeded subset of this many training digits (data-limited runs)
         val_fraction: float = 0.1,  # share of the 1,797 digits held out for validation
         test_fraction: float = 0.1,  # share held out for testing
         seed: int = 0,  # seed of the split and of the subset
-        eval_batch_size: int | None = None,  # validation/test batch (default: batch_size)
+        eval_batch_size: int | None = None,  # validation/test batch per device (default: the training one)
         num_workers: int = 0,  # loader processes (0: in-process; the data are 50 KB)
         epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, epoch_size)
+        super().__init__(batch_size, batch_gpu, eval_batch_size, num_workers, epoch_size)
+        self.cond = cond
         self.num_train = num_train
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -120,6 +189,10 @@ class DigitsDataModule(TensorDataModule):
     @property
     def num_classes(self) -> int:
         return 10
+
+    @property
+    def label_dim(self) -> int:
+        return 10 if self.cond else 0
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         images, labels = load_digits_tensors()
@@ -144,13 +217,13 @@ class GMMDataModule(TensorDataModule):
         num_test: int = 1024,  # test samples
         mean_scale: float = 0.5,  # std of the component means
         component_scale: float = 0.1,  # typical std inside a component
-        batch_size: int = 512,  # training batch per device
-        eval_batch_size: int | None = None,  # validation/test batch (default: batch_size)
+        batch_size: int = 512,  # total training batch (over all devices)
+        eval_batch_size: int | None = None,  # validation/test batch per device (default: the training one)
         epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, 0, epoch_size)
+        super().__init__(batch_size, None, eval_batch_size, 0, epoch_size)
         try:
-            self.mixture: GMMDenoiser = random_gmm(dim, num_components, seed, mean_scale, component_scale)
+            self.mixture = random_gmm(dim, num_components, seed, mean_scale, component_scale)
         except ValueError as e:
             raise DiffscoreError(f"data: {e}") from None
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):

@@ -61,6 +61,7 @@ class DiffusionModule(LightningModule):
         val_sigmas: list[float] = list(DEFAULT_VAL_SIGMAS),  # noqa: B006 - sigma buckets of the validation loss
         sampler: str = "heun",  # default sampler for sample grids and `predict`
         num_steps: int = 18,  # default sampler steps (Heun 18 -> 35 NFE)
+        sampler_kwargs: dict | None = None,  # extra options of the default sampler (e.g. Heun's s_churn)
         sigma_min: float = 0.002,  # sampler grid (Karras et al. Eq. 5)
         sigma_max: float = 80.0,
         rho: float = 7.0,
@@ -196,7 +197,9 @@ class DiffusionModule(LightningModule):
     ) -> Tensor:
         """Samples x0 [len(seeds), *data_shape] from the current weights; noise drawn per seed."""
         num_steps = num_steps or self.hparams.num_steps
-        sampler_fn = get_sampler(sampler or self.hparams.sampler)
+        name = sampler or self.hparams.sampler
+        sampler_fn = get_sampler(name)
+        extra = (self.hparams.get("sampler_kwargs") or {}) if name == self.hparams.sampler else {}
         shape = tuple(data_shape) if data_shape is not None else self.data_shape
         sigmas = karras_sigmas(num_steps, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
         x = seeded_noise(seeds, shape, self.device) * float(sigmas[0])
@@ -210,19 +213,17 @@ class DiffusionModule(LightningModule):
         was_training = self.training
         self.eval()
         try:
-            return sampler_fn(self.denoiser, x, sigmas, cond)
+            return sampler_fn(self.denoiser, x, sigmas, cond, **extra)
         finally:
             self.train(was_training)
 
     @property
     def data_shape(self) -> tuple[int, ...]:
-        """[C, H, W] for a U-Net backbone, [D] for an MLP."""
-        bb = self.backbone
-        if hasattr(bb, "resolution"):
-            return (bb.in_channels, bb.resolution, bb.resolution)
-        if hasattr(bb, "dim"):
-            return (bb.dim,)
-        raise DiffscoreError(f"cannot tell the data shape of backbone {type(bb).__name__}; pass data_shape")
+        """The backbone's data_shape: [C, H, W] for a U-Net, [D] for an MLP."""
+        shape = getattr(self.backbone, "data_shape", None)
+        if shape is None:
+            raise DiffscoreError(f"backbone {type(self.backbone).__name__} has no data_shape; pass data_shape")
+        return tuple(shape)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""

@@ -11,16 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
-
-def run_dir(trainer: Trainer) -> Path:
-    """The run's folder, the parent of Lightning's ``checkpoints/`` (no collective: safe on rank zero alone)."""
-    logger = trainer.logger
-    if logger is None:
-        return Path(trainer.default_root_dir)
-    if getattr(logger, "log_dir", None):  # CSV / TensorBoard: <save_dir>/<name>/version_<n>
-        return Path(logger.log_dir)
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version  # wandb: <project>/<id>
+from diffscore.lit.run_dir import run_dir
 
 
 def save_png_atomic(path: Path, fig_or_tensor, nrow: int = 8) -> None:

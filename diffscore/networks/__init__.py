@@ -1,6 +1,7 @@
 """Backbones F(x_in, c_noise, cond, aug_label): plain nn.Modules that never see sigma scalings."""
 
+from diffscore.networks.adm import ADMUNet
 from diffscore.networks.mlp import MLP
 from diffscore.networks.unet import UNet
 
-__all__ = ["MLP", "UNet"]
+__all__ = ["ADMUNet", "MLP", "UNet"]

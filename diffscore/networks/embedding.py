@@ -38,8 +38,10 @@ class FourierEmbedding(nn.Module):
 
 
 class ConditionEmbedding(nn.Module):
-    """emb = MLP(embed(c_noise) + W_label onehot(cond) + W_aug aug_label), EDM's SongUNet mapping network.
+    """The mapping network of EDM's U-Nets.
 
+    label_stage "noise" (SongUNet / DDPM++): emb = MLP(embed(c_noise) + W_label sqrt(L) onehot(cond) + W_aug aug).
+    label_stage "output" (ADM): emb = SiLU(layer1(SiLU(layer0(embed(c_noise) + W_aug aug))) + W_label onehot(cond)).
     The label and augmentation maps have no bias, so an all-zero label (or ``cond=None``) means "none";
     that is what classifier-free guidance and ScoreAug's identity transform rely on.
     """
@@ -54,10 +56,18 @@ class ConditionEmbedding(nn.Module):
         augment_dim: int = 0,  # size of the augmentation label (0 = none)
         label_dropout: float = 0.0,  # probability of dropping the class label in training (for guidance)
         init_mode: str = "xavier_uniform",
+        init_scale: float = 1.0,  # weight init scale of the layers
+        bias_scale: float = 0.0,  # bias init scale of the layers (0 = zero bias)
+        label_stage: str = "noise",  # where the label enters: "noise" (DDPM++) or "output" (ADM)
+        endpoint: bool = True,  # positional frequencies include the endpoint (DDPM++) or not (ADM)
     ) -> None:
         super().__init__()
+        if label_stage not in ("noise", "output"):
+            raise ValueError(f"label_stage must be 'noise' or 'output', got {label_stage!r}")
+        self.label_stage = label_stage
+        init = dict(mode=init_mode, scale=init_scale, bias_scale=bias_scale)
         if embedding_type == "positional":
-            self.map_noise: nn.Module = PositionalEmbedding(noise_channels, endpoint=True)
+            self.map_noise: nn.Module = PositionalEmbedding(noise_channels, endpoint=endpoint)
         elif embedding_type == "fourier":
             self.map_noise = FourierEmbedding(noise_channels, scale=fourier_scale)
         else:
@@ -65,28 +75,39 @@ class ConditionEmbedding(nn.Module):
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         self.label_dropout = label_dropout
-        self.map_label = (
-            init_weights(nn.Linear(label_dim, noise_channels, bias=False), init_mode) if label_dim else None
-        )
+        self.map_label = None
+        if label_dim and label_stage == "noise":
+            self.map_label = init_weights(nn.Linear(label_dim, noise_channels, bias=False), **init)
+        elif label_dim:  # ADM: unit-variance weights on the raw one-hot
+            self.map_label = init_weights(
+                nn.Linear(label_dim, emb_channels, bias=False), "kaiming_normal", math.sqrt(label_dim)
+            )
         self.map_augment = (
-            init_weights(nn.Linear(augment_dim, noise_channels, bias=False), init_mode) if augment_dim else None
+            init_weights(nn.Linear(augment_dim, noise_channels, bias=False), **init) if augment_dim else None
         )
-        self.map_layer0 = init_weights(nn.Linear(noise_channels, emb_channels), init_mode)
-        self.map_layer1 = init_weights(nn.Linear(emb_channels, emb_channels), init_mode)
+        self.map_layer0 = init_weights(nn.Linear(noise_channels, emb_channels), **init)
+        self.map_layer1 = init_weights(nn.Linear(emb_channels, emb_channels), **init)
+
+    def _label(self, cond: Tensor, dtype: torch.dtype) -> Tensor:
+        onehot = F.one_hot(cond.long(), self.label_dim).to(dtype) if cond.ndim == 1 else cond.to(dtype)
+        if self.training and self.label_dropout > 0:
+            keep = torch.rand(onehot.shape[0], 1, device=onehot.device) >= self.label_dropout
+            onehot = onehot * keep
+        scale = math.sqrt(self.label_dim) if self.label_stage == "noise" else 1.0
+        return self.map_label(onehot * scale)
 
     def forward(self, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None) -> Tensor:
-        emb = self.map_noise(c_noise)  # [B, noise_channels]
-        if self.map_label is not None and cond is not None:
-            onehot = F.one_hot(cond.long(), self.label_dim).to(emb.dtype) if cond.ndim == 1 else cond.to(emb.dtype)
-            if self.training and self.label_dropout > 0:
-                keep = torch.rand(onehot.shape[0], 1, device=onehot.device) >= self.label_dropout
-                onehot = onehot * keep
-            emb = emb + self.map_label(onehot * math.sqrt(self.label_dim))
-        elif cond is not None:
+        if cond is not None and self.map_label is None:
             raise ValueError("a class label was given but the backbone has label_dim=0; set label_dim")
-        if self.map_augment is not None and aug_label is not None:
-            emb = emb + self.map_augment(aug_label.to(emb.dtype))
-        elif aug_label is not None:
+        if aug_label is not None and self.map_augment is None:
             raise ValueError("an augmentation label was given but the backbone has augment_dim=0; set augment_dim")
+        emb = self.map_noise(c_noise)  # [B, noise_channels]
+        if cond is not None and self.label_stage == "noise":
+            emb = emb + self._label(cond, emb.dtype)
+        if aug_label is not None:
+            emb = emb + self.map_augment(aug_label.to(emb.dtype))
         emb = F.silu(self.map_layer0(emb))
-        return F.silu(self.map_layer1(emb))  # [B, emb_channels]
+        emb = self.map_layer1(emb)
+        if cond is not None and self.label_stage == "output":
+            emb = emb + self._label(cond, emb.dtype)
+        return F.silu(emb)  # [B, emb_channels]

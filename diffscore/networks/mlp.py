@@ -32,7 +32,7 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        dim: int = 2,  # data dimension D
+        data_shape: list[int] = [2],  # noqa: B006 - [D] (linked from data)
         width: int = 256,  # hidden width
         depth: int = 4,  # residual blocks
         emb_channels: int = 128,  # conditioning-vector width
@@ -42,8 +42,12 @@ class MLP(nn.Module):
         embedding_type: str = "positional",  # "positional" or "fourier"
     ) -> None:
         super().__init__()
+        if len(data_shape) != 1:
+            raise ValueError(f"MLP takes vector data, data_shape [D]; got {list(data_shape)}")
+        dim = int(data_shape[0])
         if dim < 1 or width < 1 or depth < 1:
             raise ValueError(f"dim, width and depth must be positive, got {dim}, {width}, {depth}")
+        self.data_shape = (dim,)
         self.dim = dim
         self.label_dim = label_dim
         self.augment_dim = augment_dim

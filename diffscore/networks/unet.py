@@ -20,6 +20,13 @@ INIT = "xavier_uniform"
 ZERO = 1e-5  # scale of "almost zero" initialisations (last conv of each residual branch)
 
 
+def check_image_shape(data_shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """(channels, side) of an image shape [C, H, W] with H == W; raises ValueError otherwise."""
+    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+        raise ValueError(f"data_shape must be a square image [C, H, W], got {list(data_shape)}")
+    return int(data_shape[0]), int(data_shape[1])
+
+
 def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
     """GroupNorm with at most 32 groups and at least 4 channels per group (EDM's choice), groups dividing C."""
     groups = max(1, min(32, channels // 4))
@@ -63,32 +70,43 @@ class UNetBlock(nn.Module):
         up: bool = False,
         down: bool = False,
         attention: bool = False,
-        num_heads: int = 1,
+        num_heads: int | None = 1,  # attention heads (None: out_channels // channels_per_head)
+        channels_per_head: int = 64,
         dropout: float = 0.0,
-        skip_scale: float = math.sqrt(0.5),
+        skip_scale: float = math.sqrt(0.5),  # DDPM++ sqrt(1/2), ADM 1
+        eps: float = 1e-6,  # GroupNorm epsilon (DDPM++ 1e-6, ADM 1e-5)
         resample_filter: list[int] | tuple[int, ...] = (1, 1),
+        resample_proj: bool = True,  # 1x1 conv on a resampled skip (DDPM++), or the resampled input itself (ADM)
+        adaptive_scale: bool = False,  # scale-shift conditioning (ADM) instead of an added bias (DDPM++)
+        init: dict | None = None,  # init of the layers (default: DDPM++'s xavier_uniform)
+        init_zero: dict | None = None,  # init of the last conv of each branch (default: xavier_uniform * 1e-5)
+        init_attn: dict | None = None,  # init of qkv (default: xavier_uniform * sqrt(0.2))
     ) -> None:
         super().__init__()
+        init = init or dict(mode=INIT)
+        init_zero = init_zero or dict(mode=INIT, scale=ZERO)
+        init_attn = init_attn or dict(mode=INIT, scale=math.sqrt(0.2))
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.skip_scale = skip_scale
-        self.num_heads = num_heads if attention else 0
+        self.adaptive_scale = adaptive_scale
+        self.num_heads = (num_heads or out_channels // channels_per_head) if attention else 0
         self.resample = Resample("up" if up else "down", resample_filter) if (up or down) else None
-        self.norm0 = group_norm(in_channels)
-        self.conv0 = init_weights(nn.Conv2d(in_channels, out_channels, 3, padding=1), INIT)
-        self.affine = init_weights(nn.Linear(emb_channels, out_channels), INIT)
-        self.norm1 = group_norm(out_channels)
+        self.norm0 = group_norm(in_channels, eps)
+        self.conv0 = init_weights(nn.Conv2d(in_channels, out_channels, 3, padding=1), **init)
+        self.affine = init_weights(nn.Linear(emb_channels, out_channels * (2 if adaptive_scale else 1)), **init)
+        self.norm1 = group_norm(out_channels, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = init_weights(nn.Conv2d(out_channels, out_channels, 3, padding=1), INIT, ZERO)
+        self.conv1 = init_weights(nn.Conv2d(out_channels, out_channels, 3, padding=1), **init_zero)
         self.skip = None
-        if out_channels != in_channels or up or down:
-            self.skip = init_weights(nn.Conv2d(in_channels, out_channels, 1), INIT)
+        if out_channels != in_channels or ((up or down) and resample_proj):
+            self.skip = init_weights(nn.Conv2d(in_channels, out_channels, 1), **init)
         if self.num_heads:
             if out_channels % self.num_heads:
                 raise ValueError(f"{out_channels} channels do not split into {self.num_heads} heads")
-            self.norm2 = group_norm(out_channels)
-            self.qkv = init_weights(nn.Conv2d(out_channels, out_channels * 3, 1), INIT, math.sqrt(0.2))
-            self.proj = init_weights(nn.Conv2d(out_channels, out_channels, 1), INIT, ZERO)
+            self.norm2 = group_norm(out_channels, eps)
+            self.qkv = init_weights(nn.Conv2d(out_channels, out_channels * 3, 1), **init_attn)
+            self.proj = init_weights(nn.Conv2d(out_channels, out_channels, 1), **init_zero)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         orig = x
@@ -96,7 +114,12 @@ class UNetBlock(nn.Module):
         if self.resample is not None:  # resample before the conv, as EDM does (cheaper going down)
             h, orig = self.resample(h), self.resample(orig)
         h = self.conv0(h)
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None]))
+        params = self.affine(emb)[:, :, None, None]  # [B, C or 2C, 1, 1]
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(self.dropout(h))
         x = (h + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
@@ -114,9 +137,7 @@ class UNet(nn.Module):
 
     def __init__(
         self,
-        resolution: int = 32,  # image side, a power of two
-        in_channels: int = 3,  # channels of the image
-        out_channels: int | None = None,  # channels of the output (default: in_channels)
+        data_shape: list[int] = [3, 32, 32],  # noqa: B006 - [C, H, W], square, a power-of-two side (linked from data)
         label_dim: int = 0,  # number of classes (0 = unconditional)
         augment_dim: int = 0,  # size of the augmentation label (0 = none)
         model_channels: int = 128,  # base channel count
@@ -132,15 +153,16 @@ class UNet(nn.Module):
         resample_filter: list[int] = [1, 1],  # noqa: B006 - [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++)
     ) -> None:
         super().__init__()
+        in_channels, resolution = check_image_shape(data_shape)
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
         if resolution >> (len(channel_mult) - 1) < 1:
             raise ValueError(f"{len(channel_mult)} levels are too many for resolution {resolution}")
         if encoder_type not in ("standard", "residual"):
             raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
+        self.data_shape = (in_channels, resolution, resolution)
         self.resolution = resolution
         self.in_channels = in_channels
-        self.out_channels = out_channels or in_channels
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         emb_channels = model_channels * channel_mult_emb
@@ -191,7 +213,7 @@ class UNet(nn.Module):
                 attn = idx == num_blocks and res in attn_resolutions
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
         self.out_norm = group_norm(cout)
-        self.out_conv = init_weights(nn.Conv2d(cout, self.out_channels, 3, padding=1), INIT, ZERO)
+        self.out_conv = init_weights(nn.Conv2d(cout, in_channels, 3, padding=1), INIT, ZERO)
 
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None

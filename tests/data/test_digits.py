@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffscore.data.digits import load_digits_tensors, split_indices, subset
+from diffscore.data.digits import load_digits_tensors
+from diffscore.data.splits import holdout, split_indices, subset
 
 
 def test_digits_are_the_real_bundled_set_in_range():
@@ -34,3 +35,13 @@ def test_subset_is_nested_in_train_and_seeded():
         subset(train, 5000, 0)
     with pytest.raises(ValueError):
         split_indices(100, 0.6, 0.5, 0)
+
+
+def test_fraction_and_holdout():
+    idx = torch.arange(1000)
+    assert len(subset(idx, None, 0, fraction=0.25)) == 250
+    assert set(subset(idx, 100, 3).tolist()) <= set(subset(idx, 300, 3).tolist())  # nested
+    with pytest.raises(ValueError, match="not both"):
+        subset(idx, 10, 0, fraction=0.5)
+    train, held = holdout(50, 10, seed=1)
+    assert len(held) == 10 and len(train) == 40 and not set(train.tolist()) & set(held.tolist())

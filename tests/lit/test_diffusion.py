@@ -11,8 +11,7 @@ from diffscore.networks import MLP, UNet
 
 def tiny_unet():
     return UNet(
-        resolution=8,
-        in_channels=1,
+        data_shape=[1, 8, 8],
         model_channels=8,
         channel_mult=[1, 2],
         num_blocks=1,
@@ -50,7 +49,7 @@ def test_validation_loss_is_deterministic_and_matches_the_exact_gmm_oracle(tmp_p
     """With the exact mixture denoiser in place of the network, the held-out loss per sigma equals the
     oracle's EDM loss computed by hand over the same batches and noise; two validations agree exactly."""
     dm = GMMDataModule(dim=2, num_components=4, num_train=512, num_val=512, batch_size=128)
-    model = DiffusionModule(MLP(dim=2, width=8, depth=1), val_sigmas=[0.05, 0.5])
+    model = DiffusionModule(MLP(data_shape=[2], width=8, depth=1), val_sigmas=[0.05, 0.5])
     mixture = dm.mixture
     model.denoiser.forward = lambda x, sigma, cond=None, aug_label=None: mixture(x, sigma).float()
     a = trainer(tmp_path).validate(model, dm, verbose=False)[0]
@@ -79,7 +78,7 @@ def test_learning_rate_ramps_up_over_images(tmp_path):
     dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
     rec = LrRecorder()
     opt = lambda p: torch.optim.Adam(p, lr=0.01)  # noqa: E731
-    model = DiffusionModule(MLP(dim=2, width=8, depth=1), optimizer=opt, lr_rampup_images=256)
+    model = DiffusionModule(MLP(data_shape=[2], width=8, depth=1), optimizer=opt, lr_rampup_images=256)
     trainer(tmp_path, max_steps=6, callbacks=[rec], limit_val_batches=0).fit(model, dm)
     assert rec.lrs == pytest.approx([0.01 * min((i + 1) * 64 / 256, 1.0) for i in range(6)])
 
@@ -89,7 +88,7 @@ class NaNAfter(nn.Module):
 
     def __init__(self, n):
         super().__init__()
-        self.inner = MLP(dim=2, width=8, depth=1)
+        self.inner = MLP(data_shape=[2], width=8, depth=1)
         self.n, self.calls, self.dim = n, 0, 2
 
     def forward(self, x, c_noise, cond=None, aug_label=None):

@@ -27,7 +27,7 @@ class RecordRaw(Callback):
 def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp_path):
     torch.manual_seed(0)
     dm = GMMDataModule(dim=2, num_components=3, num_train=256, num_val=64, num_test=64, batch_size=64)
-    model = DiffusionModule(MLP(dim=2, width=16, depth=1), nan_check_every=1)
+    model = DiffusionModule(MLP(data_shape=[2], width=16, depth=1), nan_check_every=1)
     ema = EDMEMA(halflife_images=200, rampup_ratio=0.5)
     rec = RecordRaw()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -26,14 +26,14 @@ def test_ddpmpp_cifar10_matches_edm_size_and_cost(capsys):
 
 
 def test_ddpmpp_ffhq64_matches_edm_size_and_cost():
-    params, flops = count(UNet(resolution=64, channel_mult=[1, 2, 2, 2]), 64)
+    params, flops = count(UNet(data_shape=[3, 64, 64], channel_mult=[1, 2, 2, 2]), 64)
     assert params / 1e6 == pytest.approx(61.80, abs=0.05)
     assert flops / 1e9 == pytest.approx(83.72, abs=0.1)
 
 
 def test_ncsnpp_options_run():
     net = UNet(
-        resolution=16,
+        data_shape=[3, 16, 16],
         model_channels=32,
         channel_mult=[1, 2],
         num_blocks=1,
@@ -50,8 +50,7 @@ def test_ncsnpp_options_run():
 def small(**kw):
     torch.manual_seed(0)
     net = UNet(
-        resolution=8,
-        in_channels=1,
+        data_shape=[1, 8, 8],
         model_channels=16,
         channel_mult=[1, 2],
         num_blocks=1,
@@ -114,14 +113,14 @@ def test_resampling_filters():
 
 def test_bad_configs():
     with pytest.raises(ValueError, match="power of two"):
-        UNet(resolution=12)
+        UNet(data_shape=[3, 12, 12])
     with pytest.raises(ValueError, match="encoder_type"):
-        UNet(resolution=8, encoder_type="skip")
+        UNet(data_shape=[3, 8, 8], encoder_type="skip")
 
 
 def test_mlp_shapes_and_hooks():
     torch.manual_seed(0)
-    net = MLP(dim=3, width=32, depth=2, label_dim=4)
+    net = MLP(data_shape=[3], width=32, depth=2, label_dim=4)
     for p in net.parameters():
         p.data.normal_(0, 0.2)
     x, c = torch.randn(5, 3), torch.randn(5)
