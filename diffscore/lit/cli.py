@@ -110,6 +110,8 @@ class DiffscoreCLI(LightningCLI):
 
 
 def _fail(message: str) -> None:
+    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original one-line message
+        message = message.strip().splitlines()[-1].split("DiffscoreError: ", 1)[-1]
     print(f"diffscore: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
