@@ -28,8 +28,9 @@ lint: install
 	$(BIN)/ruff check diffscore tests bench
 	$(BIN)/ruff format --check diffscore tests bench
 
-bench: install
+bench: install  # CPU benchmarks; GPU ones (bench/loader.py --train) run on a GPU machine
 	$(BIN)/python bench/model_size.py
+	$(BIN)/python bench/loader.py --images 1500 --workers 0 2
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -12,9 +12,10 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffscore.networks import UNet
+from diffscore.networks import ADMUNet, UNet
 
 CONFIGS = {
+    "adm-imagenet-64": dict(cls=ADMUNet, data_shape=[3, 64, 64], label_dim=1000),
     "ddpmpp-cifar10-32": dict(data_shape=[3, 32, 32], channel_mult=[2, 2, 2]),
     "ncsnpp-cifar10-32": dict(
         data_shape=[3, 32, 32],
@@ -36,7 +37,8 @@ CONFIGS = {
 
 
 def measure(name: str, kwargs: dict) -> dict:
-    net = UNet(**kwargs).eval()
+    cls = kwargs.pop("cls", UNet)
+    net = cls(**kwargs).eval()
     res, ch = net.resolution, net.in_channels
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.randn(1, ch, res, res), torch.zeros(1))

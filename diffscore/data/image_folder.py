@@ -9,6 +9,7 @@ maps them to [-1, 1] on the device) and an int64 label (0 when unlabelled).
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ImageFolderDataset(Dataset):
         if self._is_zip and not zipfile.is_zipfile(self.path):
             raise DiffscoreError(f"dataset {self.path} is a file but not a ZIP archive; pass a ZIP or a folder")
         self._zip: zipfile.ZipFile | None = None
+        self._zip_pid = -1
         self.names = sorted(n for n in self._all_files() if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.names:
             raise DiffscoreError(f"dataset {self.path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -56,8 +58,10 @@ class ImageFolderDataset(Dataset):
         return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
 
     def _zipfile(self) -> zipfile.ZipFile:
-        if self._zip is None:  # opened lazily, once per process (DataLoader workers each get their own)
+        # One handle per process: a forked DataLoader worker must not share the parent's file offset.
+        if self._zip is None or self._zip_pid != os.getpid():
             self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
         return self._zip
 
     def _open(self, name: str):

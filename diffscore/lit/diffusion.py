@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -16,6 +15,8 @@ from diffscore.core.samplers import get_sampler, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
 from diffscore.errors import DiffscoreError
 
+# A config's `optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}` becomes such a callable.
+OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_VAL_SIGMAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 80.0)
 
 

@@ -147,3 +147,15 @@ def test_cifar_module_subset_and_heldout(tmp_path):
     write_cifar10(tmp_path, per_batch=10)
     dm = CIFAR10DataModule(str(tmp_path), batch_size=8, num_train=20, val_size=6, xflip=True)
     assert len(dm.dataset("train")) == 40 and len(dm.dataset("val")) == 6 and len(dm.dataset("test")) == 10
+
+
+def test_forked_workers_read_the_zip_correctly(zip16):
+    """Each worker opens its own ZIP handle; a handle shared through fork corrupts reads (bad CRC)."""
+    dm = ImageDataModule(str(zip16), batch_size=8, num_workers=2, pin_memory=False, epoch_size=160)
+    dm.images.read_image(0)  # the parent opens the ZIP before the workers fork
+    seen = 0
+    for x, _ in dm.train_dataloader():
+        for img in x:
+            assert any(torch.equal(img, dm.images.read_image(i)) for i in range(40))
+            seen += 1
+    assert seen == 160
