@@ -1,0 +1,1 @@
+"""Sample-quality metrics: Frechet distances (FID, FD-digits, FID-k), KID, IS, memorization."""
