@@ -56,3 +56,22 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     assert code == 0
     (ckpt,) = root.glob("runs/**/checkpoints/last.ckpt")
     return ckpt
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """A randomly initialised Inception weights file in torch-fidelity's format (the real one cannot be
+    downloaded here): exercises the whole FID/KID/IS pipeline, not the numbers."""
+    from unittest import mock
+
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}), mock.patch.object(
+        FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None
+    ):
+        torch.manual_seed(0)
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    torch.save(net.state_dict(), path)
+    return path

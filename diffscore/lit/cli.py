@@ -17,6 +17,8 @@ DESCRIPTION = (
     "Training and evaluation: fit, validate, test, predict (LightningCLI, below).\n"
     "Sampling from a checkpoint: diffscore sample --ckpt_path CKPT --num_samples N --out DIR_or_file.npz "
     "(see diffscore sample --help).\n"
+    "Metrics: diffscore evaluate --ckpt_path CKPT [--metrics fid,kid,is] [--protocol edm]; "
+    "diffscore refstats --config X.yaml --out ref.npz.\n"
     "Making a data set: diffscore dataset --source SRC --dest out.zip [--resolution R --transform center-crop]."
 )
 
@@ -124,6 +126,12 @@ def main(args: list[str] | None = None) -> None:
             from diffscore.lit.sample import sample_cli
 
             sample_cli(argv[1:])
+        elif argv and argv[0] in ("evaluate", "refstats"):
+            from jsonargparse import CLI
+
+            from diffscore.lit import evaluate as ev
+
+            CLI(getattr(ev, argv[0]), args=argv[1:], as_positional=False)
         elif argv and argv[0] == "dataset":
             from jsonargparse import CLI
 

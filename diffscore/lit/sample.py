@@ -37,16 +37,68 @@ class SeedDataModule(LightningDataModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Each rank saves its samples to ``parts_dir/rank<r>.pt`` at the end of prediction."""
+    """Keeps ``reduce(prediction)`` of every batch and saves the rank's part to ``parts_dir/rank<r>.pt``.
+
+    The default keeps seeds and samples; evaluation overrides ``reduce`` to keep features instead.
+    """
 
     def __init__(self, parts_dir: Path) -> None:
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch_and_epoch")
         self.parts_dir = parts_dir
+        self.kept: list[dict[str, torch.Tensor]] = []
+
+    def reduce(self, prediction: dict[str, torch.Tensor], pl_module) -> dict[str, torch.Tensor]:
+        return prediction
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.kept.append({k: v.cpu() for k, v in self.reduce(prediction, pl_module).items()})
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        seeds = torch.cat([p["seeds"] for p in predictions]) if predictions else torch.zeros(0, dtype=torch.long)
-        samples = torch.cat([p["samples"] for p in predictions]) if predictions else torch.zeros(0)
-        torch.save({"seeds": seeds, "samples": samples}, self.parts_dir / f"rank{trainer.global_rank}.pt")
+        part = {k: torch.cat([b[k] for b in self.kept]) for k in self.kept[0]} if self.kept else {}
+        torch.save(part, self.parts_dir / f"rank{trainer.global_rank}.pt")
+        self.kept = []
+
+
+def predict_over_seeds(
+    model: DiffusionModule,
+    seeds: list[int],
+    writer: ShardWriter,
+    batch_size: int,
+    accelerator: str,
+    devices: int | str,
+    strategy: str,
+) -> dict[str, torch.Tensor] | None:
+    """Run ``model.predict_step`` over ``seeds`` on all devices; rank 0 gets the parts merged in seed order
+    (checked: each seed exactly once), other ranks None."""
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        callbacks=[writer],
+    )
+    parts = writer.parts_dir
+    if trainer.is_global_zero:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    trainer.strategy.barrier()
+    trainer.predict(model, datamodule=SeedDataModule(seeds, batch_size), return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return None
+    try:
+        shards = [torch.load(p, weights_only=True) for p in sorted(parts.glob("rank*.pt"))]
+        shards = [s for s in shards if s]
+        merged = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+        order = merged["seeds"].argsort()
+        merged = {k: v[order] for k, v in merged.items()}
+        if merged["seeds"].tolist() != sorted(seeds):
+            raise DiffscoreError(f"internal: gathered {len(merged['seeds'])} results for {len(seeds)} seeds")
+        return merged
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
 
 
 def load_diffusion_checkpoint(ckpt_path: str | Path) -> DiffusionModule:
@@ -146,36 +198,12 @@ def sample(
             raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {label_dim} classes")
     model.predict_options = {"num_steps": steps, "sampler": sampler, "class_label": class_label}
 
-    parts = out_path.with_name(f".{out_path.name}.parts")
-    trainer = Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        callbacks=[ShardWriter(parts)],
-    )
-    if trainer.is_global_zero:
-        shutil.rmtree(parts, ignore_errors=True)
-        parts.mkdir()
-    trainer.strategy.barrier()
     seeds = list(range(seed, seed + num_samples))
-    trainer.predict(model, datamodule=SeedDataModule(seeds, batch_size), return_predictions=False)
-    trainer.strategy.barrier()
-    if not trainer.is_global_zero:
+    writer = ShardWriter(out_path.with_name(f".{out_path.name}.parts"))
+    merged = predict_over_seeds(model, seeds, writer, batch_size, accelerator, devices, strategy)
+    if merged is None:
         return None
-    try:
-        shards = [torch.load(p, weights_only=True) for p in sorted(parts.glob("rank*.pt"))]
-        all_seeds = torch.cat([s["seeds"] for s in shards])
-        all_samples = torch.cat([s["samples"] for s in shards])
-        order = all_seeds.argsort()
-        all_seeds, all_samples = all_seeds[order], all_samples[order]
-        if all_seeds.tolist() != seeds:
-            raise DiffscoreError(f"internal: gathered {len(all_seeds)} samples, expected seeds {seed}..{seeds[-1]}")
-        _write(out_path, all_seeds, all_samples)
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
+    _write(out_path, merged["seeds"], merged["samples"])
     print(f"diffscore: wrote {num_samples} samples to {out_path}", flush=True)
     return out_path
 

@@ -78,7 +78,7 @@ def train_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitsClassifier,
     torch.manual_seed(seed)
     dm = DigitsDataModule(seed=0)
     dm.setup("fit")
-    (x, y), (xv, yv), (xt, yt) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    (x, y), (xv, _), (xt, yt) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
     model = DigitsClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)

@@ -1,0 +1,381 @@
+"""`diffscore evaluate` and `diffscore refstats`: sample quality of a checkpoint, over any number of devices.
+
+Samples are drawn per seed (as `diffscore sample`), split over devices without duplicates; each device turns
+its samples into features at once (Inception pool3 + logits, digits-classifier features, nearest-training-image
+distances), so only features travel. Metrics: ``fid``, ``kid``, ``is``, ``fid_k`` (FID on groups of k samples,
+the MusicScore protocol), ``fd_digits`` (never called FID) and ``memorization``. ``--protocol edm`` repeats
+everything on three seed ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+
+from diffscore.errors import DiffscoreError
+from diffscore.lit.sample import ShardWriter, load_diffusion_checkpoint, predict_over_seeds
+from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, save_statistics
+from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
+
+INCEPTION_METRICS = {"fid", "kid", "is", "fid_k"}
+ALL_METRICS = INCEPTION_METRICS | {"fd_digits", "memorization"}
+KID_REFERENCE_SIZE = 10_000  # reference features kept for KID (it uses subsets of 1,000)
+
+
+def datamodule_from_hparams(hparams: dict[str, Any]) -> LightningDataModule:
+    """Rebuild a DataModule from the config a checkpoint or YAML holds (``class_path``/``_class_path`` form)."""
+    from lightning.pytorch.cli import instantiate_module
+
+    config = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    if "class_path" in config:
+        config = {"_class_path": config["class_path"], **config.get("init_args", {})}
+    if "_class_path" not in config:
+        raise DiffscoreError("the data configuration names no class_path")
+    try:
+        return instantiate_module(LightningDataModule, config)
+    except DiffscoreError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise DiffscoreError(f"could not rebuild the data module {config['_class_path']} ({e})") from None
+
+
+def checkpoint_datamodule(ckpt_path: str | Path) -> LightningDataModule | None:
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = state.get("datamodule_hyper_parameters")
+    return datamodule_from_hparams(dict(hp)) if hp and "_class_path" in hp else None
+
+
+def train_images(dm: LightningDataModule, limit: int | None = None) -> torch.Tensor:
+    """The training images of a DataModule in [-1, 1] (uint8 data mapped as on the device)."""
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    n = len(ds) if limit is None else min(limit, len(ds))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=512)
+    out = []
+    for x, _ in loader:
+        out.append(x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float())
+    return torch.cat(out)
+
+
+class FeatureWriter(ShardWriter):
+    """Keeps per-sample features instead of samples."""
+
+    def __init__(self, parts_dir: Path, inception=None, digits=None, train: torch.Tensor | None = None) -> None:
+        super().__init__(parts_dir)
+        self.inception, self.digits, self.train = inception, digits, train
+
+    def reduce(self, prediction, pl_module):
+        x = prediction["samples"].to(pl_module.device)
+        out = {"seeds": prediction["seeds"]}
+        if self.inception is not None:
+            self.inception.to(pl_module.device)
+            out["pool"], out["logits"] = self.inception(x)
+        if self.digits is not None:
+            self.digits.to(pl_module.device)
+            out["digits"] = self.digits.features(x.clamp(-1, 1)).double()
+        if self.train is not None:
+            self.train = self.train.to(pl_module.device)
+            out["d1"], out["d2"] = nearest_neighbours(x, self.train)
+        return out
+
+
+def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
+    if seeds is None:
+        return list(range(num_samples))
+    try:
+        lo, hi = (int(v) for v in seeds.split("-"))
+    except ValueError:
+        raise DiffscoreError(f"--seeds must look like 0-49999, got {seeds!r}") from None
+    if hi < lo or lo < 0:
+        raise DiffscoreError(f"--seeds {seeds} is an empty or negative range")
+    return list(range(lo, hi + 1))
+
+
+def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[str, np.ndarray], fid_k: list[int]):
+    """Metric values from gathered features and reference statistics."""
+    result: dict[str, Any] = {"num_samples": len(feats["seeds"])}
+    if "fid" in wanted:
+        result["fid"] = frechet_distance(*feature_statistics(feats["pool"].numpy()), ref["mu"], ref["sigma"])
+    if "kid" in wanted:
+        from torch_fidelity.metric_kid import kid_features_to_metric
+
+        gen, refk = feats["pool"].float(), torch.from_numpy(ref["kid_features"]).float()
+        size = min(1000, len(gen), len(refk))
+        kid = kid_features_to_metric(
+            gen,
+            refk,
+            kid_subsets=100,
+            kid_subset_size=size,
+            kid_degree=3,
+            kid_gamma=None,
+            kid_coef0=1,
+            rng_seed=2020,
+            verbose=False,
+        )
+        result["kid"], result["kid_std"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+    if "is" in wanted:
+        from torch_fidelity.metric_isc import isc_features_to_metric
+
+        isc = isc_features_to_metric(feats["logits"].float(), splits=10, shuffle=True, rng_seed=2020)
+        result["is"], result["is_std"] = isc["inception_score_mean"], isc["inception_score_std"]
+    if "fid_k" in wanted:
+        pool = feats["pool"].numpy()
+        for k in fid_k:
+            groups = [pool[i : i + k] for i in range(0, len(pool) - k + 1, k)][:10]
+            vals = [frechet_distance(*feature_statistics(g), ref["mu"], ref["sigma"]) for g in groups]
+            result[f"fid_{k}"], result[f"fid_{k}_std"] = float(np.mean(vals)), float(np.std(vals))
+    if "fd_digits" in wanted:
+        stats = feature_statistics(feats["digits"].numpy())
+        result["fd_digits"] = frechet_distance(*stats, ref["digits_mu"], ref["digits_sigma"])
+        result["fd_digits_floor"] = ref["digits_floor"]
+    if "memorization" in wanted:
+        ratio = feats["d1"] / feats["d2"].clamp_min(1e-12)
+        result["memorized_fraction"] = float((ratio < COPY_RATIO).float().mean())
+        result["nn_ratio_median"] = float(ratio.median())
+        result["nn_distance_median"] = float(feats["d1"].median())
+    return result
+
+
+@torch.no_grad()
+def _reference(wanted, ref_path, dm, train, inception, digits) -> dict[str, Any]:
+    ref: dict[str, Any] = {}
+    if wanted & INCEPTION_METRICS:
+        if ref_path is not None:
+            ref["mu"], ref["sigma"] = load_statistics(ref_path)
+            with np.load(ref_path) as data:
+                if "kid_features" in data:
+                    ref["kid_features"] = data["kid_features"]
+        if "mu" not in ref or ("kid" in wanted and "kid_features" not in ref):
+            if train is None:
+                raise DiffscoreError(
+                    "FID/KID need --ref (from `diffscore refstats`) or a checkpoint that names its data"
+                )
+            print(
+                f"diffscore: computing Inception reference statistics of {len(train)} training images "
+                "(cache them with `diffscore refstats`)",
+                flush=True,
+            )
+            pool = torch.cat([inception(train[i : i + 256])[0] for i in range(0, len(train), 256)]).numpy()
+            ref.setdefault("mu", feature_statistics(pool)[0])
+            ref.setdefault("sigma", feature_statistics(pool)[1])
+            ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
+    if "fd_digits" in wanted:
+        ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits.features(train).double().numpy())
+        held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else None
+        ref["digits_floor"] = (
+            frechet_distance(
+                *feature_statistics(digits.features(held).double().numpy()), ref["digits_mu"], ref["digits_sigma"]
+            )
+            if held is not None
+            else float("nan")
+        )
+    return ref
+
+
+def evaluate(
+    ckpt_path: str,
+    metrics: str = "auto",
+    num_samples: int = 50000,
+    seeds: str | None = None,
+    protocol: str = "single",
+    ref: str | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    batch_size: int = 256,
+    inception_weights: str | None = None,
+    fid_k: list[int] = [8, 16, 32, 64],  # noqa: B006
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    out: str | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
+
+    Args:
+        ckpt_path: checkpoint written by `diffscore fit`.
+        metrics: comma-separated subset of fid, kid, is, fid_k, fd_digits, memorization; "auto" picks
+            fd_digits,memorization for 8x8 digits and fid,memorization for other images.
+        num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds).
+        seeds: an inclusive range like 0-49999 (overrides num_samples).
+        protocol: "single", or "edm": three consecutive seed ranges; min, mean and std reported.
+        ref: reference statistics .npz from `diffscore refstats` (or EDM's); default: computed from the
+            checkpoint's training data.
+        steps: sampler steps (default: the checkpoint's); sampler: sampler name (default: the checkpoint's).
+        batch_size: samples per device and forward pass.
+        inception_weights: path of weights-inception-2015-12-05-6726825d.pth (else $DIFFSCORE_INCEPTION_WEIGHTS,
+            else torch hub's cache).
+        fid_k: group sizes k for fid_k.
+        accelerator, devices, strategy: as for Lightning's Trainer; seeds are split across devices.
+        out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
+    """
+    if num_samples < 1:
+        raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
+    if protocol not in ("single", "edm"):
+        raise DiffscoreError(f"--protocol must be 'single' or 'edm', got {protocol!r}")
+    if out is not None and not Path(out).parent.is_dir():
+        raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
+    model = load_diffusion_checkpoint(ckpt_path)
+    shape = model.data_shape
+    if metrics == "auto":
+        metrics = "fd_digits,memorization" if tuple(shape) == (1, 8, 8) else "fid,memorization"
+    wanted = {m.strip() for m in metrics.split(",") if m.strip()}
+    if not wanted or wanted - ALL_METRICS:
+        raise DiffscoreError(
+            f"--metrics {sorted(wanted - ALL_METRICS) or metrics!r} unknown; choose from {sorted(ALL_METRICS)}"
+        )
+    if len(shape) != 3:
+        raise DiffscoreError(f"evaluate needs image data; this checkpoint makes vectors of shape {list(shape)}")
+    if "fd_digits" in wanted and tuple(shape) != (1, 8, 8):
+        raise DiffscoreError(f"fd_digits is for 8x8 digits; this checkpoint makes {list(shape)} images")
+
+    dm = checkpoint_datamodule(ckpt_path)
+    needs_train = "memorization" in wanted or "fd_digits" in wanted or (wanted & INCEPTION_METRICS and ref is None)
+    if needs_train and dm is None:
+        raise DiffscoreError("this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits")
+    train = train_images(dm) if needs_train else None
+    inception = None
+    if wanted & INCEPTION_METRICS:
+        from diffscore.metrics.inception import InceptionFeatures
+
+        inception = InceptionFeatures(inception_weights)
+    digits = None
+    if "fd_digits" in wanted:
+        from diffscore.metrics.digits_classifier import load_classifier
+
+        digits = load_classifier()
+    reference = _reference(wanted, ref, dm, train, inception, digits)
+
+    model.predict_options = {"num_steps": steps, "sampler": sampler}
+    base = _parse_seeds(seeds, num_samples)
+    ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
+    runs = []
+    parts = Path(out).with_name(f".{Path(out).name}.parts") if out else Path(f".diffscore-eval-{time.time_ns()}.parts")
+    for seed_range in ranges:
+        t0 = time.perf_counter()
+        writer = FeatureWriter(parts, inception, digits, train if "memorization" in wanted else None)
+        feats = predict_over_seeds(model, seed_range, writer, batch_size, accelerator, devices, strategy)
+        if feats is None:  # not rank zero
+            return None
+        result = compute_metrics(feats, wanted, reference, fid_k)
+        result["seeds"] = f"{seed_range[0]}-{seed_range[-1]}"
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        runs.append(result)
+        last_feats = feats
+    summary: dict[str, Any] = {
+        "ckpt_path": str(ckpt_path),
+        "metrics": sorted(wanted),
+        "protocol": protocol,
+        "sampler": sampler or model.hparams.sampler,
+        "steps": steps or model.hparams.num_steps,
+        "runs": runs,
+    }
+    if protocol == "edm":
+        for key in runs[0]:
+            values = [r[key] for r in runs]
+            if all(isinstance(v, float) for v in values):
+                summary[f"{key}_min"], summary[f"{key}_mean"] = min(values), float(np.mean(values))
+                summary[f"{key}_std"] = float(np.std(values))
+    _print_table(summary)
+    if out is not None:
+        path = Path(out)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+        tmp.replace(path)
+        if "memorization" in wanted:
+            _histogram(last_feats, path.with_suffix(".nn_ratio.png"))
+        print(f"diffscore: wrote {path}", flush=True)
+    return summary
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    keys = [k for k in summary["runs"][0] if k not in ("seeds",)]
+    print(f"\n{'seeds':<22}" + "".join(f"{k:>20}" for k in keys))
+    for r in summary["runs"]:
+        print(
+            f"{r['seeds']:<22}" + "".join(f"{r[k]:>20.5g}" if isinstance(r[k], float) else f"{r[k]:>20}" for k in keys)
+        )
+
+
+def _histogram(feats: dict[str, torch.Tensor], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = (feats["d1"] / feats["d2"].clamp_min(1e-12)).numpy()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(ratio, bins=50, range=(0, 1))
+    ax.axvline(COPY_RATIO, color="red", ls="--", label="copy threshold 1/3")
+    ax.set_xlabel("nearest / second-nearest training distance")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def refstats(
+    out: str,
+    ckpt_path: str | None = None,
+    config: str | None = None,
+    features: str = "inception",
+    inception_weights: str | None = None,
+    max_images: int | None = None,
+    batch_size: int = 256,
+) -> Path:
+    """Reference statistics (mu, sigma, and features for KID) of a data set's training images.
+
+    Args:
+        out: the .npz to write (keys mu, sigma, kid_features; EDM's files with mu/sigma are read as well).
+        ckpt_path: take the data set from this checkpoint, or
+        config: from the ``data:`` section of this YAML (e.g. experiments/ffhq.yaml).
+        features: "inception" (for FID/KID) or "digits" (FD-digits).
+        inception_weights: path of the Inception weights (see `diffscore evaluate --help`).
+        max_images: use at most this many images.
+        batch_size: images per forward pass.
+    """
+    import yaml
+
+    if (ckpt_path is None) == (config is None):
+        raise DiffscoreError("give exactly one of --ckpt_path and --config")
+    if not Path(out).parent.is_dir():
+        raise DiffscoreError(f"output folder {Path(out).parent} does not exist")
+    if config is not None:
+        if not Path(config).is_file():
+            raise DiffscoreError(f"config {config} does not exist")
+        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data")
+        if not isinstance(data, dict):
+            raise DiffscoreError(f"{config} has no data: section")
+        dm = datamodule_from_hparams(data)
+    else:
+        if not Path(ckpt_path).is_file():
+            raise DiffscoreError(f"checkpoint {ckpt_path} does not exist")
+        dm = checkpoint_datamodule(ckpt_path)
+        if dm is None:
+            raise DiffscoreError(f"{ckpt_path} does not name its data; use --config")
+    images = train_images(dm, max_images)
+    if features == "inception":
+        from diffscore.metrics.inception import InceptionFeatures
+
+        net = InceptionFeatures(inception_weights)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        net.to(device)
+        feats = torch.cat(
+            [net(images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(images), batch_size)]
+        )
+    elif features == "digits":
+        from diffscore.metrics.digits_classifier import digits_features
+
+        feats = torch.from_numpy(digits_features(images))
+    else:
+        raise DiffscoreError(f"--features must be 'inception' or 'digits', got {features!r}")
+    f = feats.numpy()
+    mu, sigma = feature_statistics(f)
+    save_statistics(out, mu, sigma, kid_features=f[:KID_REFERENCE_SIZE].astype(np.float32), num_images=len(f))
+    print(f"diffscore: wrote statistics of {len(f)} images ({features}) to {out}", flush=True)
+    return Path(out)
