@@ -68,8 +68,9 @@ def random_inception(tmp_path_factory) -> Path:
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
-    with mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}), mock.patch.object(
-        FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None
+    with (
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
     ):
         torch.manual_seed(0)
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")

@@ -4,6 +4,7 @@ from diffscore.lit.datamodules import DigitsDataModule, GMMDataModule
 from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.ema import EDMEMA
 from diffscore.lit.image_data import CIFAR10DataModule, ImageDataModule
+from diffscore.lit.run_log import RunLog, SampleQuality
 from diffscore.lit.sample_grid import SampleGrid
 
 __all__ = [
@@ -13,5 +14,7 @@ __all__ = [
     "EDMEMA",
     "GMMDataModule",
     "ImageDataModule",
+    "RunLog",
     "SampleGrid",
+    "SampleQuality",
 ]

@@ -18,7 +18,7 @@ DESCRIPTION = (
     "Sampling from a checkpoint: diffscore sample --ckpt_path CKPT --num_samples N --out DIR_or_file.npz "
     "(see diffscore sample --help).\n"
     "Metrics: diffscore evaluate --ckpt_path CKPT [--metrics fid,kid,is] [--protocol edm]; "
-    "diffscore refstats --config X.yaml --out ref.npz.\n"
+    "diffscore refstats --config X.yaml --out ref.npz; diffscore report RUN_DIR (plots as PNGs).\n"
     "Making a data set: diffscore dataset --source SRC --dest out.zip [--resolution R --transform center-crop]."
 )
 
@@ -132,6 +132,12 @@ def main(args: list[str] | None = None) -> None:
             from diffscore.lit import evaluate as ev
 
             CLI(getattr(ev, argv[0]), args=argv[1:], as_positional=False)
+        elif argv and argv[0] == "report":
+            from jsonargparse import CLI
+
+            from diffscore.lit.report import report
+
+            CLI(report, args=argv[1:], as_positional=True)
         elif argv and argv[0] == "dataset":
             from jsonargparse import CLI
 

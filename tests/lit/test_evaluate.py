@@ -24,8 +24,26 @@ def test_evaluate_digits_writes_metrics_and_plot(tiny_ckpt, tmp_path, capsys):
 
 def test_edm_protocol_runs_three_seed_ranges(tiny_ckpt, tmp_path):
     out = tmp_path / "e.json"
-    assert run_cli(["evaluate", "--ckpt_path", tiny_ckpt, "--num_samples", "6", "--steps", "1",
-                    "--metrics", "memorization", "--protocol", "edm", "--out", out]) == 0
+    assert (
+        run_cli(
+            [
+                "evaluate",
+                "--ckpt_path",
+                tiny_ckpt,
+                "--num_samples",
+                "6",
+                "--steps",
+                "1",
+                "--metrics",
+                "memorization",
+                "--protocol",
+                "edm",
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert [r["seeds"] for r in result["runs"]] == ["0-5", "6-11", "12-17"]
     values = [r["memorized_fraction"] for r in result["runs"]]
@@ -53,17 +71,53 @@ def test_fid_kid_is_pipeline_with_random_inception(tmp_path, monkeypatch, random
     data = write_dataset(tmp_path / "d.zip", random_images(24, 16), as_zip=True)
     monkeypatch.chdir(tmp_path)
     backbone = "--model.init_args.backbone.init_args"
-    assert run_cli(["fit", "--config", REPO / "experiments" / "ffhq.yaml", "--trainer.accelerator=cpu",
-                    "--trainer.max_steps=2", "--trainer.enable_progress_bar=false", f"{backbone}.model_channels=8",
-                    f"{backbone}.num_blocks=1", "--model.init_args.num_steps=2", f"--data.init_args.path={data}",
-                    "--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]) == 0
+    assert (
+        run_cli(
+            [
+                "fit",
+                "--config",
+                REPO / "experiments" / "ffhq.yaml",
+                "--trainer.accelerator=cpu",
+                "--trainer.max_steps=2",
+                "--trainer.enable_progress_bar=false",
+                f"{backbone}.model_channels=8",
+                f"{backbone}.num_blocks=1",
+                "--model.init_args.num_steps=2",
+                f"--data.init_args.path={data}",
+                "--data.init_args.batch_size=4",
+                "--data.init_args.num_workers=0",
+            ]
+        )
+        == 0
+    )
     ckpt = next(tmp_path.glob("runs/**/last.ckpt"))
     ref = tmp_path / "ref.npz"
     assert run_cli(["refstats", "--ckpt_path", ckpt, "--out", ref, "--inception_weights", random_inception]) == 0
     out = tmp_path / "fid.json"
-    assert run_cli(["evaluate", "--ckpt_path", ckpt, "--metrics", "fid,kid,is,fid_k,memorization", "--ref", ref,
-                    "--num_samples", "16", "--fid_k", "[8]", "--steps", "2",
-                    "--inception_weights", random_inception, "--out", out]) == 0
+    assert (
+        run_cli(
+            [
+                "evaluate",
+                "--ckpt_path",
+                ckpt,
+                "--metrics",
+                "fid,kid,is,fid_k,memorization",
+                "--ref",
+                ref,
+                "--num_samples",
+                "16",
+                "--fid_k",
+                "[8]",
+                "--steps",
+                "2",
+                "--inception_weights",
+                random_inception,
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     run = json.loads(out.read_text())["runs"][0]
     assert run["fid"] > 0 and run["is"] >= 1 and "kid" in run and run["fid_8_std"] >= 0
 
@@ -71,11 +125,34 @@ def test_fid_kid_is_pipeline_with_random_inception(tmp_path, monkeypatch, random
 @pytest.mark.slow
 def test_distributed_evaluation_on_two_processes(tiny_ckpt, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    base = ["evaluate", "--ckpt_path", str(tiny_ckpt), "--num_samples", "7", "--steps", "2", "--batch_size", "2",
-            "--metrics", "fd_digits,memorization"]
+    base = [
+        "evaluate",
+        "--ckpt_path",
+        str(tiny_ckpt),
+        "--num_samples",
+        "7",
+        "--steps",
+        "2",
+        "--batch_size",
+        "2",
+        "--metrics",
+        "fd_digits,memorization",
+    ]
     assert run_cli([*base, "--out", one]) == 0
-    cmd = [sys.executable, "-m", "diffscore.cli", *base, "--out", str(two), "--accelerator", "cpu", "--devices", "2",
-           "--strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffscore.cli",
+        *base,
+        "--out",
+        str(two),
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text())["runs"][0], json.loads(two.read_text())["runs"][0]

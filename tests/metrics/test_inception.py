@@ -30,9 +30,27 @@ def test_kid_is_unbiased_on_sets_from_one_distribution():
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(2000, 64, generator=g), torch.randn(2000, 64, generator=g)
-    kid = kid_features_to_metric(a, b, kid_subsets=100, kid_subset_size=500, kid_degree=3, kid_gamma=None,
-                                 kid_coef0=1, rng_seed=2020, verbose=False)
+    kid = kid_features_to_metric(
+        a,
+        b,
+        kid_subsets=100,
+        kid_subset_size=500,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        rng_seed=2020,
+        verbose=False,
+    )
     assert abs(kid["kernel_inception_distance_mean"]) < 4 * kid["kernel_inception_distance_std"] / 10
-    shifted = kid_features_to_metric(a, b + 0.5, kid_subsets=100, kid_subset_size=500, kid_degree=3,
-                                     kid_gamma=None, kid_coef0=1, rng_seed=2020, verbose=False)
+    shifted = kid_features_to_metric(
+        a,
+        b + 0.5,
+        kid_subsets=100,
+        kid_subset_size=500,
+        kid_degree=3,
+        kid_gamma=None,
+        kid_coef0=1,
+        rng_seed=2020,
+        verbose=False,
+    )
     assert shifted["kernel_inception_distance_mean"] > 10 * kid["kernel_inception_distance_std"]
