@@ -3,6 +3,7 @@
 from diffscore.lit.datamodules import DigitsDataModule, GMMDataModule
 from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.ema import EDMEMA
+from diffscore.lit.gaussian_probe import GaussianScoreProbe
 from diffscore.lit.image_data import CIFAR10DataModule, ImageDataModule
 from diffscore.lit.run_log import RunLog, SampleQuality
 from diffscore.lit.sample_grid import SampleGrid
@@ -13,6 +14,7 @@ __all__ = [
     "DigitsDataModule",
     "EDMEMA",
     "GMMDataModule",
+    "GaussianScoreProbe",
     "ImageDataModule",
     "RunLog",
     "SampleGrid",

@@ -19,6 +19,7 @@ DESCRIPTION = (
     "(see diffscore sample --help).\n"
     "Metrics: diffscore evaluate --ckpt_path CKPT [--metrics fid,kid,is] [--protocol edm]; "
     "diffscore refstats --config X.yaml --out ref.npz; diffscore report RUN_DIR (plots as PNGs).\n"
+    "Score analysis: diffscore probe gaussian --ckpt_path CKPT [--out DIR].\n"
     "Making a data set: diffscore dataset --source SRC --dest out.zip [--resolution R --transform center-crop]."
 )
 
@@ -132,6 +133,12 @@ def main(args: list[str] | None = None) -> None:
             from diffscore.lit import evaluate as ev
 
             CLI(getattr(ev, argv[0]), args=argv[1:], as_positional=False)
+        elif argv[:2] == ["probe", "gaussian"]:
+            from jsonargparse import CLI
+
+            from diffscore.lit.gaussian_probe import probe_gaussian
+
+            CLI(probe_gaussian, args=argv[2:], as_positional=False)
         elif argv and argv[0] == "report":
             from jsonargparse import CLI
 

@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from diffscore.core.gaussian import skip_for_sigma, teleport
 from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.samplers import get_sampler, nfe
@@ -195,8 +196,14 @@ class DiffusionModule(LightningModule):
         sampler: str | None = None,
         cond: Tensor | None = None,
         data_shape: Sequence[int] | None = None,
+        teleport_skip: int = 0,
+        teleport_sigma: float | None = None,
     ) -> Tensor:
-        """Samples x0 [len(seeds), *data_shape] from the current weights; noise drawn per seed."""
+        """Samples x0 [len(seeds), *data_shape] from the current weights; noise drawn per seed.
+
+        ``teleport_skip`` (or ``teleport_sigma``) replaces the first steps by the closed-form flow of
+        ``self.teleport_gaussian`` (a GaussianDenoiser of the training data; Wang & Vastola 2024).
+        """
         num_steps = num_steps or self.hparams.num_steps
         name = sampler or self.hparams.sampler
         sampler_fn = get_sampler(name)
@@ -204,6 +211,13 @@ class DiffusionModule(LightningModule):
         shape = tuple(data_shape) if data_shape is not None else self.data_shape
         sigmas = karras_sigmas(num_steps, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
         x = seeded_noise(seeds, shape, self.device) * float(sigmas[0])
+        if teleport_sigma is not None:
+            teleport_skip = skip_for_sigma(sigmas, teleport_sigma)
+        if teleport_skip:
+            gaussian = getattr(self, "teleport_gaussian", None)
+            if gaussian is None:
+                raise DiffscoreError("teleportation needs model.teleport_gaussian (a GaussianDenoiser of the data)")
+            x, sigmas = teleport(gaussian.to(self.device), x, sigmas, teleport_skip)
         if self.conditional and cond is None:  # a seeded label per sample, like the noise
             cond = torch.stack(
                 [

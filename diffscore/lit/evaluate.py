@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 
+from diffscore.core.samplers import nfe
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sample import ShardWriter, load_diffusion_checkpoint, predict_over_seeds
+from diffscore.lit.sample import ShardWriter, load_diffusion_checkpoint, predict_over_seeds, prepare_teleport
+from diffscore.lit.teleport import TeleportOptions
 from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, save_statistics
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
 
@@ -194,6 +196,7 @@ def evaluate(
     devices: int | str = "auto",
     strategy: str = "auto",
     out: str | None = None,
+    teleport: TeleportOptions | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
 
@@ -213,6 +216,7 @@ def evaluate(
         fid_k: group sizes k for fid_k.
         accelerator, devices, strategy: as for Lightning's Trainer; seeds are split across devices.
         out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
+        teleport: skip the first steps with the Gaussian model of the data (see `diffscore sample --help`).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -252,6 +256,8 @@ def evaluate(
     reference = _reference(wanted, ref, dm, train, inception, digits)
 
     model.predict_options = {"num_steps": steps, "sampler": sampler}
+    model.predict_options.update(prepare_teleport(model, teleport, ckpt_path))
+    run_steps = (steps or model.hparams.num_steps) - model.predict_options.get("teleport_skip", 0)
     base = _parse_seeds(seeds, num_samples)
     ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
     runs = []
@@ -273,6 +279,8 @@ def evaluate(
         "protocol": protocol,
         "sampler": sampler or model.hparams.sampler,
         "steps": steps or model.hparams.num_steps,
+        "teleport_skip": model.predict_options.get("teleport_skip", 0),
+        "nfe": nfe(sampler or model.hparams.sampler, run_steps),
         "runs": runs,
     }
     if protocol == "edm":

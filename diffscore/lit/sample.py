@@ -17,9 +17,12 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from diffscore.core.samplers import SAMPLERS
+from diffscore.core.gaussian import skip_for_sigma
+from diffscore.core.samplers import SAMPLERS, nfe
+from diffscore.core.schedules import karras_sigmas
 from diffscore.errors import DiffscoreError
 from diffscore.lit.diffusion import DiffusionModule
+from diffscore.lit.teleport import TeleportOptions, gaussian_for_checkpoint
 
 
 class SeedDataModule(LightningDataModule):
@@ -101,6 +104,25 @@ def predict_over_seeds(
         shutil.rmtree(parts, ignore_errors=True)
 
 
+def prepare_teleport(model: DiffusionModule, opts: TeleportOptions | None, ckpt_path: str) -> dict:
+    """Attach the Gaussian to the model and return the generate() options; prints the NFE it saves."""
+    if opts is None or (opts.skip is None and opts.sigma is None):
+        return {}
+    model.teleport_gaussian = gaussian_for_checkpoint(opts, ckpt_path)
+    steps = model.predict_options.get("num_steps") or model.hparams.num_steps
+    name = model.predict_options.get("sampler") or model.hparams.sampler
+    sigmas = karras_sigmas(steps, model.hparams.sigma_min, model.hparams.sigma_max, model.hparams.rho)
+    skip = opts.skip if opts.skip is not None else skip_for_sigma(sigmas, opts.sigma)
+    if not 0 <= skip < steps:
+        raise DiffscoreError(f"--teleport.skip must be in 0..{steps - 1} for {steps} steps, got {skip}")
+    print(
+        f"diffscore: teleporting to sigma {float(sigmas[skip]):.3g}: {name} with {steps - skip} of {steps} steps, "
+        f"{nfe(name, steps - skip)} instead of {nfe(name, steps)} evaluations",
+        flush=True,
+    )
+    return {"teleport_skip": skip}
+
+
 def load_diffusion_checkpoint(ckpt_path: str | Path) -> DiffusionModule:
     """The DiffusionModule in ``ckpt_path`` with its EMA weights (what EDMEMA stores under ``state_dict``)."""
     path = Path(ckpt_path)
@@ -163,6 +185,7 @@ def sample(
     devices: int | str = "auto",
     strategy: str = "auto",
     overwrite: bool = False,
+    teleport: TeleportOptions | None = None,
 ) -> Path | None:
     """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
 
@@ -180,6 +203,8 @@ def sample(
         devices: number of devices (or "auto"); the seeds are split across them.
         strategy: Lightning strategy ("auto", "ddp", ...).
         overwrite: replace an existing output.
+        teleport: skip the first steps with the Gaussian model of the training data (--teleport.skip K or
+            --teleport.sigma S; --teleport.gaussian FILE caches the fit).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -197,6 +222,7 @@ def sample(
         if not 0 <= class_label < label_dim:
             raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {label_dim} classes")
     model.predict_options = {"num_steps": steps, "sampler": sampler, "class_label": class_label}
+    model.predict_options.update(prepare_teleport(model, teleport, ckpt_path))
 
     seeds = list(range(seed, seed + num_samples))
     writer = ShardWriter(out_path.with_name(f".{out_path.name}.parts"))

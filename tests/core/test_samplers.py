@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffscore.core.gaussian import GaussianDenoiser
-from diffscore.core.samplers import euler, get_sampler, heun, nfe
+from diffscore.core.samplers import SAMPLERS, dpmpp_2m, euler, get_sampler, heun, nfe, unipc
 from diffscore.core.schedules import karras_sigmas
 
 
@@ -66,7 +66,7 @@ class Counter:
 @pytest.mark.parametrize("n", [1, 2, 18, 40])
 def test_nfe_matches_counted_calls(n):
     gauss = gaussian()
-    for name in ("euler", "heun"):
+    for name in SAMPLERS:
         counter = Counter(gauss)
         get_sampler(name)(counter, start(n=3), karras_sigmas(n))
         assert counter.calls == nfe(name, n)
@@ -144,3 +144,26 @@ def test_bad_grids_and_names():
         nfe("dpm", 10)
     with pytest.raises(ValueError, match="num_steps"):
         nfe("heun", 0)
+
+
+@pytest.mark.parametrize("fn", [dpmpp_2m, unipc])
+def test_multistep_solvers_are_at_least_second_order(fn):
+    gauss = gaussian()
+    x_T = start()
+    ref = gauss(gauss.pf_ode(x_T, 80.0, 0.5), 0.5)  # both end with x -> D(x; sigma_min), as Heun does
+    errs = [(fn(gauss, x_T, karras_sigmas(n + 1, sigma_min=0.5)) - ref).abs().max().item() for n in (16, 32, 64)]
+    assert errs[0] / errs[1] > 3.0 and errs[1] / errs[2] > 3.0, errs
+    assert errs[2] < 1e-3
+
+
+def test_samplers_agree_as_steps_grow():
+    gauss = gaussian()
+    x_T = start(n=16)
+
+    def spread(n, names):
+        outs = [SAMPLERS[name](gauss, x_T, karras_sigmas(n)) for name in names]
+        return max((a - b).abs().max().item() for a in outs for b in outs)
+
+    assert spread(400, SAMPLERS) < 0.05 * spread(12, SAMPLERS)  # Euler's first-order error dominates
+    second_order = ["heun", "dpmpp_2m", "unipc"]
+    assert spread(400, second_order) < 1e-3 < spread(12, second_order)
