@@ -19,7 +19,7 @@ from diffscore.lit.evaluate import evaluate
 from diffscore.lit.teleport import TeleportOptions
 
 
-def point(ckpt: str, sampler: str, steps: int, skip: int | None, sigma: float | None, n: int, gauss: str) -> dict:
+def point(ckpt, sampler, steps, skip, sigma, n, gauss, accelerator="auto") -> dict:
     tele = TeleportOptions(skip=skip, sigma=sigma, gaussian=gauss) if (skip or sigma) else None
     s = evaluate(
         ckpt,
@@ -50,16 +50,19 @@ def main() -> None:
     ap.add_argument("--ckpt_path", required=True)
     ap.add_argument("--out", default="bench/teleport")
     ap.add_argument("--num_samples", type=int, default=1000)
+    ap.add_argument("--accelerator", default="auto")
     args = ap.parse_args()
     gauss = str(Path(args.out).with_suffix(".gaussian.pt"))
     rows = []
     t0 = time.perf_counter()
     for k in range(0, 9):
-        rows.append(point(args.ckpt_path, "heun", 18, k, None, args.num_samples, gauss))
+        rows.append(point(args.ckpt_path, "heun", 18, k, None, args.num_samples, gauss, args.accelerator))
     for sampler in ("dpmpp_2m", "unipc"):
         for steps in (8, 12, 18):
-            rows.append(point(args.ckpt_path, sampler, steps, None, None, args.num_samples, gauss))
-            rows.append(point(args.ckpt_path, sampler, steps, None, 8.4, args.num_samples, gauss))
+            for sigma in (None, 8.4):
+                rows.append(
+                    point(args.ckpt_path, sampler, steps, None, sigma, args.num_samples, gauss, args.accelerator)
+                )
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
     elapsed = time.perf_counter() - t0
     print(f"\n{'sampler':<10}{'steps':>6}{'skip':>6}{'nfe':>6}{'FD mean':>10}{'std':>8}   ({elapsed:.0f} s)")

@@ -20,7 +20,8 @@ from lightning.pytorch import LightningDataModule
 
 from diffscore.core.samplers import nfe
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sample import ShardWriter, load_diffusion_checkpoint, predict_over_seeds, prepare_teleport
+from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_diffusion_checkpoint
+from diffscore.lit.sample import ShardWriter, predict_over_seeds, prepare_teleport
 from diffscore.lit.teleport import TeleportOptions
 from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, save_statistics
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
@@ -31,26 +32,12 @@ KID_REFERENCE_SIZE = 10_000  # reference features kept for KID (it uses subsets 
 
 
 def datamodule_from_hparams(hparams: dict[str, Any]) -> LightningDataModule:
-    """Rebuild a DataModule from the config a checkpoint or YAML holds (``class_path``/``_class_path`` form)."""
-    from lightning.pytorch.cli import instantiate_module
-
-    config = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    if "class_path" in config:
-        config = {"_class_path": config["class_path"], **config.get("init_args", {})}
-    if "_class_path" not in config:
-        raise DiffscoreError("the data configuration names no class_path")
-    try:
-        return instantiate_module(LightningDataModule, config)
-    except DiffscoreError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise DiffscoreError(f"could not rebuild the data module {config['_class_path']} ({e})") from None
+    """Rebuild a DataModule from a ``class_path``/``init_args`` config (a YAML's data section)."""
+    return build(hparams, LightningDataModule)
 
 
 def checkpoint_datamodule(ckpt_path: str | Path) -> LightningDataModule | None:
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    hp = state.get("datamodule_hyper_parameters")
-    return datamodule_from_hparams(dict(hp)) if hp and "_class_path" in hp else None
+    return load_checkpoint_datamodule(ckpt_path)
 
 
 def train_images(dm: LightningDataModule, limit: int | None = None) -> torch.Tensor:
@@ -197,6 +184,7 @@ def evaluate(
     strategy: str = "auto",
     out: str | None = None,
     teleport: TeleportOptions | None = None,
+    trust_checkpoint: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
 
@@ -217,6 +205,7 @@ def evaluate(
         accelerator, devices, strategy: as for Lightning's Trainer; seeds are split across devices.
         out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
         teleport: skip the first steps with the Gaussian model of the data (see `diffscore sample --help`).
+        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -224,7 +213,7 @@ def evaluate(
         raise DiffscoreError(f"--protocol must be 'single' or 'edm', got {protocol!r}")
     if out is not None and not Path(out).parent.is_dir():
         raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
-    model = load_diffusion_checkpoint(ckpt_path)
+    model = load_diffusion_checkpoint(ckpt_path, trust_checkpoint)
     shape = model.data_shape
     if metrics == "auto":
         metrics = "fd_digits,memorization" if tuple(shape) == (1, 8, 8) else "fid,memorization"

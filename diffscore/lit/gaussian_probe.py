@@ -135,8 +135,8 @@ def probe_gaussian(
         gmm_components: the k of each GMM reference (k-means on the training data; default [10]).
         num_points: training points noised at each sigma.
     """
+    from diffscore.lit.checkpoint import load_diffusion_checkpoint
     from diffscore.lit.evaluate import checkpoint_datamodule, train_images
-    from diffscore.lit.sample import load_diffusion_checkpoint
 
     model = load_diffusion_checkpoint(ckpt_path).eval()
     dm = checkpoint_datamodule(ckpt_path)

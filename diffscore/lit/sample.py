@@ -21,6 +21,7 @@ from diffscore.core.gaussian import skip_for_sigma
 from diffscore.core.samplers import SAMPLERS, nfe
 from diffscore.core.schedules import karras_sigmas
 from diffscore.errors import DiffscoreError
+from diffscore.lit.checkpoint import load_diffusion_checkpoint
 from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.teleport import TeleportOptions, gaussian_for_checkpoint
 
@@ -123,22 +124,6 @@ def prepare_teleport(model: DiffusionModule, opts: TeleportOptions | None, ckpt_
     return {"teleport_skip": skip}
 
 
-def load_diffusion_checkpoint(ckpt_path: str | Path) -> DiffusionModule:
-    """The DiffusionModule in ``ckpt_path`` with its EMA weights (what EDMEMA stores under ``state_dict``)."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise DiffscoreError(f"checkpoint {path} does not exist; pass the .ckpt written by `diffscore fit`")
-    try:
-        model = DiffusionModule.load_from_checkpoint(path, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - any failure here means "not one of ours"
-        raise DiffscoreError(
-            f"{path} is not a diffscore DiffusionModule checkpoint ({type(e).__name__}: {str(e)[:200]})"
-        ) from None
-    if not isinstance(model, DiffusionModule):
-        raise DiffscoreError(f"{path} holds a {type(model).__name__}, not a DiffusionModule")
-    return model
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
         raise DiffscoreError(f"output folder {out.parent} does not exist; create it or choose another --out")
@@ -186,6 +171,7 @@ def sample(
     strategy: str = "auto",
     overwrite: bool = False,
     teleport: TeleportOptions | None = None,
+    trust_checkpoint: bool = False,
 ) -> Path | None:
     """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
 
@@ -205,6 +191,7 @@ def sample(
         overwrite: replace an existing output.
         teleport: skip the first steps with the Gaussian model of the training data (--teleport.skip K or
             --teleport.sigma S; --teleport.gaussian FILE caches the fit).
+        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -216,7 +203,7 @@ def sample(
         raise DiffscoreError(f"--sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
     out_path = Path(out)
     _check_out(out_path, overwrite)
-    model = load_diffusion_checkpoint(ckpt_path)
+    model = load_diffusion_checkpoint(ckpt_path, trust_checkpoint)
     if class_label is not None:
         label_dim = getattr(model.backbone, "label_dim", 0)
         if not 0 <= class_label < label_dim:

@@ -82,8 +82,8 @@ def test_sample_with_teleport_reports_nfe_and_matches_manual_teleport(tiny_ckpt,
     from diffscore.core.gaussian import teleport
     from diffscore.core.samplers import heun
     from diffscore.core.schedules import karras_sigmas
+    from diffscore.lit.checkpoint import load_diffusion_checkpoint
     from diffscore.lit.diffusion import seeded_noise
-    from diffscore.lit.sample import load_diffusion_checkpoint
 
     model = load_diffusion_checkpoint(tiny_ckpt).eval()
     sigmas = karras_sigmas(6)

@@ -38,7 +38,7 @@ def test_sample_png_folder(tiny_ckpt, tmp_path):
 
 
 def test_sample_uses_the_ema_weights(tiny_ckpt):
-    from diffscore.lit.sample import load_diffusion_checkpoint
+    from diffscore.lit.checkpoint import load_diffusion_checkpoint
 
     state = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
     model = load_diffusion_checkpoint(tiny_ckpt)
