@@ -43,6 +43,7 @@ def report(run_dir: str) -> list[Path]:
         "heldout_per_sigma": sorted((k for k in keys if k.startswith("heldout/loss_s")), key=sigma_of),
         "gap_per_sigma": sorted((k for k in keys if k.startswith("gap/loss_s")), key=sigma_of),
         "sample_quality": [k for k in keys if k.startswith("eval/") and not k.endswith(("_std", "_floor"))],
+        "gaussian_ev_per_sigma": sorted((k for k in keys if k.startswith("probe/ev_gaussian_s")), key=sigma_of),
         "learning_rate": ["lr"] if "lr" in keys else [],
         "throughput": ["perf/img_per_s"] if "perf/img_per_s" in keys else [],
     }
