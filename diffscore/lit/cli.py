@@ -9,6 +9,7 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffscore.errors import DiffscoreError
 
@@ -164,6 +165,10 @@ def main(args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("diffscore: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except SIGTERMException:
+        print("diffscore: stopped by SIGTERM (a checkpoint was saved if the config has PreemptionCheckpoint)",
+              file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 __all__ = ["DiffscoreCLI", "main"]

@@ -12,12 +12,46 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from diffscore.data.digits import load_digits_tensors
 from diffscore.data.gmm import random_gmm
 from diffscore.data.splits import split_indices, subset
 from diffscore.errors import DiffscoreError
+
+
+class StreamSampler(DistributedSampler):
+    """An endless, seeded stream of permutations of the data, cut into epochs of ``epoch_len`` indices per rank.
+
+    Rank r of w takes stream positions r, r + w, ...; block b of the stream is permutation b of
+    torch.randperm(n) with seed (seed, b). The stream continues across epochs and can start anywhere, so a resumed
+    run sees exactly the batches the uninterrupted run would have seen. (A DistributedSampler subclass, so
+    Lightning leaves it in place under DDP.)
+    """
+
+    def __init__(self, n: int, epoch_len: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.epoch_len, self.seed = n, epoch_len, seed
+        self.rank, self.world_size = rank, world_size
+        self.next_position = 0  # this rank's next position in its stream
+        self._block, self._perm = -1, None
+
+    def _index(self, p: int) -> int:
+        block, offset = divmod(p * self.world_size + self.rank, self.n)
+        if block != self._block:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+            self._block, self._perm = block, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[offset]
+
+    def __iter__(self):
+        start = self.next_position
+        self.next_position += self.epoch_len
+        return (self._index(p) for p in range(start, start + self.epoch_len))
+
+    def __len__(self) -> int:
+        return self.epoch_len
+
+    def set_epoch(self, epoch: int) -> None:  # the stream position, not the epoch, decides the order
+        pass
 
 
 def split_batch(total: int, batch_gpu: int | None, world_size: int) -> tuple[int, int]:
@@ -63,6 +97,8 @@ class BaseDataModule(LightningDataModule):
         self.epoch_size = epoch_size
         self.pin_memory = pin_memory
         self.device_batch, self.accumulate = split_batch(batch_size, batch_gpu, 1)
+        self.shuffle_seed = 0  # seed of the training order (StreamSampler)
+        self._resume_position = 0  # stream position to start from (set from a checkpoint)
 
     # Facts the model side needs (linked into the backbone by the CLI).
     @property
@@ -92,15 +128,20 @@ class BaseDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         if len(dataset) == 0:
             raise DiffscoreError(f"a {'training' if train else 'evaluation'} set of {type(self).__name__} is empty")
-        batch = self.device_batch if train else (self.eval_batch_size or self.device_batch)
+        batch = min(self.device_batch if train else (self.eval_batch_size or self.device_batch), len(dataset))
         sampler = None
-        if train and self.epoch_size:  # an epoch of epoch_size samples: back-to-back permutations of the data
-            sampler = RandomSampler(dataset, num_samples=self.epoch_size)  # DDP splits it across ranks
+        if train:  # a resumable stream; an epoch is epoch_size samples (default: the data once), whole batches
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            per_rank = (self.epoch_size or len(dataset)) // world
+            sampler = StreamSampler(len(dataset), max(batch, per_rank // batch * batch), self.shuffle_seed, rank, world)
+            sampler.next_position = self._resume_position
         return DataLoader(
             dataset,
-            batch_size=min(batch, len(dataset)),
-            shuffle=train if sampler is None else None,
+            batch_size=batch,
+            shuffle=False,
             sampler=sampler,
+            generator=torch.Generator(),  # worker seeds never draw from the global RNG (exact resume)
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -124,6 +165,16 @@ class BaseDataModule(LightningDataModule):
         if test is None:
             raise DiffscoreError(f"{type(self).__name__} has no test split")
         return self._loader(test, train=False)
+
+    def state_dict(self) -> dict:
+        """The training stream's position: the samples this rank has consumed (global step x batch)."""
+        consumed = 0
+        if self.trainer is not None:
+            consumed = self.trainer.global_step * self.device_batch * self.accumulate
+        return {"stream_position": consumed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = int(state_dict.get("stream_position", 0))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, labels = batch
@@ -183,7 +234,7 @@ class DigitsDataModule(TensorDataModule):
         self.num_train = num_train
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
+        self.seed = self.shuffle_seed = seed
         self.save_hyperparameters()
 
     @property
@@ -230,7 +281,7 @@ class GMMDataModule(TensorDataModule):
             if n < 1:
                 raise DiffscoreError(f"data.{name} must be >= 1, got {n}")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.seed = seed
+        self.seed = self.shuffle_seed = seed
         self.save_hyperparameters()
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -67,7 +67,9 @@ class DiffusionModule(LightningModule):
         sigma_min: float = 0.002,  # sampler grid (Karras et al. Eq. 5)
         sigma_max: float = 80.0,
         rho: float = 7.0,
-        nan_check_every: int = 1,  # check the loss is finite every N steps (N > 1 avoids a host sync per step)
+        nan_check_every: int = 1,  # "stop" policy: check the loss is finite every N steps (N > 1: no per-step sync)
+        nan_policy: str = "stop",  # non-finite loss: "stop" the run, or "skip" the step (a host sync per step)
+        max_bad_steps: int = 10,  # "skip": stop after this many consecutive skipped steps
     ) -> None:
         super().__init__()
         # Built by the CLI, the hyper-parameters are the config itself (backbone and optimizer as class_path
@@ -78,6 +80,11 @@ class DiffusionModule(LightningModule):
             raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {lr_rampup_images}")
         if any(s <= 0 for s in val_sigmas):
             raise DiffscoreError(f"model.val_sigmas must be positive, got {val_sigmas}")
+        if not 0 < sigma_min < sigma_max or rho <= 0 or sigma_data <= 0:
+            raise DiffscoreError(
+                f"model: need 0 < sigma_min < sigma_max, rho > 0 and sigma_data > 0; got sigma_min={sigma_min}, "
+                f"sigma_max={sigma_max}, rho={rho}, sigma_data={sigma_data}"
+            )
         try:
             nfe(sampler, num_steps)  # validates the sampler name and the step count
         except ValueError as e:
@@ -88,6 +95,11 @@ class DiffusionModule(LightningModule):
         self.lr_rampup_images = lr_rampup_images
         self.val_sigmas = list(val_sigmas)
         self.nan_check_every = nan_check_every
+        if nan_policy not in ("stop", "skip"):
+            raise DiffscoreError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.max_bad_steps = max_bad_steps
+        self._bad_steps = 0
         self.val_metrics = nn.ModuleDict(
             {f"{split}_{i}": MeanMetric() for split in ("heldout", "train_eval") for i in range(len(val_sigmas))}
         )
@@ -114,7 +126,26 @@ class DiffusionModule(LightningModule):
         self._ramp_learning_rate(x0.shape[0])
         sigma = self.sigma_law(x0.shape[0], device=x0.device)  # [B]
         noise = torch.randn_like(x0)
-        loss = edm_loss(self.denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data).mean()
+        per_sample = edm_loss(self.denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data)  # [B]
+        loss = per_sample.mean()
+        if self.nan_policy == "skip":
+            bad = ~torch.isfinite(per_sample.detach())
+            if bool(bad.any()):  # one host sync per step: the price of skipping
+                self._bad_steps += 1
+                sigmas = ", ".join(f"{s:.3g}" for s in sigma[bad].tolist()[:8])
+                print(
+                    f"diffscore: skipped step {self.global_step}: non-finite loss at sigma {sigmas} "
+                    f"({self._bad_steps} in a row)",
+                    flush=True,
+                )
+                self.log("train/skipped_steps", float(self._bad_steps))
+                if self._bad_steps >= self.max_bad_steps:
+                    raise DiffscoreError(
+                        f"{self._bad_steps} consecutive non-finite steps up to step {self.global_step}; stopping. "
+                        "The last checkpoint holds the last good weights; lower the learning rate or check the data."
+                    )
+                return None
+            self._bad_steps = 0
         self._nonfinite |= ~torch.isfinite(loss.detach())
         if self.nan_check_every and self.global_step % self.nan_check_every == 0:
             self._raise_if_nonfinite()
@@ -141,8 +172,22 @@ class DiffusionModule(LightningModule):
                 group.setdefault("base_lr", group["lr"])
                 group["lr"] = group["base_lr"] * factor
 
+    def has_nonfinite(self) -> bool:
+        return bool(self._nonfinite)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._raise_if_nonfinite()  # never write weights that a non-finite step may have touched
+        # the global RNG drives sigma, noise and dropout: restoring it makes a resumed run continue exactly
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states and self._trainer is not None and self._trainer.state.fn == "fit":
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())

@@ -35,9 +35,14 @@ class SubsetImageDataModule(BaseDataModule):
         self.heldout_indices: Tensor = held
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_indices": self.train_indices.tolist(), "heldout_indices": self.heldout_indices.tolist()}
+        return {
+            **super().state_dict(),
+            "train_indices": self.train_indices.tolist(),
+            "heldout_indices": self.heldout_indices.tolist(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         saved = torch.tensor(state_dict["train_indices"], dtype=torch.long)
         if not torch.equal(saved, self.train_indices):
             raise DiffscoreError(
@@ -51,7 +56,8 @@ class SubsetImageDataModule(BaseDataModule):
             if len(self.train_indices) < self.num_candidates or len(self.heldout_indices):
                 path = run_dir(self.trainer) / "data_subset.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(self.state_dict()))
+                subset = {k: v for k, v in self.state_dict().items() if k.endswith("_indices")}
+                path.write_text(json.dumps(subset))
 
 
 class ImageDataModule(SubsetImageDataModule):
@@ -81,6 +87,7 @@ class ImageDataModule(SubsetImageDataModule):
         self.images = ImageFolderDataset(path, use_labels=cond, xflip=True, verify=verify)
         self.num_candidates = self.images.num_images
         self._choose(self.images.num_images, val_size, num_train, fraction, seed)
+        self.shuffle_seed = seed
         self.save_hyperparameters()
 
     @property
@@ -130,6 +137,7 @@ class CIFAR10DataModule(SubsetImageDataModule):
             raise DiffscoreError(f"data.val_size must be in 0..{n_test} (the test set), got {val_size}")
         self.num_candidates = len(self.data["train"][0])
         self._choose(self.num_candidates, 0, num_train, fraction, seed)
+        self.shuffle_seed = seed
         self.heldout_indices = torch.arange(val_size)
         self.save_hyperparameters()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -45,5 +47,16 @@ class WandbLogger(_LightningWandbLogger):
             )
         if offline is None:  # WANDB_MODE=disabled is left to wandb itself (offline=True would override it)
             offline = not wandb_online() and os.environ.get("WANDB_MODE", "").lower() != "disabled"
+        if os.environ.get("WANDB_MODE", "").lower() == "disabled" and "id" not in kwargs:
+            # a disabled run has a fixed dummy id: give each run its own folder for checkpoints and grids
+            kwargs["id"] = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        # end the wandb run with the fit, so that the next fit in this process starts its own (wandb would
+        # otherwise hand the old run, and its folder, to every later WandbLogger)
+        if self._experiment is not None and hasattr(self._experiment, "finish"):
+            self._experiment.finish()
+            self._experiment = None

@@ -1,0 +1,57 @@
+"""Surviving interruptions: atomic checkpoint files and a checkpoint on SIGTERM / Ctrl-C.
+
+A week-long run on a preemptible cluster gets SIGTERM (SLURM sends it before the kill; with
+``#SBATCH --signal=SIGTERM@90`` and Lightning's SLURM environment the job is also requeued) or a Ctrl-C:
+PreemptionCheckpoint writes ``last.ckpt`` before the process exits, and ``diffscore fit --ckpt_path
+<run>/checkpoints/last.ckpt`` resumes exactly. AtomicCheckpointIO writes every checkpoint to a temporary file
+and renames it, so a kill in the middle of a write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.cloud_io import _atomic_save
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to ``.<name>.tmp<pid>`` in the same folder, then os.replace onto the real name."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            _atomic_save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM or Ctrl-C during fit, save ``last.ckpt`` next to ModelCheckpoint's files before exiting.
+
+    Other exceptions (a bug, a non-finite loss) save nothing: the last regular checkpoint stays the last good one.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
+            return
+        if getattr(pl_module, "has_nonfinite", lambda: False)():
+            return
+        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
+        path = folder / "last.ckpt"
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            print(
+                f"\ndiffscore: interrupted at step {trainer.global_step}; saved {path}; resume with --ckpt_path {path}",
+                flush=True,
+            )
