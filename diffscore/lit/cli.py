@@ -166,8 +166,10 @@ def main(args: list[str] | None = None) -> None:
         print("diffscore: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except SIGTERMException:
-        print("diffscore: stopped by SIGTERM (a checkpoint was saved if the config has PreemptionCheckpoint)",
-              file=sys.stderr)
+        print(
+            "diffscore: stopped by SIGTERM (a checkpoint was saved if the config has PreemptionCheckpoint)",
+            file=sys.stderr,
+        )
         raise SystemExit(143) from None
 
 

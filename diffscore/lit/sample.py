@@ -126,7 +126,11 @@ def prepare_teleport(model: DiffusionModule, opts: TeleportOptions | None, ckpt_
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if not out.parent.is_dir():
-        raise DiffscoreError(f"output folder {out.parent} does not exist; create it or choose another --out")
+        raise DiffscoreError(
+            f"output folder {out.parent} does not exist (or is not a folder); create it or choose another --out"
+        )
+    if not os.access(out.parent, os.W_OK):
+        raise DiffscoreError(f"output folder {out.parent} is not writable; choose another --out")
     if out.exists():
         if not overwrite and (out.is_file() or any(out.iterdir())):
             raise DiffscoreError(f"{out} already exists; remove it, choose another --out, or pass --overwrite true")
