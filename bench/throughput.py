@@ -1,0 +1,137 @@
+"""GPU throughput of the DDPM++ denoiser: training and Heun-35 sampling, fp32 / bf16 / bf16 + channels-last +
+torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) configurations.
+
+    python bench/throughput.py                      # one GPU, a few minutes; JSON lines, then a table
+
+Training: EDM loss (lognormal sigma), backward, Adam (fused where the mode says); warm-up excluded, median of
+repeats, no host sync inside the timed steps. GFLOP/img from torch.utils.flop_counter (forward); achieved
+TFLOP/s counts forward + backward as 3x forward. TF32 stays off, as EDM sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffscore.core.losses import edm_loss
+from diffscore.core.precond import EDMPrecond
+from diffscore.core.samplers import heun
+from diffscore.core.schedules import LogNormalSigma, karras_sigmas
+from diffscore.networks import UNet
+
+CONFIGS = {
+    "cifar10-32": dict(
+        data_shape=[3, 32, 32], channel_mult=[2, 2, 2], dropout=0.13, train_batch=256, sample_batch=1024
+    ),
+    "ffhq-64": dict(data_shape=[3, 64, 64], channel_mult=[1, 2, 2, 2], dropout=0.05, train_batch=128, sample_batch=256),
+}
+MODES = {
+    "fp32": dict(dtype=None, channels_last=False, compile=False, fused=False),
+    "bf16": dict(dtype=torch.bfloat16, channels_last=False, compile=False, fused=True),
+    "bf16+cl+compile": dict(dtype=torch.bfloat16, channels_last=True, compile=True, fused=True),
+}
+
+
+def timed(fn, repeats: int, inner: int) -> float:
+    """Median seconds of ``inner`` calls of fn, over ``repeats`` (CUDA-synchronised at the edges only)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / inner)
+    return statistics.median(times)
+
+
+def run(name: str, cfg: dict, mode: str, opts: dict) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=cfg["dropout"]).cuda()
+    mem = torch.channels_last if opts["channels_last"] else torch.contiguous_format
+    net = net.to(memory_format=mem)
+    denoiser = EDMPrecond(net)
+    fwd = torch.compile(denoiser) if opts["compile"] else denoiser
+    params = sum(p.numel() for p in net.parameters())
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        denoiser(torch.randn(1, *cfg["data_shape"], device="cuda"), torch.ones(1, device="cuda"))
+    gflop = fc.get_total_flops() / 1e9
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=opts["fused"])
+    B = cfg["train_batch"]
+    x0 = (torch.rand(B, *cfg["data_shape"], device="cuda") * 2 - 1).contiguous(memory_format=mem)
+    law = LogNormalSigma()
+
+    def step():
+        with torch.autocast("cuda", dtype=opts["dtype"] or torch.float32, enabled=opts["dtype"] is not None):
+            loss = edm_loss(fwd, x0, law(B, device="cuda"), torch.randn_like(x0)).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3 if opts["compile"] else 2):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    sec = timed(step, repeats=3, inner=5)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    train = B / sec
+    # sampling: Heun 18 steps (35 evaluations), inference only
+    S = cfg["sample_batch"]
+    noise = torch.randn(S, *cfg["data_shape"], device="cuda").contiguous(memory_format=mem) * 80
+    sigmas = karras_sigmas(18)
+    net.eval()
+
+    def sample():
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=opts["dtype"] or torch.float32, enabled=opts["dtype"] is not None),
+        ):
+            heun(fwd, noise, sigmas)
+
+    sample()
+    sample_rate = S / timed(sample, repeats=2, inner=1)
+    return {
+        "config": name,
+        "mode": mode,
+        "params_M": round(params / 1e6, 2),
+        "gflop_per_img": round(gflop, 1),
+        "train_img_s": round(train, 1),
+        "train_tflop_s": round(train * 3 * gflop / 1e3, 1),
+        "peak_mem_gib": round(peak, 1),
+        "peak_mem_mib_per_img": round(peak * 1024 / B, 1),
+        "sample_img_s_heun35": round(sample_rate, 1),
+        "gpu": torch.cuda.get_device_name(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for name in args.configs:
+        for mode in args.modes:
+            rows.append(run(name, CONFIGS[name], mode, MODES[mode]))
+            print(json.dumps(rows[-1]), flush=True)
+            if args.out:  # row by row, so a run cut short keeps what it measured
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+            torch.cuda.empty_cache()
+    print(f"\n{'config':<12}{'mode':<18}{'train img/s':>12}{'TFLOP/s':>9}{'MiB/img':>9}{'Heun-35 img/s':>15}")
+    for r in rows:
+        print(
+            f"{r['config']:<12}{r['mode']:<18}{r['train_img_s']:>12.0f}{r['train_tflop_s']:>9.0f}"
+            f"{r['peak_mem_mib_per_img']:>9.1f}{r['sample_img_s_heun35']:>15.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
