@@ -15,9 +15,19 @@ FFHQ = str(REPO / "experiments" / "ffhq.yaml")
 
 def ffhq_fit(path) -> list[str]:
     b = "--model.init_args.backbone.init_args"
-    return ["fit", "--config", FFHQ, "--trainer.accelerator=cpu", "--trainer.max_steps=1", f"{b}.model_channels=8",
-            f"{b}.num_blocks=1", f"--data.init_args.path={path}", "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=2", "--data.init_args.batch_gpu=null"]
+    return [
+        "fit",
+        "--config",
+        FFHQ,
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=1",
+        f"{b}.model_channels=8",
+        f"{b}.num_blocks=1",
+        f"--data.init_args.path={path}",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.batch_gpu=null",
+    ]
 
 
 def dataset(tmp, kind):
@@ -53,31 +63,51 @@ CASES = {
     "corrupted image": (lambda t, c: ffhq_fit(dataset(t, "corrupt")), "img00000001.png is not a readable image"),
     "wrong channel count": (lambda t, c: ffhq_fit(dataset(t, "rgba")), "has mode RGBA"),
     "non-square image": (lambda t, c: ffhq_fit(dataset(t, "non-square")), "must be square"),
-    "label out of range": (lambda t, c: [*ffhq_fit(dataset(t, "label")), "--data.init_args.cond=true"],
-                           "labels must be integers >= 0"),
-    "malformed dataset.json": (lambda t, c: [*ffhq_fit(dataset(t, "json")), "--data.init_args.cond=true"],
-                               "dataset.json is not valid JSON"),
+    "label out of range": (
+        lambda t, c: [*ffhq_fit(dataset(t, "label")), "--data.init_args.cond=true"],
+        "labels must be integers >= 0",
+    ),
+    "malformed dataset.json": (
+        lambda t, c: [*ffhq_fit(dataset(t, "json")), "--data.init_args.cond=true"],
+        "dataset.json is not valid JSON",
+    ),
     "bad YAML key": (lambda t, c: ["fit", "--config", QUICKSTART, "--model.init_args.lr=1"], "'lr' is not accepted"),
     "bad YAML type": (lambda t, c: ["fit", "--config", QUICKSTART, "--trainer.max_steps=many"], "max_steps"),
     "missing config": (lambda t, c: ["fit", "--config", t / "nope.yaml"], "nope.yaml"),
-    "zero steps in a config": (lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.num_steps=0"],
-                               "num_steps"),
-    "negative sigma": (lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.sigma_min=-1"],
-                       "sigma_min"),
-    "missing checkpoint": (lambda t, c: ["sample", "--ckpt_path", t / "no.ckpt", "--out", t / "o.npz"],
-                           "no.ckpt does not exist"),
-    "checkpoint of another model": (lambda t, c: ["sample", "--ckpt_path", foreign_checkpoint(t), "--out",
-                                                  t / "o.npz"], "not a diffscore DiffusionModule checkpoint"),
-    "zero samples": (lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--num_samples", "0"],
-                     "num_samples"),
+    "zero steps in a config": (
+        lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.num_steps=0"],
+        "num_steps",
+    ),
+    "negative sigma": (
+        lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.sigma_min=-1"],
+        "sigma_min",
+    ),
+    "missing checkpoint": (
+        lambda t, c: ["sample", "--ckpt_path", t / "no.ckpt", "--out", t / "o.npz"],
+        "no.ckpt does not exist",
+    ),
+    "checkpoint of another model": (
+        lambda t, c: ["sample", "--ckpt_path", foreign_checkpoint(t), "--out", t / "o.npz"],
+        "not a diffscore DiffusionModule checkpoint",
+    ),
+    "zero samples": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--num_samples", "0"],
+        "num_samples",
+    ),
     "negative samples": (lambda t, c: ["evaluate", "--ckpt_path", c, "--num_samples", "-5"], "num_samples"),
     "zero sampler steps": (lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--steps", "0"], "steps"),
-    "unwritable output folder": (lambda t, c: ["sample", "--ckpt_path", c, "--out", QUICKSTART + "/o.npz"],
-                                 "does not exist"),
-    "missing Inception weights": (lambda t, c: ["evaluate", "--ckpt_path", c, "--metrics", "fid", "--num_samples",
-                                                "4", "--steps", "1"], "weights-inception-2015-12-05"),
-    "missing CIFAR-10": (lambda t, c: ["fit", "--config", REPO / "experiments" / "cifar10.yaml",
-                                       f"--data.init_args.root={t}"], "cifar-10-python.tar.gz"),
+    "unwritable output folder": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", QUICKSTART + "/o.npz"],
+        "does not exist",
+    ),
+    "missing Inception weights": (
+        lambda t, c: ["evaluate", "--ckpt_path", c, "--metrics", "fid", "--num_samples", "4", "--steps", "1"],
+        "weights-inception-2015-12-05",
+    ),
+    "missing CIFAR-10": (
+        lambda t, c: ["fit", "--config", REPO / "experiments" / "cifar10.yaml", f"--data.init_args.root={t}"],
+        "cifar-10-python.tar.gz",
+    ),
 }
 
 

@@ -80,36 +80,20 @@ def test_input_not_modified_and_churn_reproducible():
     gauss = gaussian()
     x = start(n=8)
     x_copy = x.clone()
-    a = heun(
-        gauss,
-        x,
-        karras_sigmas(10),
-        s_churn=40,
-        s_min=0.05,
-        s_max=50,
-        s_noise=1.003,
-        generator=torch.Generator().manual_seed(3),
-    )
-    b = heun(
-        gauss,
-        x,
-        karras_sigmas(10),
-        s_churn=40,
-        s_min=0.05,
-        s_max=50,
-        s_noise=1.003,
-        generator=torch.Generator().manual_seed(3),
-    )
-    c = heun(
-        gauss,
-        x,
-        karras_sigmas(10),
-        s_churn=40,
-        s_min=0.05,
-        s_max=50,
-        s_noise=1.003,
-        generator=torch.Generator().manual_seed(4),
-    )
+
+    def churned(seed):
+        return heun(
+            gauss,
+            x,
+            karras_sigmas(10),
+            s_churn=40,
+            s_min=0.05,
+            s_max=50,
+            s_noise=1.003,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    a, b, c = churned(3), churned(3), churned(4)
     euler(gauss, x, karras_sigmas(10))
     assert torch.equal(x, x_copy)
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -45,8 +45,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
-    cmd = [sys.executable, "-m", "diffscore.cli", "fit", "--config", QUICKSTART, *TINY,
-           "--trainer.max_steps=100000", "--data.init_args.batch_size=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffscore.cli",
+        "fit",
+        "--config",
+        QUICKSTART,
+        *TINY,
+        "--trainer.max_steps=100000",
+        "--data.init_args.batch_size=16",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until the run is well into training (RunLog writes every 20 steps)
@@ -60,8 +69,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     (ckpt,) = last_ckpts(tmp_path)
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert step >= 40 and "interrupted at step" in out
-    code = subprocess.run([*cmd[:-2], f"--trainer.max_steps={step + 5}", "--data.init_args.batch_size=16",
-                           f"--ckpt_path={ckpt}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    code = subprocess.run(
+        [*cmd[:-2], f"--trainer.max_steps={step + 5}", "--data.init_args.batch_size=16", f"--ckpt_path={ckpt}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert code.returncode == 0, code.stderr[-2000:]
     final = last_ckpts(tmp_path)[-1]
     assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == step + 5
@@ -103,8 +117,16 @@ def train(tmp_path, backbone, steps, **kw):
     dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
     model = DiffusionModule(backbone, nan_policy="skip", **kw)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
-    trainer = Trainer(accelerator="cpu", max_steps=steps, callbacks=[ckpt], logger=False, limit_val_batches=0,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[ckpt],
+        logger=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, dm)
     return trainer, model
 
