@@ -35,8 +35,9 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class RunLog(Callback):
-    """Every ``every_n_steps`` steps and after each validation: step, images seen, img/s, learning rate and all
-    logged scalars into metrics.jsonl; img/s and lr also to the logger. Syncs the device only at those steps."""
+    """Every ``every_n_steps`` steps: step, images seen, img/s, learning rate and the ``train/`` scalars; after each
+    validation: all logged scalars; into metrics.jsonl (img/s and lr also to the logger). Syncs the device only at
+    those steps."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
@@ -62,9 +63,11 @@ class RunLog(Callback):
         extra = {"perf/img_per_s": rate, "lr": lr}
         for logger in trainer.loggers:
             logger.log_metrics(extra, step=step)
+        # training scalars only: validation values are recorded once, when validation ends (no stale repeats)
+        train_scalars = {k: v for k, v in _scalars(trainer.callback_metrics).items() if k.startswith("train/")}
         append_jsonl(
             trainer,
-            {"step": step, "images": step * self._images_per_step, **extra, **_scalars(trainer.callback_metrics)},
+            {"step": step, "images": step * self._images_per_step, **extra, **train_scalars},
         )
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
