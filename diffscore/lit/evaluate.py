@@ -9,6 +9,7 @@ everything on three seed ranges (0.., N.., 2N..) and reports each, their minimum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -250,7 +251,9 @@ def evaluate(
     base = _parse_seeds(seeds, num_samples)
     ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
     runs = []
-    parts = Path(out).with_name(f".{Path(out).name}.parts") if out else Path(f".diffscore-eval-{time.time_ns()}.parts")
+    # every rank must name the same folder: derive it from the arguments, not from a clock or a pid
+    key = hashlib.sha1(f"{Path(ckpt_path).resolve()}|{seeds}|{num_samples}|{protocol}".encode()).hexdigest()[:12]
+    parts = Path(out).with_name(f".{Path(out).name}.parts") if out else Path(f".diffscore-eval-{key}.parts")
     for seed_range in ranges:
         t0 = time.perf_counter()
         writer = FeatureWriter(parts, inception, digits, train if "memorization" in wanted else None)

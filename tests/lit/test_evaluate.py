@@ -139,22 +139,13 @@ def test_distributed_evaluation_on_two_processes(tiny_ckpt, tmp_path):
         "fd_digits,memorization",
     ]
     assert run_cli([*base, "--out", one]) == 0
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffscore.cli",
-        *base,
-        "--out",
-        str(two),
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for out in (two, None):  # with --out, and without (the ranks must still agree on where the parts go)
+        opts = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *(["--out", str(out)] if out else [])]
+        cmd = [sys.executable, "-m", "diffscore.cli", *base, *opts]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("0-6"))
+    assert row.split()[1] == "7"
     a, b = json.loads(one.read_text())["runs"][0], json.loads(two.read_text())["runs"][0]
     assert b["num_samples"] == 7
     assert b["fd_digits"] == pytest.approx(a["fd_digits"], rel=1e-4)
