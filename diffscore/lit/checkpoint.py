@@ -4,6 +4,7 @@ data a LightningDataModule). A file that needs full unpickling is refused unless
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pickle
@@ -18,10 +19,19 @@ from diffscore.errors import DiffscoreError
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """The checkpoint dict; full unpickling (which can run code) only with ``trust``."""
+    """The checkpoint dict; full unpickling (which can run code) only with ``trust``.
+
+    The last file read is kept (keyed by path and modification time), so a command that needs both the model
+    and the data of one checkpoint reads a multi-GB file once. Treat the result as read-only.
+    """
     path = Path(path)
     if not path.is_file():
         raise DiffscoreError(f"checkpoint {path} does not exist; pass the .ckpt written by `diffscore fit`")
+    return _read_cached(path.resolve(), path.stat().st_mtime_ns, trust)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_cached(path: Path, mtime_ns: int, trust: bool) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
