@@ -38,6 +38,13 @@ def _eigh_psd(cov: Tensor) -> tuple[Tensor, Tensor]:
     return lam.clamp_min(0.0), U
 
 
+def score_from_denoiser(denoiser, x: Tensor, sigma: Tensor | float) -> Tensor:
+    """Tweedie: grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2, in float64, returned in x's dtype."""
+    _, s = _flat_sigma(x, sigma)
+    bshape = (-1,) + (1,) * (x.ndim - 1)
+    return ((denoiser(x, sigma).to(torch.float64) - x.to(torch.float64)) / s.view(bshape) ** 2).to(x.dtype)
+
+
 class GaussianDenoiser:
     """The exact denoiser, score and PF-ODE flow of N(mean, cov) data (mean [D], cov [D, D]).
 
@@ -121,9 +128,7 @@ class GaussianDenoiser:
 
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2."""
-        _, s = _flat_sigma(x, sigma)
-        bshape = (-1,) + (1,) * (x.ndim - 1)
-        return ((self(x, sigma).to(torch.float64) - x.to(torch.float64)) / s.view(bshape) ** 2).to(x.dtype)
+        return score_from_denoiser(self, x, sigma)
 
     def pf_ode(self, x_T: Tensor, sigma_T: Tensor | float, sigma: Tensor | float) -> Tensor:
         """Closed-form PF-ODE solution x(sigma) from x(sigma_T) = x_T (Wang & Vastola 2024, Eq. 8)."""
@@ -219,9 +224,7 @@ class GMMDenoiser:
 
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """grad_x log p_sigma(x) = (D(x; sigma) - x) / sigma^2."""
-        _, s = _flat_sigma(x, sigma)
-        bshape = (-1,) + (1,) * (x.ndim - 1)
-        return ((self(x, sigma).to(torch.float64) - x.to(torch.float64)) / s.view(bshape) ** 2).to(x.dtype)
+        return score_from_denoiser(self, x, sigma)
 
     def sample(self, n: int, sigma: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
         """n draws of x0 + sigma n from the mixture, shape [n, D] (float64, CPU unless moved)."""
@@ -274,9 +277,7 @@ class DeltaMixtureDenoiser:
         return (run_num / run_sum).reshape(x.shape).to(x.dtype)
 
     def score(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        _, s = _flat_sigma(x, sigma)
-        bshape = (-1,) + (1,) * (x.ndim - 1)
-        return ((self(x, sigma).to(torch.float64) - x.to(torch.float64)) / s.view(bshape) ** 2).to(x.dtype)
+        return score_from_denoiser(self, x, sigma)
 
 
 def teleport(gaussian: GaussianDenoiser, x_T: Tensor, sigmas: Tensor, skip: int) -> tuple[Tensor, Tensor]:

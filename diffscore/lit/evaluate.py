@@ -37,10 +37,6 @@ def datamodule_from_hparams(hparams: dict[str, Any]) -> LightningDataModule:
     return build(hparams, LightningDataModule)
 
 
-def checkpoint_datamodule(ckpt_path: str | Path) -> LightningDataModule | None:
-    return load_checkpoint_datamodule(ckpt_path)
-
-
 def train_images(dm: LightningDataModule, limit: int | None = None) -> torch.Tensor:
     """The training images of a DataModule in [-1, 1] (uint8 data mapped as on the device)."""
     dm.setup("fit")
@@ -48,8 +44,8 @@ def train_images(dm: LightningDataModule, limit: int | None = None) -> torch.Ten
     n = len(ds) if limit is None else min(limit, len(ds))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(n)), batch_size=512)
     out = []
-    for x, _ in loader:
-        out.append(x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float())
+    for batch in loader:  # uint8 images are mapped to [-1, 1] exactly as in training
+        out.append(dm.on_after_batch_transfer(batch, 0)[0].float())
     return torch.cat(out)
 
 
@@ -152,8 +148,8 @@ def _reference(wanted, ref_path, dm, train, inception, digits) -> dict[str, Any]
                 flush=True,
             )
             pool = torch.cat([inception(train[i : i + 256])[0] for i in range(0, len(train), 256)]).numpy()
-            ref.setdefault("mu", feature_statistics(pool)[0])
-            ref.setdefault("sigma", feature_statistics(pool)[1])
+            if "mu" not in ref:
+                ref["mu"], ref["sigma"] = feature_statistics(pool)
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
     if "fd_digits" in wanted:
         ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits.features(train).double().numpy())
@@ -228,7 +224,7 @@ def evaluate(
     if "fd_digits" in wanted and tuple(shape) != (1, 8, 8):
         raise DiffscoreError(f"fd_digits is for 8x8 digits; this checkpoint makes {list(shape)} images")
 
-    dm = checkpoint_datamodule(ckpt_path)
+    dm = load_checkpoint_datamodule(ckpt_path)
     needs_train = "memorization" in wanted or "fd_digits" in wanted or (wanted & INCEPTION_METRICS and ref is None)
     if needs_train and dm is None:
         raise DiffscoreError("this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits")
@@ -355,7 +351,7 @@ def refstats(
     else:
         if not Path(ckpt_path).is_file():
             raise DiffscoreError(f"checkpoint {ckpt_path} does not exist")
-        dm = checkpoint_datamodule(ckpt_path)
+        dm = load_checkpoint_datamodule(ckpt_path)
         if dm is None:
             raise DiffscoreError(f"{ckpt_path} does not name its data; use --config")
     images = train_images(dm, max_images)

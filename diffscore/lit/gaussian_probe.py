@@ -135,11 +135,11 @@ def probe_gaussian(
         gmm_components: the k of each GMM reference (k-means on the training data; default [10]).
         num_points: training points noised at each sigma.
     """
-    from diffscore.lit.checkpoint import load_diffusion_checkpoint
-    from diffscore.lit.evaluate import checkpoint_datamodule, train_images
+    from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_diffusion_checkpoint
+    from diffscore.lit.evaluate import train_images
 
     model = load_diffusion_checkpoint(ckpt_path).eval()
-    dm = checkpoint_datamodule(ckpt_path)
+    dm = load_checkpoint_datamodule(ckpt_path)
     if dm is None:
         raise DiffscoreError(f"{ckpt_path} does not name its data")
     train = train_images(dm)

@@ -28,9 +28,10 @@ def gaussian_for_checkpoint(opts: TeleportOptions, ckpt_path: str | Path) -> Gau
         raise DiffscoreError("give --teleport.skip or --teleport.sigma, not both")
     if opts.gaussian and Path(opts.gaussian).is_file():
         return GaussianDenoiser.load(opts.gaussian)
-    from diffscore.lit.evaluate import checkpoint_datamodule, train_images
+    from diffscore.lit.checkpoint import load_checkpoint_datamodule
+    from diffscore.lit.evaluate import train_images
 
-    dm = checkpoint_datamodule(ckpt_path)
+    dm = load_checkpoint_datamodule(ckpt_path)
     if dm is None:
         raise DiffscoreError(f"{ckpt_path} does not name its data; pass --teleport.gaussian with a fitted file")
     gaussian = GaussianDenoiser.from_data(train_images(dm), rank=opts.rank)
