@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -21,16 +22,52 @@ def edm_loss(
     noise: Tensor,
     cond: Tensor | None = None,
     sigma_data: float = 0.5,
+    aug_label: Tensor | None = None,
 ) -> Tensor:
     """EDM's loss (Karras et al. 2022, Eq. 2 with Table 1's weighting), per sample.
 
-    lambda(sigma) * mean_{C,H,W} (D(x0 + sigma n; sigma, cond) - x0)^2 -> [B]. Randomness (sigma, noise)
-    is drawn by the caller, so this function is deterministic.
+    lambda(sigma) * mean_{C,H,W} (D(x0 + sigma n; sigma, cond, aug_label) - x0)^2 -> [B]. Randomness (sigma,
+    noise) is drawn by the caller, so this function is deterministic. ``aug_label`` [B, A] describes a clean-data
+    augmentation already applied to x0 (EDM's non-leaky augmentation).
     """
+    _check_sigma(x0, sigma)
+    x = x0 + _per_sample(sigma, x0) * noise  # [B, ...]
+    return _weighted_error(denoiser(x, sigma, cond, aug_label), x0, sigma, sigma_data)
+
+
+def scoreaug_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    augment: Any,
+    params: Any,
+    cond: Tensor | None = None,
+    sigma_data: float = 0.5,
+    aug_label: Tensor | None = None,
+) -> Tensor:
+    """ScoreAug's loss (Hou et al. 2025): the transform acts on the *noisy* sample and the target is the same
+    transform of the clean one, E || D(T(x0 + sigma n); sigma, label(T)) - T(x0) ||^2 with EDM's weighting -> [B].
+
+    ``augment`` is a :class:`diffscore.core.augment.ScoreAugment` (apply/label), ``params`` its draw;
+    ``aug_label`` overrides ``augment.label(params)`` (e.g. the label padded or joined with a clean-data one).
+    """
+    _check_sigma(x0, sigma)
+    x = augment.apply(x0 + _per_sample(sigma, x0) * noise, params)  # [B, ...]
+    target = augment.apply(x0, params)
+    label = augment.label(params) if aug_label is None else aug_label  # [B, A]
+    return _weighted_error(denoiser(x, sigma, cond, label), target, sigma, sigma_data)
+
+
+def _check_sigma(x0: Tensor, sigma: Tensor) -> None:
     if sigma.shape != x0.shape[:1]:
         raise ValueError(f"sigma must have shape [B]={tuple(x0.shape[:1])}, got {tuple(sigma.shape)}")
-    bshape = (-1,) + (1,) * (x0.ndim - 1)
-    x = x0 + sigma.view(bshape) * noise  # [B, ...]
-    denoised = denoiser(x, sigma, cond)
-    err = (denoised.float() - x0.float()).square().flatten(1).mean(1)  # [B]
+
+
+def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
+    return sigma.view((-1,) + (1,) * (x.ndim - 1))
+
+
+def _weighted_error(denoised: Tensor, target: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
+    err = (denoised.float() - target.float()).square().flatten(1).mean(1)  # [B]
     return edm_loss_weight(sigma.float(), sigma_data) * err

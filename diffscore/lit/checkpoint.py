@@ -70,6 +70,7 @@ def build(config: dict[str, Any], base: type) -> Any:
 
 def load_diffusion_checkpoint(path: str | Path, trust: bool = False):
     """The DiffusionModule of a `diffscore fit` checkpoint, with the EMA weights (``state_dict``)."""
+    from diffscore.core.augment import NonLeakyAugment, ScoreAugment
     from diffscore.lit.diffusion import DiffusionModule
 
     ckpt = read_checkpoint(path, trust)
@@ -84,6 +85,9 @@ def load_diffusion_checkpoint(path: str | Path, trust: bool = False):
     backbone = build(hp["backbone"], nn.Module)
     params = inspect.signature(DiffusionModule.__init__).parameters
     kwargs = {k: v for k, v in hp.items() if k in params and k not in ("self", "backbone", "optimizer")}
+    for key, cls in (("nonleaky", NonLeakyAugment), ("scoreaug", ScoreAugment)):
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = build(kwargs[key], cls)
     model = DiffusionModule(backbone, **kwargs)
     try:
         model.load_state_dict(ckpt["state_dict"])

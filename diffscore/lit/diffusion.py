@@ -9,8 +9,9 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from diffscore.core.augment import NonLeakyAugment, ScoreAugment
 from diffscore.core.gaussian import skip_for_sigma, teleport
-from diffscore.core.losses import edm_loss
+from diffscore.core.losses import edm_loss, scoreaug_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.samplers import get_sampler, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
@@ -19,6 +20,7 @@ from diffscore.errors import DiffscoreError
 # A config's `optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}` becomes such a callable.
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_VAL_SIGMAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 80.0)
+AUGMENT_ARMS = ("none", "nonleaky", "scoreaug", "nonleaky+scoreaug")
 
 
 def _built_from_config() -> bool:
@@ -70,12 +72,16 @@ class DiffusionModule(LightningModule):
         nan_check_every: int = 1,  # "stop" policy: check the loss is finite every N steps (N > 1: no per-step sync)
         nan_policy: str = "stop",  # non-finite loss: "stop" the run, or "skip" the step (a host sync per step)
         max_bad_steps: int = 10,  # "skip": stop after this many consecutive skipped steps
+        augment: str = "none",  # training augmentation arm: none | nonleaky | scoreaug | nonleaky+scoreaug
+        nonleaky: NonLeakyAugment | None = None,  # EDM's clean-data augmentation (default p=0.12) for its arms
+        scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
     ) -> None:
         super().__init__()
         # Built by the CLI, the hyper-parameters are the config itself (backbone and optimizer as class_path
         # dicts), so load_from_checkpoint rebuilds everything; built in Python, the modules are not saved and
         # load_from_checkpoint(path, backbone=...) needs the backbone again.
-        self.save_hyperparameters(ignore=[] if _built_from_config() else ["backbone", "optimizer"])
+        in_python = ["backbone", "optimizer", "nonleaky", "scoreaug"]
+        self.save_hyperparameters(ignore=[] if _built_from_config() else in_python)
         if lr_rampup_images < 0:
             raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {lr_rampup_images}")
         if any(s <= 0 for s in val_sigmas):
@@ -89,6 +95,7 @@ class DiffusionModule(LightningModule):
             nfe(sampler, num_steps)  # validates the sampler name and the step count
         except ValueError as e:
             raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
+        self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
         self.denoiser = EDMPrecond(backbone, sigma_data)
         self.sigma_law = LogNormalSigma(P_mean, P_std)
         self.optimizer_factory: Callable = optimizer
@@ -126,7 +133,7 @@ class DiffusionModule(LightningModule):
         self._ramp_learning_rate(x0.shape[0])
         sigma = self.sigma_law(x0.shape[0], device=x0.device)  # [B]
         noise = torch.randn_like(x0)
-        per_sample = edm_loss(self.denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data)  # [B]
+        per_sample = self._loss(x0, sigma, noise, self._cond(labels))  # [B]
         loss = per_sample.mean()
         if self.nan_policy == "skip":
             bad = ~torch.isfinite(per_sample.detach())
@@ -151,6 +158,29 @@ class DiffusionModule(LightningModule):
             self._raise_if_nonfinite()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None) -> Tensor:
+        """The arm's per-sample loss [B]: EDM's, on non-leaky-augmented x0 if enabled, or ScoreAug's on top.
+        The augmentation label is [nonleaky (9) | scoreaug (11)] for the enabled ones, zero-padded to the
+        backbone's augment_dim (so every arm can share one network shape)."""
+        B, device = x0.shape[0], x0.device
+        labels = []
+        if self.nonleaky is not None:
+            params = self.nonleaky.sample_params(B, device=device)
+            x0 = self.nonleaky.apply(x0, params)
+            labels.append(self.nonleaky.label(params))
+        sa_params = None
+        if self.scoreaug is not None:
+            sa_params = self.scoreaug.sample_params(B, device=device, image_size=tuple(x0.shape[-2:]))
+            labels.append(self.scoreaug.label(sa_params))
+        aug_label = None
+        if labels:
+            aug_label = torch.cat(labels, dim=1)  # [B, A']
+            aug_label = torch.nn.functional.pad(aug_label, (0, self.backbone.augment_dim - aug_label.shape[1]))
+        sd = self.hparams.sigma_data
+        if sa_params is not None:
+            return scoreaug_loss(self.denoiser, x0, sigma, noise, self.scoreaug, sa_params, cond, sd, aug_label)
+        return edm_loss(self.denoiser, x0, sigma, noise, cond, sd, aug_label)
 
     def _raise_if_nonfinite(self) -> None:
         if bool(self._nonfinite):
@@ -292,3 +322,24 @@ class DiffusionModule(LightningModule):
         cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
         samples = self.generate(batch.tolist(), cond=cond, **opts)
         return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
+
+
+def _augment_arm(
+    arm: str, nonleaky: NonLeakyAugment | None, scoreaug: ScoreAugment | None, backbone: nn.Module
+) -> tuple[NonLeakyAugment | None, ScoreAugment | None]:
+    """The augmenters an arm uses (defaults where the config gives none), checked against the backbone."""
+    if arm not in AUGMENT_ARMS:
+        raise DiffscoreError(f"model.augment must be one of {', '.join(AUGMENT_ARMS)}; got {arm!r}")
+    parts = arm.split("+")
+    nonleaky = (nonleaky or NonLeakyAugment()) if "nonleaky" in parts else None
+    scoreaug = (scoreaug or ScoreAugment()) if "scoreaug" in parts else None
+    needed = sum(a.label_dim for a in (nonleaky, scoreaug) if a is not None)
+    have = getattr(backbone, "augment_dim", 0)
+    if have < needed:
+        raise DiffscoreError(
+            f"model.augment={arm!r} conditions on a {needed}-dimensional augmentation label (non-leaky 9, "
+            f"ScoreAug 11); set model.backbone.init_args.augment_dim to {needed} or more (it is {have})"
+        )
+    if needed and len(getattr(backbone, "data_shape", ())) != 3:
+        raise DiffscoreError(f"model.augment={arm!r} needs image data [C, H, W]; the backbone makes vectors")
+    return nonleaky, scoreaug

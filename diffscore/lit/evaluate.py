@@ -3,7 +3,8 @@
 Samples are drawn per seed (as `diffscore sample`), split over devices without duplicates; each device turns
 its samples into features at once (Inception pool3 + logits, digits-classifier features, nearest-training-image
 distances), so only features travel. Metrics: ``fid``, ``kid``, ``is``, ``fid_k`` (FID on groups of k samples,
-the MusicScore protocol), ``fd_digits`` (never called FID) and ``memorization``. ``--protocol edm`` repeats
+the MusicScore protocol), ``fd_digits`` (never called FID), ``memorization`` and ``leakage`` (digits: rotated or
+mirrored samples, ScoreAug's failure mode; reported beside the same fraction on real digits). ``--protocol edm`` repeats
 everything on three seed ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
 """
 
@@ -25,10 +26,12 @@ from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_dif
 from diffscore.lit.sample import ShardWriter, predict_over_seeds, prepare_teleport
 from diffscore.lit.teleport import TeleportOptions
 from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, save_statistics
+from diffscore.metrics.leakage import leaked
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
 
 INCEPTION_METRICS = {"fid", "kid", "is", "fid_k"}
-ALL_METRICS = INCEPTION_METRICS | {"fd_digits", "memorization"}
+DIGITS_METRICS = {"fd_digits", "leakage"}  # 8x8 digits only
+ALL_METRICS = INCEPTION_METRICS | DIGITS_METRICS | {"memorization"}
 KID_REFERENCE_SIZE = 10_000  # reference features kept for KID (it uses subsets of 1,000)
 
 
@@ -49,26 +52,42 @@ def train_images(dm: LightningDataModule, limit: int | None = None) -> torch.Ten
     return torch.cat(out)
 
 
+def auto_metrics(module) -> str:
+    """The default metrics of a model: FD-digits and memorization for 8x8 digits (plus leakage for ScoreAug
+    runs), FID and memorization for other images."""
+    if tuple(module.data_shape) != (1, 8, 8):
+        return "fid,memorization"
+    scoreaug = "scoreaug" in str(module.hparams.get("augment", "none"))
+    return "fd_digits,memorization" + (",leakage" if scoreaug else "")
+
+
+@torch.no_grad()
+def sample_features(x: torch.Tensor, inception=None, digits=None, train: torch.Tensor | None = None, leak=False):
+    """Per-sample features of samples x [B, C, H, W]: Inception pool/logits, digits-classifier features and
+    leakage flags, distances to the nearest and second-nearest training images."""
+    out = {}
+    if inception is not None:
+        out["pool"], out["logits"] = inception.to(x.device)(x)
+    if digits is not None:
+        out["digits"] = digits.to(x.device).features(x.clamp(-1, 1)).double()
+    if leak:
+        out["leak"] = leaked(x).double()
+    if train is not None:
+        out["d1"], out["d2"] = nearest_neighbours(x, train.to(x.device))
+    return out
+
+
 class FeatureWriter(ShardWriter):
     """Keeps per-sample features instead of samples."""
 
-    def __init__(self, parts_dir: Path, inception=None, digits=None, train: torch.Tensor | None = None) -> None:
+    def __init__(self, parts_dir: Path, inception=None, digits=None, train=None, leak: bool = False) -> None:
         super().__init__(parts_dir)
-        self.inception, self.digits, self.train = inception, digits, train
+        self.inception, self.digits, self.train, self.leak = inception, digits, train, leak
 
     def reduce(self, prediction, pl_module):
         x = prediction["samples"].to(pl_module.device)
-        out = {"seeds": prediction["seeds"]}
-        if self.inception is not None:
-            self.inception.to(pl_module.device)
-            out["pool"], out["logits"] = self.inception(x)
-        if self.digits is not None:
-            self.digits.to(pl_module.device)
-            out["digits"] = self.digits.features(x.clamp(-1, 1)).double()
-        if self.train is not None:
-            self.train = self.train.to(pl_module.device)
-            out["d1"], out["d2"] = nearest_neighbours(x, self.train)
-        return out
+        feats = sample_features(x, self.inception, self.digits, self.train, self.leak)
+        return {"seeds": prediction["seeds"], **feats}
 
 
 def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
@@ -125,6 +144,9 @@ def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[
         result["memorized_fraction"] = float((ratio < COPY_RATIO).float().mean())
         result["nn_ratio_median"] = float(ratio.median())
         result["nn_distance_median"] = float(feats["d1"].median())
+    if "leakage" in wanted:
+        result["leakage"] = float(feats["leak"].mean())
+        result["leakage_real"] = ref["leakage_real"]
     return result
 
 
@@ -161,6 +183,9 @@ def _reference(wanted, ref_path, dm, train, inception, digits) -> dict[str, Any]
             if held is not None
             else float("nan")
         )
+    if "leakage" in wanted:  # held-out digits: the orientation classifier was trained on the training split
+        held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else train
+        ref["leakage_real"] = float(leaked(held).float().mean())
     return ref
 
 
@@ -187,8 +212,9 @@ def evaluate(
 
     Args:
         ckpt_path: checkpoint written by `diffscore fit`.
-        metrics: comma-separated subset of fid, kid, is, fid_k, fd_digits, memorization; "auto" picks
-            fd_digits,memorization for 8x8 digits and fid,memorization for other images.
+        metrics: comma-separated subset of fid, kid, is, fid_k, fd_digits, memorization, leakage; "auto" picks
+            fd_digits,memorization for 8x8 digits (and leakage for ScoreAug runs) and fid,memorization for other
+            images.
         num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds).
         seeds: an inclusive range like 0-49999 (overrides num_samples).
         protocol: "single", or "edm": three consecutive seed ranges; min, mean and std reported.
@@ -213,7 +239,7 @@ def evaluate(
     model = load_diffusion_checkpoint(ckpt_path, trust_checkpoint)
     shape = model.data_shape
     if metrics == "auto":
-        metrics = "fd_digits,memorization" if tuple(shape) == (1, 8, 8) else "fid,memorization"
+        metrics = auto_metrics(model)
     wanted = {m.strip() for m in metrics.split(",") if m.strip()}
     if not wanted or wanted - ALL_METRICS:
         raise DiffscoreError(
@@ -221,11 +247,13 @@ def evaluate(
         )
     if len(shape) != 3:
         raise DiffscoreError(f"evaluate needs image data; this checkpoint makes vectors of shape {list(shape)}")
-    if "fd_digits" in wanted and tuple(shape) != (1, 8, 8):
-        raise DiffscoreError(f"fd_digits is for 8x8 digits; this checkpoint makes {list(shape)} images")
+    if wanted & DIGITS_METRICS and tuple(shape) != (1, 8, 8):
+        raise DiffscoreError(
+            f"{'/'.join(sorted(wanted & DIGITS_METRICS))} is for 8x8 digits; this checkpoint makes {list(shape)} images"
+        )
 
     dm = load_checkpoint_datamodule(ckpt_path)
-    needs_train = "memorization" in wanted or "fd_digits" in wanted or (wanted & INCEPTION_METRICS and ref is None)
+    needs_train = "memorization" in wanted or wanted & DIGITS_METRICS or (wanted & INCEPTION_METRICS and ref is None)
     if needs_train and dm is None:
         raise DiffscoreError("this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits")
     train = train_images(dm) if needs_train else None
@@ -252,7 +280,8 @@ def evaluate(
     parts = Path(out).with_name(f".{Path(out).name}.parts") if out else Path(f".diffscore-eval-{key}.parts")
     for seed_range in ranges:
         t0 = time.perf_counter()
-        writer = FeatureWriter(parts, inception, digits, train if "memorization" in wanted else None)
+        memo = train if "memorization" in wanted else None
+        writer = FeatureWriter(parts, inception, digits, memo, leak="leakage" in wanted)
         feats = predict_over_seeds(model, seed_range, writer, batch_size, accelerator, devices, strategy)
         if feats is None:  # not rank zero
             return None

@@ -108,12 +108,10 @@ class SampleQuality(Callback):
         self._last = -1
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from diffscore.lit.evaluate import INCEPTION_METRICS, _reference, train_images
+        from diffscore.lit.evaluate import INCEPTION_METRICS, _reference, auto_metrics, train_images
 
         shape = tuple(pl_module.data_shape)
-        metrics = self.metrics
-        if metrics == "auto":
-            metrics = "fd_digits,memorization" if shape == (1, 8, 8) else "fid,memorization"
+        metrics = auto_metrics(pl_module) if self.metrics == "auto" else self.metrics
         self.wanted = {m.strip() for m in metrics.split(",") if m.strip()}
         if len(shape) != 3:
             self.wanted.discard("memorization")
@@ -148,9 +146,8 @@ class SampleQuality(Callback):
 
     @torch.no_grad()
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float] | None:
-        from diffscore.lit.evaluate import compute_metrics
+        from diffscore.lit.evaluate import compute_metrics, sample_features
         from diffscore.lit.sample_grid import SampleGrid
-        from diffscore.metrics.memorization import nearest_neighbours
 
         self._last = trainer.global_step
         if not trainer.is_global_zero:
@@ -165,16 +162,9 @@ class SampleQuality(Callback):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
             x = module.generate(seeds, num_steps=self.num_steps).float()
             feats["seeds"].append(torch.tensor(seeds))
-            if self.inception is not None:
-                pool, logits = self.inception(x)
-                feats.setdefault("pool", []).append(pool.cpu())
-                feats.setdefault("logits", []).append(logits.cpu())
-            if self.digits is not None:
-                feats.setdefault("digits", []).append(self.digits.features(x.clamp(-1, 1)).double().cpu())
-            if "memorization" in self.wanted:
-                d1, d2 = nearest_neighbours(x, self.train)
-                feats.setdefault("d1", []).append(d1.cpu())
-                feats.setdefault("d2", []).append(d2.cpu())
+            memo = self.train if "memorization" in self.wanted else None
+            for k, v in sample_features(x, self.inception, self.digits, memo, "leakage" in self.wanted).items():
+                feats.setdefault(k, []).append(v.cpu())
         merged = {k: torch.cat(v) for k, v in feats.items()}
         result = compute_metrics(merged, self.wanted, self.reference, [])
         scalars = {f"eval/{k}": float(v) for k, v in result.items() if k != "num_samples"}

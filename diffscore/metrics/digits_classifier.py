@@ -26,12 +26,12 @@ FEATURES = 64
 class DigitsClassifier(nn.Module):
     """conv 32 - conv 64 - pool - fc 64 (the features) - fc 10, on [B, 1, 8, 8] in [-1, 1]."""
 
-    def __init__(self) -> None:
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.conv0 = nn.Conv2d(1, 32, 3, padding=1)
         self.conv1 = nn.Conv2d(32, 64, 3, padding=1)
         self.fc = nn.Linear(64 * 4 * 4, FEATURES)
-        self.head = nn.Linear(FEATURES, 10)
+        self.head = nn.Linear(FEATURES, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         h = F.relu(self.conv0(x))

@@ -12,7 +12,7 @@ def test_edm_loss_matches_hand_computation():
     noise = torch.randn(5, 2, 3, 3, generator=g)
     sigma = torch.tensor([0.01, 0.1, 1.0, 3.0, 50.0])
 
-    def half(x, s, cond=None):
+    def half(x, s, cond=None, aug_label=None):
         return 0.5 * x
 
     loss = edm_loss(half, x0, sigma, noise)
@@ -29,7 +29,7 @@ def test_weight_formula():
 
 def test_edm_loss_rejects_bad_sigma_shape():
     with pytest.raises(ValueError, match="sigma"):
-        edm_loss(lambda x, s, c=None: x, torch.zeros(4, 2), torch.ones(3), torch.zeros(4, 2))
+        edm_loss(lambda x, s, c=None, a=None: x, torch.zeros(4, 2), torch.ones(3), torch.zeros(4, 2))
 
 
 def test_exact_gmm_denoiser_beats_every_perturbation():
@@ -43,11 +43,11 @@ def test_exact_gmm_denoiser_beats_every_perturbation():
     exact = edm_loss(gmm, x0, sigma, noise).mean()
     direction = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) / 2.3
     perturbed = {
-        "shift": lambda x, s, c=None: gmm(x, s) + 0.05 * direction,
-        "shrink": lambda x, s, c=None: 0.97 * gmm(x, s),
-        "blend-with-input": lambda x, s, c=None: 0.97 * gmm(x, s) + 0.03 * x,
-        "wrong-sigma": lambda x, s, c=None: gmm(x, s * 1.2),
-        "other-mixture": lambda x, s, c=None: random_gmm(3, 4, seed=7)(x, s),
+        "shift": lambda x, s, c=None, a=None: gmm(x, s) + 0.05 * direction,
+        "shrink": lambda x, s, c=None, a=None: 0.97 * gmm(x, s),
+        "blend-with-input": lambda x, s, c=None, a=None: 0.97 * gmm(x, s) + 0.03 * x,
+        "wrong-sigma": lambda x, s, c=None, a=None: gmm(x, s * 1.2),
+        "other-mixture": lambda x, s, c=None, a=None: random_gmm(3, 4, seed=7)(x, s),
     }
     for name, fn in perturbed.items():
         worse = edm_loss(fn, x0, sigma, noise).mean()

@@ -4,9 +4,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from diffscore.core.augment import ScoreAugment
 from diffscore.errors import DiffscoreError
 from diffscore.lit import DiffusionModule, DigitsDataModule, GMMDataModule
+from diffscore.lit.checkpoint import load_diffusion_checkpoint
 from diffscore.networks import MLP, UNet
+from tests.conftest import REPO, TINY, run_cli
 
 
 def tiny_unet():
@@ -110,3 +113,41 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert state["global_step"] == 5  # steps 1..5 were finite; step 6 was not
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+DIGITS_SCOREAUG = str(REPO / "experiments" / "digits_scoreaug.yaml")
+
+
+@pytest.mark.parametrize("arm", ["none", "nonleaky", "scoreaug", "nonleaky+scoreaug"])
+def test_each_augmentation_arm_trains_from_its_yaml(in_tmp, arm):
+    args = ["fit", "--config", DIGITS_SCOREAUG, *TINY, "--trainer.max_steps=3", "--trainer.logger=false"]
+    assert run_cli([*args, f"--model.init_args.augment={arm}", "--trainer.callbacks=[]"]) == 0
+    (ckpt,) = in_tmp.glob("runs/**/*.ckpt")  # Lightning's default checkpoint (no callbacks)
+    model = load_diffusion_checkpoint(ckpt)
+    assert model.hparams.augment == arm
+    assert (model.nonleaky is not None) == ("nonleaky" in arm) and (model.scoreaug is not None) == ("scoreaug" in arm)
+
+
+def test_scoreaug_arm_feeds_transformed_noisy_input_and_its_label(monkeypatch):
+    """The training loss of the scoreaug arm is scoreaug_loss with the label the backbone receives."""
+    torch.manual_seed(0)
+    net = UNet(
+        data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], augment_dim=20
+    )
+    module = DiffusionModule(net, augment="scoreaug", scoreaug=ScoreAugment({"rot90": 1.0}))
+    seen = []
+    original = net.forward
+    monkeypatch.setattr(net, "forward", lambda x, c, cond=None, aug=None: seen.append(aug) or original(x, c, cond, aug))
+    x0 = torch.randn(16, 1, 8, 8)
+    module._loss(x0, torch.ones(16), torch.randn_like(x0), None)
+    (label,) = seen
+    assert label.shape == (16, 20) and (label[:, 11:] == 0).all()  # ScoreAug's 11 columns, zero-padded
+    assert (label[:, :3].sum(1) == 1).all()  # every sample got one of rot90 k = 1, 2, 3
+
+
+def test_augment_arm_errors_name_the_option():
+    net = UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    with pytest.raises(DiffscoreError, match="augment_dim to 11"):
+        DiffusionModule(net, augment="scoreaug")
+    with pytest.raises(DiffscoreError, match="model.augment must be one of"):
+        DiffusionModule(net, augment="scoreaugment")

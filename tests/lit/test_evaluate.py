@@ -150,3 +150,23 @@ def test_distributed_evaluation_on_two_processes(tiny_ckpt, tmp_path):
     assert b["num_samples"] == 7
     assert b["fd_digits"] == pytest.approx(a["fd_digits"], rel=1e-4)
     assert b["nn_ratio_median"] == pytest.approx(a["nn_ratio_median"], rel=1e-4)
+
+
+def test_leakage_is_reported_beside_real_digits(tiny_ckpt, tmp_path):
+    out = tmp_path / "leak.json"
+    args = ["evaluate", "--ckpt_path", tiny_ckpt, "--num_samples", "16", "--steps", "2", "--metrics", "leakage"]
+    assert run_cli([*args, "--out", out]) == 0
+    run = json.loads(out.read_text())["runs"][0]
+    assert 0 <= run["leakage"] <= 1 and 0 < run["leakage_real"] < 0.15
+
+
+def test_scoreaug_digits_runs_check_leakage_by_default():
+    from diffscore.lit import DiffusionModule
+    from diffscore.lit.evaluate import auto_metrics
+    from diffscore.networks import UNet
+
+    def net(**kw):
+        return UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], **kw)
+
+    assert auto_metrics(DiffusionModule(net(augment_dim=11), augment="scoreaug")).endswith(",leakage")
+    assert "leakage" not in auto_metrics(DiffusionModule(net()))

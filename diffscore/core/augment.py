@@ -1,0 +1,356 @@
+"""Augmentations with a conditioning label: ScoreAug's transforms of noisy data and EDM's non-leaky pipeline.
+
+Both classes share one interface: ``sample_params`` draws per-sample parameters (randomness at the edge),
+``apply`` is a pure function of (images, parameters), and ``label`` is the [B, A] vector the backbone is
+conditioned on; the identity transform has the all-zero label, so sampling with no label means "no transform".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCOREAUG_TRANSFORMS = ("rot90", "hflip", "vflip", "translate", "cutout", "brightness")
+
+
+def _check_images(x: Tensor) -> tuple[int, int]:
+    if x.ndim != 4:
+        raise ValueError(f"augmentations need images [B, C, H, W], got shape {tuple(x.shape)}")
+    return x.shape[-2], x.shape[-1]
+
+
+def _uniform(batch: int, lo: float, hi: float, device, generator) -> Tensor:
+    return lo + (hi - lo) * torch.rand(batch, device=device, generator=generator)
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """ScoreAugment's per-sample parameters, every field [B]; each field's identity value is 0 (brightness: 1)."""
+
+    rot90: Tensor  # long, quarter turns counterclockwise (torch.rot90 on dims H, W), 0..3
+    hflip: Tensor  # bool, mirror left-right
+    vflip: Tensor  # bool, mirror top-bottom
+    shift_x: Tensor  # long, pixels to the right
+    shift_y: Tensor  # long, pixels down
+    cutout_size: Tensor  # long, side of the zeroed square in pixels; 0 = no cutout
+    cutout_x: Tensor  # long, centre column of the square
+    cutout_y: Tensor  # long, centre row of the square
+    brightness: Tensor  # float, multiplicative factor; 1 = none
+    image_size: tuple[int, int]  # (H, W) the pixel parameters were drawn for
+
+    def is_identity(self) -> Tensor:
+        """[B] bool: the parameters leave the image unchanged."""
+        return (
+            (self.rot90 == 0)
+            & ~self.hflip
+            & ~self.vflip
+            & (self.shift_x == 0)
+            & (self.shift_y == 0)
+            & (self.cutout_size == 0)
+            & (self.brightness == 1)
+        )
+
+
+def shift_images(x: Tensor, shift_x: Tensor, shift_y: Tensor, circular: bool = False) -> Tensor:
+    """Per-sample integer translation of x [B, C, H, W] by (shift_x, shift_y) [B] pixels; uncovered pixels are
+    zero, or wrap around when ``circular``."""
+    B, C, H, W = x.shape
+    rows = torch.arange(H, device=x.device) - shift_y.view(B, 1)  # [B, H] source row of each output row
+    cols = torch.arange(W, device=x.device) - shift_x.view(B, 1)  # [B, W]
+    if circular:
+        rows, cols = rows % H, cols % W
+    else:
+        valid = ((rows >= 0) & (rows < H)).view(B, 1, H, 1) & ((cols >= 0) & (cols < W)).view(B, 1, 1, W)
+        rows, cols = rows.clamp(0, H - 1), cols.clamp(0, W - 1)
+    out = x.gather(2, rows.view(B, 1, H, 1).expand(B, C, H, W))
+    out = out.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))
+    return out if circular else out * valid
+
+
+def cutout_mask(shape: tuple[int, ...], size: Tensor, cx: Tensor, cy: Tensor) -> Tensor:
+    """[B, 1, H, W] mask, 0 inside the square of side ``size`` centred at (cx, cy) (clipped at the border)."""
+    B, _, H, W = shape
+    lo_x, lo_y = cx - size // 2, cy - size // 2  # [B]
+    cols = torch.arange(W, device=size.device).view(1, W)
+    rows = torch.arange(H, device=size.device).view(1, H)
+    in_x = (cols >= lo_x.view(B, 1)) & (cols < (lo_x + size).view(B, 1))  # [B, W]
+    in_y = (rows >= lo_y.view(B, 1)) & (rows < (lo_y + size).view(B, 1))  # [B, H]
+    return (~(in_y.view(B, 1, H, 1) & in_x.view(B, 1, 1, W))).float()
+
+
+class ScoreAugment:
+    """ScoreAug (Hou et al. 2025): transforms applied to the *noisy* input; the denoiser predicts the same
+    transform of the clean image, conditioned on the transform's label (sampling uses the zero label).
+
+    Transforms: rot90 (k = 1, 2, 3), hflip, vflip, translate (integer pixels, zero padding or circular),
+    cutout (a zeroed square), brightness (a multiplicative factor). ``mode="one_of"``: each sample gets one
+    transform, chosen with probabilities proportional to ``weights`` (the key "identity" included);
+    ``mode="composed"``: each transform is applied independently with probability ``weights[name]``, in the
+    order brightness, cutout, translate, flips, rot90.
+
+    Label [B, 11]: one-hot rot90 k (3), hflip, vflip, shift_x / W, shift_y / H, cutout side / W, cutout centre
+    offset from the image centre / W and / H (0 without cutout), ln(brightness). Zero iff identity.
+    """
+
+    label_dim = 11
+
+    def __init__(
+        self,
+        weights: dict[str, float] | None = None,  # selection weights (one_of) or probabilities (composed)
+        mode: str = "one_of",  # "one_of" (one transform per sample, identity included) or "composed"
+        translate_frac: float = 0.1,  # largest shift, as a fraction of the image side
+        translate_padding: str = "zero",  # "zero" or "circular"
+        cutout_frac: tuple[float, float] = (0.1, 0.3),  # range of the cutout side, as a fraction of the image side
+        brightness: tuple[float, float] = (1 / 1.2, 1.2),  # range of the brightness factor (log-uniform)
+    ) -> None:
+        if mode not in ("one_of", "composed"):
+            raise ValueError(f"ScoreAugment mode must be 'one_of' or 'composed', got {mode!r}")
+        default = {"identity": 1.0, **{name: 1.0 for name in SCOREAUG_TRANSFORMS}}
+        weights = dict(default if weights is None else weights)
+        unknown = set(weights) - {"identity", *SCOREAUG_TRANSFORMS}
+        if unknown:
+            raise ValueError(f"ScoreAugment weights: unknown {sorted(unknown)}; use identity, {SCOREAUG_TRANSFORMS}")
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"ScoreAugment weights must be >= 0, got {weights}")
+        if mode == "one_of" and sum(weights.values()) <= 0:
+            raise ValueError("ScoreAugment weights: at least one must be positive")
+        if mode == "composed" and any(w > 1 for k, w in weights.items() if k != "identity"):
+            raise ValueError(f"ScoreAugment composed mode: weights are probabilities in [0, 1], got {weights}")
+        if translate_padding not in ("zero", "circular"):
+            raise ValueError(f"translate_padding must be 'zero' or 'circular', got {translate_padding!r}")
+        if not 0 <= translate_frac < 1 or not 0 < cutout_frac[0] <= cutout_frac[1] <= 1:
+            raise ValueError(
+                f"need 0 <= translate_frac < 1 and 0 < cutout_frac[0] <= [1] <= 1, got {translate_frac}, {cutout_frac}"
+            )
+        if not 0 < brightness[0] <= brightness[1]:
+            raise ValueError(f"brightness range must be positive and ordered, got {brightness}")
+        self.weights, self.mode = weights, mode
+        self.translate_frac, self.translate_padding = translate_frac, translate_padding
+        self.cutout_frac, self.brightness = tuple(cutout_frac), tuple(brightness)
+
+    def _chosen(self, batch: int, device, generator) -> dict[str, Tensor]:
+        """[B] bool per transform: whether it is applied to each sample."""
+        if self.mode == "one_of":
+            names = ["identity", *SCOREAUG_TRANSFORMS]
+            probs = torch.tensor([self.weights.get(n, 0.0) for n in names], device=device)
+            pick = torch.multinomial(probs / probs.sum(), batch, replacement=True, generator=generator)  # [B]
+            return {n: pick == i for i, n in enumerate(names) if n != "identity"}
+        return {
+            n: torch.rand(batch, device=device, generator=generator) < self.weights.get(n, 0.0)
+            for n in SCOREAUG_TRANSFORMS
+        }
+
+    def sample_params(
+        self,
+        batch: int,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> AugParams:
+        """Draws parameters for ``batch`` images of ``image_size`` (H, W); translation and cutout are in pixels,
+        so they need it."""
+        if image_size is None:
+            if any(self.weights.get(n, 0) > 0 for n in ("translate", "cutout", "rot90")):
+                raise ValueError("ScoreAugment.sample_params needs image_size=(H, W) for translate/cutout/rot90")
+            image_size = (1, 1)
+        H, W = image_size
+        on = self._chosen(batch, device, generator)
+        zero = torch.zeros(batch, dtype=torch.long, device=device)
+
+        def ints(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi]
+            return torch.randint(lo, hi + 1, (batch,), device=device, generator=generator)
+
+        if on["rot90"].any() and H != W:
+            raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
+        max_x, max_y = round(self.translate_frac * W), round(self.translate_frac * H)
+        lo, hi = (max(1, round(f * min(H, W))) for f in self.cutout_frac)
+        log_b = _uniform(batch, math.log(self.brightness[0]), math.log(self.brightness[1]), device, generator)
+        return AugParams(
+            rot90=torch.where(on["rot90"], ints(1, 3), zero),
+            hflip=on["hflip"],
+            vflip=on["vflip"],
+            shift_x=torch.where(on["translate"], ints(-max_x, max_x), zero),
+            shift_y=torch.where(on["translate"], ints(-max_y, max_y), zero),
+            cutout_size=torch.where(on["cutout"], ints(lo, hi), zero),
+            cutout_x=torch.where(on["cutout"], ints(0, W - 1), zero),
+            cutout_y=torch.where(on["cutout"], ints(0, H - 1), zero),
+            brightness=torch.where(on["brightness"], log_b.exp(), torch.ones_like(log_b)),
+            image_size=(H, W),
+        )
+
+    def apply(self, x: Tensor, params: AugParams) -> Tensor:
+        """T(x) for images [B, C, H, W]; pure, so the same parameters give the same T for input and target."""
+        B = x.shape[0]
+        if _check_images(x) != params.image_size and not params.is_identity().all():
+            raise ValueError(f"parameters drawn for {params.image_size} images, got {tuple(x.shape[-2:])}")
+        view = (B, 1, 1, 1)
+        out = x * params.brightness.to(x.dtype).view(view)
+        out = out * cutout_mask(x.shape, params.cutout_size, params.cutout_x, params.cutout_y).to(x.dtype)
+        out = shift_images(out, params.shift_x, params.shift_y, circular=self.translate_padding == "circular")
+        out = torch.where(params.hflip.view(view), out.flip(-1), out)
+        out = torch.where(params.vflip.view(view), out.flip(-2), out)
+        for k in {1, 2, 3} & set(params.rot90.unique().tolist()):  # rot90 needs square images: only when drawn
+            out = torch.where((params.rot90 == k).view(view), torch.rot90(out, k, dims=(-2, -1)), out)
+        return out
+
+    def label(self, params: AugParams) -> Tensor:
+        """[B, 11] conditioning label; all zeros exactly for the identity."""
+        H, W = params.image_size
+        has_cut = params.cutout_size > 0
+        centre_x = torch.where(has_cut, (params.cutout_x + 0.5) / W - 0.5, 0.0)
+        centre_y = torch.where(has_cut, (params.cutout_y + 0.5) / H - 0.5, 0.0)
+        cols = [
+            *(params.rot90 == k for k in (1, 2, 3)),
+            params.hflip,
+            params.vflip,
+            params.shift_x / W,
+            params.shift_y / H,
+            params.cutout_size / W,
+            centre_x,
+            centre_y,
+            params.brightness.log(),
+        ]
+        return torch.stack([c.float() for c in cols], dim=1)
+
+
+@dataclass(frozen=True)
+class NonLeakyParams:
+    """NonLeakyAugment's per-sample draws, every field [B]; 0 means "not applied"."""
+
+    xflip: Tensor  # 0/1
+    yflip: Tensor  # 0/1
+    scale: Tensor  # standard normal draw: isotropic scale 2^(scale * scale_std)
+    rotate: Tensor  # angle in radians
+    aniso: Tensor  # standard normal draw: anisotropic scale 2^(aniso * aniso_std) along direction aniso_angle
+    aniso_angle: Tensor  # radians
+    translate_x: Tensor  # standard normal draw: shift of translate_x * translate_std * W pixels
+    translate_y: Tensor
+
+    def is_identity(self) -> Tensor:
+        return torch.stack([getattr(self, f.name) == 0 for f in fields(self) if f.name != "aniso_angle"]).all(0)
+
+
+class NonLeakyAugment:
+    """EDM's non-leaky augmentation of clean images (Karras et al. 2022, App. B.5; the ADA pipeline's geometric
+    part): each transform fires with probability ``p`` times its multiplier, the network sees the parameters
+    as a 9-dimensional label [xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty].
+
+    Flips are exact; the continuous transforms (scale, rotation, anisotropy, translation) resample bilinearly
+    with reflection padding (EDM upsamples with a wavelet filter first; this is simpler and slightly blurrier).
+    """
+
+    label_dim = 9
+
+    def __init__(
+        self,
+        p: float = 0.12,  # augmentation probability (EDM: 0.12 CIFAR-10, 0.15 FFHQ/AFHQv2)
+        xflip: float = 1e8,  # per-transform multipliers of p (EDM: x-flip always eligible, the rest 1)
+        yflip: float = 1.0,
+        scale: float = 1.0,
+        rotate: float = 1.0,
+        aniso: float = 1.0,
+        translate: float = 1.0,
+        scale_std: float = 0.2,  # log2 std of the isotropic scale
+        rotate_max: float = 1.0,  # largest rotation, in units of pi
+        aniso_std: float = 0.2,  # log2 std of the anisotropic scale
+        aniso_rotate_prob: float = 0.5,  # probability that the anisotropy axis is rotated
+        translate_std: float = 0.125,  # std of the shift, as a fraction of the image side
+    ) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"NonLeakyAugment p must be in [0, 1], got {p}")
+        self.p = p
+        self.mult = dict(xflip=xflip, yflip=yflip, scale=scale, rotate=rotate, aniso=aniso, translate=translate)
+        self.scale_std, self.rotate_max, self.aniso_std = scale_std, rotate_max, aniso_std
+        self.aniso_rotate_prob, self.translate_std = aniso_rotate_prob, translate_std
+
+    def sample_params(
+        self,
+        batch: int,
+        *,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        image_size: tuple[int, int] | None = None,  # unused: the transforms are in fractions of the side
+    ) -> NonLeakyParams:
+        def gate(name: str, value: Tensor) -> Tensor:
+            fire = torch.rand(batch, device=device, generator=generator) < self.p * self.mult[name]
+            return torch.where(fire, value, torch.zeros_like(value))
+
+        def normal() -> Tensor:
+            return torch.randn(batch, device=device, generator=generator)
+
+        def uniform_pm(scale: float) -> Tensor:
+            return (torch.rand(batch, device=device, generator=generator) * 2 - 1) * scale
+
+        angle = uniform_pm(math.pi)
+        angle = torch.where(torch.rand(batch, device=device, generator=generator) < self.aniso_rotate_prob, angle, 0.0)
+        translate = gate("translate", torch.ones(batch, device=device)).bool()
+        return NonLeakyParams(
+            xflip=gate("xflip", torch.randint(2, (batch,), device=device, generator=generator).float()),
+            yflip=gate("yflip", torch.randint(2, (batch,), device=device, generator=generator).float()),
+            scale=gate("scale", normal()),
+            rotate=gate("rotate", uniform_pm(math.pi * self.rotate_max)),
+            aniso=gate("aniso", normal()),
+            aniso_angle=angle,
+            translate_x=torch.where(translate, normal(), 0.0),
+            translate_y=torch.where(translate, normal(), 0.0),
+        )
+
+    def _inverse_matrix(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
+        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates."""
+        B = params.scale.shape[0]
+        dev = params.scale.device
+
+        def rot(a: Tensor) -> Tensor:
+            c, s = a.cos(), a.sin()
+            return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, 2, 2]
+
+        def diag(sx: Tensor, sy: Tensor) -> Tensor:
+            return torch.diag_embed(torch.stack([sx, sy], -1))
+
+        s = torch.exp2(params.scale * self.scale_std)
+        a = torch.exp2(params.aniso * self.aniso_std)
+        r = params.aniso_angle
+        forward = rot(r) @ diag(a, 1 / a) @ rot(-r) @ rot(params.rotate) @ diag(s, s)  # [B, 2, 2] pixel frame
+        to_norm = torch.diag(torch.tensor([2.0 / W, 2.0 / H], device=dev))
+        lin = to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm)
+        shift = torch.stack(
+            [params.translate_x * self.translate_std * 2, params.translate_y * self.translate_std * 2], -1
+        )
+        offset = -(lin @ shift.view(B, 2, 1))  # output = forward(input) + shift  =>  input = inv(output - shift)
+        return torch.cat([lin, offset], dim=2)
+
+    def apply(self, x: Tensor, params: NonLeakyParams) -> Tensor:
+        """Augmented clean images [B, C, H, W]; samples drawn as identity are returned bit-exactly."""
+        H, W = _check_images(x)
+        B = x.shape[0]
+        view = (B, 1, 1, 1)
+        out = torch.where(params.xflip.bool().view(view), x.flip(-1), x)
+        out = torch.where(params.yflip.bool().view(view), out.flip(-2), out)
+        geometric = (params.scale != 0) | (params.rotate != 0) | (params.aniso != 0) | (params.translate_x != 0)
+        geometric |= params.translate_y != 0
+        if geometric.any():
+            theta = self._inverse_matrix(params, H, W).to(x.dtype)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            warped = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+            out = torch.where(geometric.view(view), warped, out)
+        return out
+
+    def label(self, params: NonLeakyParams) -> Tensor:
+        """[B, 9]: xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty (0 = identity)."""
+        cols = [
+            params.xflip,
+            params.yflip,
+            params.scale,
+            params.rotate.cos() - 1,
+            params.rotate.sin(),
+            params.aniso * params.aniso_angle.cos(),
+            params.aniso * params.aniso_angle.sin(),
+            params.translate_x,
+            params.translate_y,
+        ]
+        return torch.stack([c.float() for c in cols], dim=1)

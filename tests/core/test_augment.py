@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+
+from diffscore.core.augment import NonLeakyAugment, NonLeakyParams, ScoreAugment
+from diffscore.core.losses import edm_loss_weight, scoreaug_loss
+
+
+def _slow_shift(img: torch.Tensor, dx: int, dy: int, circular: bool) -> torch.Tensor:
+    """Pixel loop: out[i, j] = img[i - dy, j - dx] (wrapped or zero outside)."""
+    C, H, W = img.shape
+    out = torch.zeros_like(img)
+    for i in range(H):
+        for j in range(W):
+            si, sj = i - dy, j - dx
+            if circular:
+                out[:, i, j] = img[:, si % H, sj % W]
+            elif 0 <= si < H and 0 <= sj < W:
+                out[:, i, j] = img[:, si, sj]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["one_of", "composed"])
+def test_zero_label_iff_identity(mode):
+    weights = None if mode == "one_of" else {n: 0.3 for n in ("rot90", "hflip", "vflip", "translate", "cutout")}
+    if weights:
+        weights["brightness"] = 0.3
+    aug = ScoreAugment(weights, mode=mode, translate_frac=0.15)
+    g = torch.Generator().manual_seed(0)
+    params = aug.sample_params(2000, generator=g, image_size=(8, 8))
+    x = torch.randn(2000, 3, 8, 8, generator=g)
+    unchanged = (aug.apply(x, params) == x).flatten(1).all(1)  # the identity, judged by its effect
+    zero_label = (aug.label(params) == 0).all(1)
+    assert torch.equal(zero_label, params.is_identity())
+    if mode == "one_of":
+        assert torch.equal(unchanged, zero_label)
+    else:  # composed transforms can cancel (hflip + vflip + rot180): a zero label still implies no change
+        assert unchanged[zero_label].all()
+    assert 0.05 < zero_label.float().mean() < 0.6  # both kinds occur
+
+
+def test_same_params_give_the_same_transform_of_input_and_target():
+    """Every transform is linear, so T(x0 + sigma n) = T(x0) + sigma T(n) exactly when input and target share T."""
+    aug = ScoreAugment(mode="composed", weights={n: 0.5 for n in ("rot90", "hflip", "vflip", "translate", "cutout")})
+    g = torch.Generator().manual_seed(1)
+    x0, n = torch.randn(64, 2, 8, 8, generator=g), torch.randn(64, 2, 8, 8, generator=g)
+    sigma = 0.7
+    params = aug.sample_params(64, generator=g, image_size=(8, 8))
+    assert torch.allclose(aug.apply(x0 + sigma * n, params), aug.apply(x0, params) + sigma * aug.apply(n, params))
+    assert torch.equal(aug.apply(x0, params), aug.apply(x0, params))
+
+
+@pytest.mark.parametrize("name", ["rot90", "hflip", "vflip"])
+def test_orthogonal_transforms_keep_iid_noise(name):
+    """For flips and rot90, T(x0 + sigma n) = T(x0) + sigma T(n) and T(n) is a permutation of n's pixels, so it has
+    exactly the statistics of fresh N(0, sigma^2 I) noise; checked against torch.flip / torch.rot90."""
+    aug = ScoreAugment({name: 1.0}, mode="one_of")
+    g = torch.Generator().manual_seed(2)
+    params = aug.sample_params(32, generator=g, image_size=(8, 8))
+    n = torch.randn(32, 3, 8, 8, generator=g)
+    out = aug.apply(n, params)
+    assert torch.equal(out.flatten(1).sort(1).values, n.flatten(1).sort(1).values)  # a permutation per sample
+    for i in range(32):
+        k = int(params.rot90[i])
+        ref = torch.rot90(n[i], k, dims=(-2, -1)) if name == "rot90" else n[i].flip(-1 if name == "hflip" else -2)
+        assert torch.equal(out[i], ref)
+    # empirical covariance of the transformed noise over many draws is the identity
+    many = aug.apply(torch.randn(20000, 1, 4, 4, generator=g), aug.sample_params(20000, generator=g, image_size=(4, 4)))
+    cov = torch.cov(many.flatten(1).T)
+    assert torch.allclose(cov, torch.eye(16), atol=0.05)
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_translation_matches_a_pixel_loop(circular):
+    aug = ScoreAugment({"translate": 1.0}, translate_frac=0.4, translate_padding="circular" if circular else "zero")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 2, 6, 5, generator=g)
+    params = aug.sample_params(16, generator=g, image_size=(6, 5))
+    out = aug.apply(x, params)
+    for i in range(16):
+        ref = _slow_shift(x[i], int(params.shift_x[i]), int(params.shift_y[i]), circular)
+        assert torch.equal(out[i], ref)
+
+
+def test_brightness_and_cutout_change_the_effective_noise():
+    """On pure noise, brightness b scales the noise std by b; a cutout of area a leaves variance 1 - a/(HW)."""
+    g = torch.Generator().manual_seed(4)
+    n = torch.randn(64, 64, 32, 32, generator=g)  # many channels: precise per-sample variances
+    bright = ScoreAugment({"brightness": 1.0}, brightness=(0.5, 2.0))
+    p = bright.sample_params(64, generator=g, image_size=(32, 32))
+    std = bright.apply(n, p).flatten(1).std(1)
+    assert torch.allclose(std, p.brightness, rtol=0.02)
+    assert p.brightness.min() >= 0.5 and p.brightness.max() <= 2.0 and p.brightness.std() > 0.2
+
+    cut = ScoreAugment({"cutout": 1.0}, cutout_frac=(0.2, 0.5))
+    p = cut.sample_params(64, generator=g, image_size=(32, 32))
+    var = cut.apply(n, p).flatten(1).var(1)
+    lo_x, lo_y = p.cutout_x - p.cutout_size // 2, p.cutout_y - p.cutout_size // 2
+    w = (lo_x + p.cutout_size).clamp(max=32) - lo_x.clamp(min=0)  # the square clipped at the border
+    h = (lo_y + p.cutout_size).clamp(max=32) - lo_y.clamp(min=0)
+    expected = 1 - (w * h).float() / 1024
+    assert torch.allclose(var, expected, atol=0.02)
+    assert expected.min() < 0.85  # some large cutouts were drawn
+
+
+def test_oracle_denoiser_has_zero_scoreaug_loss():
+    aug = ScoreAugment()
+    g = torch.Generator().manual_seed(5)
+    x0, noise = torch.randn(128, 1, 8, 8, generator=g), torch.randn(128, 1, 8, 8, generator=g)
+    sigma = torch.exp(torch.randn(128, generator=g))
+    params = aug.sample_params(128, generator=g, image_size=(8, 8))
+    seen = {}
+
+    def oracle(x, s, cond=None, aug_label=None):
+        seen["label"] = aug_label
+        return aug.apply(x0, params)
+
+    assert torch.equal(scoreaug_loss(oracle, x0, sigma, noise, aug, params), torch.zeros(128))
+    assert torch.equal(seen["label"], aug.label(params))
+    # the untransformed clean image is wrong exactly where a transform changed the target
+    loss = scoreaug_loss(lambda *a: x0, x0, sigma, noise, aug, params)
+    changed = ~params.is_identity()
+    assert (loss[changed] > 0).all() and (loss[~changed] == 0).all()
+    ref = edm_loss_weight(sigma) * (x0 - aug.apply(x0, params)).square().flatten(1).mean(1)
+    assert torch.allclose(loss, ref)
+
+
+def test_one_of_selection_frequencies_follow_the_weights():
+    aug = ScoreAugment({"identity": 2.0, "hflip": 1.0, "brightness": 1.0})
+    p = aug.sample_params(40000, generator=torch.Generator().manual_seed(6), image_size=(8, 8))
+    assert p.is_identity().float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert p.hflip.float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert ((p.brightness != 1) & p.hflip).sum() == 0  # one transform per sample
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        ScoreAugment({"rotate": 1.0})
+    with pytest.raises(ValueError, match="probabilities"):
+        ScoreAugment({"hflip": 2.0}, mode="composed")
+    with pytest.raises(ValueError, match="square"):
+        ScoreAugment({"rot90": 1.0}).sample_params(4, image_size=(8, 6))
+    with pytest.raises(ValueError, match="image_size"):
+        ScoreAugment().sample_params(4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _nl_params(B: int, **kw) -> NonLeakyParams:
+    z = torch.zeros(B)
+    base = dict(xflip=z, yflip=z, scale=z, rotate=z, aniso=z, aniso_angle=z, translate_x=z, translate_y=z)
+    base.update(kw)
+    return NonLeakyParams(**base)
+
+
+def test_nonleaky_label_is_zero_iff_identity_and_identity_is_exact():
+    aug = NonLeakyAugment(p=0.3)
+    g = torch.Generator().manual_seed(7)
+    params = aug.sample_params(4000, generator=g)
+    x = torch.randn(4000, 3, 8, 8, generator=g)
+    out = aug.apply(x, params)
+    zero = (aug.label(params) == 0).all(1)
+    assert torch.equal(zero, params.is_identity())
+    assert torch.equal(out[zero], x[zero])
+    assert 0.05 < zero.float().mean() < 0.6
+    assert (out[~zero] != x[~zero]).flatten(1).any(1).all()
+    assert NonLeakyAugment(p=0).sample_params(100, generator=g).is_identity().all()
+
+
+def test_nonleaky_quarter_rotation_and_pixel_shift_are_exact():
+    """Bilinear resampling at a 90 degree rotation or a whole-pixel shift lands on pixel centres: compare with
+    torch.rot90 and an integer shift (reflection padding at the border)."""
+    aug = NonLeakyAugment()
+    x = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(8))
+    rotated = aug.apply(x, _nl_params(1, rotate=torch.tensor([math.pi / 2])))
+    assert torch.allclose(rotated, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5) or torch.allclose(
+        rotated, torch.rot90(x, 3, dims=(-2, -1)), atol=1e-5
+    )
+    one_pixel = 1 / (aug.translate_std * 8)
+    shifted = aug.apply(x, _nl_params(1, translate_x=torch.tensor([one_pixel])))
+    assert torch.allclose(shifted[..., 1:], x[..., :-1], atol=1e-5)  # moved one pixel to the right
+    flipped = aug.apply(x, _nl_params(1, xflip=torch.ones(1)))
+    assert torch.equal(flipped, x.flip(-1))
+
+
+def test_nonleaky_probability_p():
+    aug = NonLeakyAugment(p=0.12)
+    params = aug.sample_params(50000, generator=torch.Generator().manual_seed(9))
+    assert (params.yflip != 0).float().mean().item() == pytest.approx(0.12 / 2, abs=0.006)  # fires, then 0 or 1
+    assert (params.xflip != 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # xflip multiplier 1e8
+    assert (params.rotate != 0).float().mean().item() == pytest.approx(0.12, abs=0.006)
+    assert aug.label(params).shape == (50000, 9)
