@@ -1,7 +1,7 @@
 """ScoreAug vs its baselines on data-limited digits (issue 5): four arms x several seeds, same steps.
 
     python bench/scoreaug.py --out runs/scoreaug --seeds 0 1 2 --parallel 12     # trains, then summarises
-    python bench/scoreaug.py --out runs/scoreaug --summarize-only --plot bench/scoreaug
+    python bench/scoreaug.py --out runs/scoreaug --stage summarize --plot bench/scoreaug
 
 Each run is `diffscore fit --config experiments/digits_scoreaug.yaml` with ``--model.init_args.augment ARM`` and
 ``--seed_everything S`` (the same 300 training digits for every run). From every saved checkpoint (EMA weights)
@@ -216,20 +216,26 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="runs at once")
     ap.add_argument("--accelerator", default="auto")
     ap.add_argument("--num_samples", type=int, default=2000, help="samples per checkpoint evaluation")
-    ap.add_argument("--summarize-only", action="store_true")
-    ap.add_argument("--from-json", action="store_true", help="only redraw <plot>.png and the table from <plot>.json")
+    ap.add_argument(
+        "--stage",
+        choices=["all", "train", "summarize", "plot"],
+        default="all",
+        help="train: only the runs; summarize: only evaluate existing runs; plot: redraw from <plot>.json",
+    )
     ap.add_argument("--override", nargs="*", default=[], help="more `diffscore fit` options, e.g. =--trainer.x=1")
     ap.add_argument("--plot", type=Path, default=Path("bench/scoreaug"), help="writes <plot>.json and .png")
     args = ap.parse_args()
-    if args.from_json:
+    if args.stage == "plot":
         summary = json.loads(args.plot.with_suffix(".json").read_text())
         plot(summary, args.plot.with_suffix(".png"))
         print(table(summary))
         return
-    if not args.summarize_only:
+    if args.stage in ("all", "train"):
         t0 = time.perf_counter()
         launch(args.out, args.arms, args.seeds, args.steps, args.parallel, args.accelerator, args.override)
         print(f"training: {time.perf_counter() - t0:.0f} s", flush=True)
+        if args.stage == "train":
+            return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = summarize(args.out, args.num_samples, device)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
