@@ -34,12 +34,19 @@ CONFIG = REPO / "experiments" / "digits_scoreaug.yaml"
 def launch(out: Path, arms, seeds, steps: int, parallel: int, accelerator: str, overrides: list[str]) -> None:
     jobs = [(arm, s) for s in seeds for arm in arms]
     running: list[tuple[subprocess.Popen, str]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "WANDB_MODE": "disabled",
+    }
     while jobs or running:
         while jobs and len(running) < parallel:
             arm, seed = jobs.pop(0)
             name = f"{arm.replace('+', '_')}_s{seed}"
-            (out / name).mkdir(parents=True, exist_ok=True)
+            if (out / name).exists():  # never mix two runs' checkpoints and metrics
+                raise SystemExit(f"{out / name} exists; choose another --out or remove it")
+            (out / name).mkdir(parents=True)
             args = [
                 "fit",
                 f"--config={CONFIG}",
@@ -125,7 +132,7 @@ def summarize(out: Path, n: int, device: str) -> dict:
         arm, seed = m.group(1).replace("_", "+"), int(m.group(2))
         rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
         gap = [r for r in rows if "gap/loss_mean" in r]
-        ckpts = {int(p.stem.split("step=")[1]): p for p in run.glob("checkpoints/epoch=*-step=*.ckpt")}
+        ckpts = {int(re.search(r"step=(\d+)", p.stem).group(1)): p for p in run.glob("checkpoints/epoch=*-step=*.ckpt")}
         if not ckpts and (run / "checkpoints" / "last.ckpt").is_file():  # a run shorter than one interval
             last = run / "checkpoints" / "last.ckpt"
             ckpts[torch.load(last, map_location="cpu", weights_only=True)["global_step"]] = last
@@ -160,6 +167,9 @@ def plot(summary: dict, path: Path) -> None:
         ax.fill_between(xs, mean - std, mean + std, color=colors[arm], alpha=0.2)
 
     for arm, rs in by_arm():
+        rs = [r for r in rs if r["validation"] and r["samples"]]
+        if not rs:
+            continue
         steps = [r["step"] for r in rs[0]["validation"]]
         k = min(len(r["validation"]) for r in rs)
         band(axes[0, 0], arm, steps[:k], [[v["gap/loss_mean"] for v in r["validation"][:k]] for r in rs])
@@ -189,7 +199,7 @@ def table(summary: dict) -> str:
     lines = ["| arm | seeds | gap (mean) | gap at 0.05 / 0.2 / 1 | FD unseen | FD train | memorized | leakage |"]
     lines.append("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for arm in ARMS:
-        rs = [r for r in summary["runs"].values() if r["arm"] == arm]
+        rs = [r for r in summary["runs"].values() if r["arm"] == arm and r["validation"] and r["samples"]]
         if not rs:
             continue
         last_v = [r["validation"][-1] for r in rs]

@@ -25,6 +25,7 @@ from diffscore.errors import DiffscoreError
 from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_diffusion_checkpoint
 from diffscore.lit.sample import ShardWriter, predict_over_seeds, prepare_teleport
 from diffscore.lit.teleport import TeleportOptions
+from diffscore.metrics.digits_classifier import digits_features
 from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, save_statistics
 from diffscore.metrics.leakage import leaked
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
@@ -169,17 +170,15 @@ def _reference(wanted, ref_path, dm, train, inception, digits) -> dict[str, Any]
                 "(cache them with `diffscore refstats`)",
                 flush=True,
             )
-            pool = torch.cat([inception(train[i : i + 256])[0] for i in range(0, len(train), 256)]).numpy()
+            pool = torch.cat([inception(train[i : i + 256])[0].cpu() for i in range(0, len(train), 256)]).numpy()
             if "mu" not in ref:
                 ref["mu"], ref["sigma"] = feature_statistics(pool)
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
-    if "fd_digits" in wanted:
-        ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits.features(train).double().numpy())
+    if "fd_digits" in wanted:  # images and classifier may sit on different devices (GPU training, CPU splits)
+        ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits_features(train, digits))
         held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else None
         ref["digits_floor"] = (
-            frechet_distance(
-                *feature_statistics(digits.features(held).double().numpy()), ref["digits_mu"], ref["digits_sigma"]
-            )
+            frechet_distance(*feature_statistics(digits_features(held, digits)), ref["digits_mu"], ref["digits_sigma"])
             if held is not None
             else float("nan")
         )
