@@ -233,11 +233,13 @@ def ntk_spectrum(K: Tensor, k: int | None = None) -> Tensor:
 
 
 def kernel_target_alignment(K: Tensor, y: Tensor) -> float:
-    """A(K, y) = y^T K y / (||K||_F ||y||^2) = <K, y y^T>_F / (||K||_F ||y y^T||_F) (Cristianini et al. 2002),
-    in [-1, 1]; 1 when K is proportional to y y^T. y: [n] or [N, O], flattened like the Gram."""
+    """A(K, y) = <K, T>_F / (||K||_F ||T||_F) with the target Gram T = Y Y^T (Cristianini et al. 2002), in [-1, 1];
+    1 when K is proportional to T. With a flattened Gram [N O, N O], Y is y flattened to [N O, 1] (so
+    A = y^T K y / (||K||_F ||y||^2)); with a trace Gram [N, N], Y = y as [N, O]."""
     K = K.to(torch.float64)
-    yf = y.reshape(-1).to(torch.float64)
-    return float(yf @ K @ yf / (torch.linalg.matrix_norm(K) * (yf @ yf)).clamp_min(1e-300))
+    Y = y.to(torch.float64).reshape(K.shape[0], -1)
+    T = Y @ Y.T
+    return float((K * T).sum() / (torch.linalg.matrix_norm(K) * torch.linalg.matrix_norm(T)).clamp_min(1e-300))
 
 
 def ntk_drift(K_t: Tensor, K_0: Tensor) -> float:

@@ -197,3 +197,6 @@ def test_drift_alignment():
     a = kernel_target_alignment(K0, y)
     assert -1.0 <= a <= 1.0
     assert kernel_target_alignment(3 * K0, y) == pytest.approx(a)  # scale-free
+    assert a == pytest.approx(float(y @ K0 @ y / (K0.norm() * (y @ y))))
+    Y = y.reshape(6, 2)  # a trace Gram [N, N] is aligned with Y Y^T
+    assert kernel_target_alignment(Y @ Y.T, Y) == pytest.approx(1.0)
