@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 COMPUTE_MODES = ("full", "trace", "diagonal")
 
@@ -48,7 +49,9 @@ def _sigmas(sigma: float | Tensor | tuple[Tensor, Tensor], n1: int, n2: int, lik
 
 
 def _outputs(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, sigma: Tensor) -> Tensor:
-    return functional_call(model, dict(params), (x, sigma)).flatten(1)  # [B, O]
+    # attention through the math backend: the fused kernels have no forward-mode (jvp) or batching rules
+    with sdpa_kernel([SDPBackend.MATH]):
+        return functional_call(model, dict(params), (x, sigma)).flatten(1)  # [B, O]
 
 
 def per_sample_jacobian(

@@ -88,7 +88,10 @@ def test_probe_command_with_a_reference_checkpoint(in_tmp):
 @pytest.mark.slow
 def test_stop_at_minimum_stops_after_patience_probes(in_tmp, capsys):
     extra = {"stop_at_minimum": True, "patience": 2}
-    assert run_cli(["fit", "--config", NTK_GMM, *SMALL, "--trainer.max_steps=3000", *_probe_args(25, **extra)]) == 0
+    fast = "--model.init_args.optimizer.init_args.lr=1.0"  # the minimum comes within tens of steps
+    assert (
+        run_cli(["fit", "--config", NTK_GMM, *SMALL, fast, "--trainer.max_steps=3000", *_probe_args(25, **extra)]) == 0
+    )
     summary = _history(in_tmp)
     assert summary["stopped_at"] == summary["best_step"] + 2 * 25 < 3000
     assert summary["history"][-1]["step"] == summary["stopped_at"]
@@ -98,3 +101,15 @@ def test_stop_at_minimum_stops_after_patience_probes(in_tmp, capsys):
 def test_bad_probe_option(in_tmp, capsys):
     assert run_cli(["fit", "--config", NTK_GMM, *SMALL, *_probe_args(5, kernel="exact")]) != 0
     assert "NTKProbe.kernel" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_probe_command_on_image_data_uses_the_delta_mixture_and_projections(tiny_ckpt, tmp_path, capsys):
+    args = ["--num_points", "4", "--num_kernel_points", "6", "--num_projections", "2", "--top_k", "3"]
+    assert run_cli(["probe", "ntk", "--ckpt_path", tiny_ckpt, *args, "--out", tmp_path]) == 0
+    out = capsys.readouterr().out
+    assert "exact score: delta mixture of the training set; kernel: trace_estimate" in out
+    result = json.loads((tmp_path / "ntk.json").read_text())
+    assert result["ntk/eig0"] >= result["ntk/eig2"] and -1 <= result["ntk/alignment"] <= 1
+    assert result["ntk/heldout_loss"] > 0 and result["ntk/score_error_train"] > 0
+    assert "ntk/drift" not in result  # no reference checkpoint
