@@ -142,7 +142,11 @@ def early_stopping(seed: int, num_train: int, width: int, steps: int, lr: float,
         "probe_stop_exact": stop_by("ntk/score_error_heldout"),
         "probe_stop_heldout_loss": stop_by("ntk/heldout_loss"),
         "twin_min_step": min(hist, key=lambda r: r["ntk/twin_score_error_heldout"])["step"],
-        "curve": {"step": truth.steps, "true_error": truth.errors},
+        # stored thinned (every step up to 300, then every 10th); the minimum above used every step
+        "curve": {
+            "step": [t for t in truth.steps if t < 300 or t % 10 == 0],
+            "true_error": [e for t, e in zip(truth.steps, truth.errors) if t < 300 or t % 10 == 0],
+        },
         "probe": [
             {
                 k: r[k]
