@@ -5,8 +5,10 @@ from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.ema import EDMEMA
 from diffscore.lit.gaussian_probe import GaussianScoreProbe
 from diffscore.lit.image_data import CIFAR10DataModule, ImageDataModule
+from diffscore.lit.ntk_probe import NTKProbe
 from diffscore.lit.run_log import RunLog, SampleQuality
 from diffscore.lit.sample_grid import SampleGrid
+from diffscore.lit.score_regression import RegressionDiffusionModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -16,6 +18,8 @@ __all__ = [
     "GMMDataModule",
     "GaussianScoreProbe",
     "ImageDataModule",
+    "NTKProbe",
+    "RegressionDiffusionModule",
     "RunLog",
     "SampleGrid",
     "SampleQuality",

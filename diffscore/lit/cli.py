@@ -20,7 +20,8 @@ DESCRIPTION = (
     "(see diffscore sample --help).\n"
     "Metrics: diffscore evaluate --ckpt_path CKPT [--metrics fid,kid,is] [--protocol edm]; "
     "diffscore refstats --config X.yaml --out ref.npz; diffscore report RUN_DIR (plots as PNGs).\n"
-    "Score analysis: diffscore probe gaussian --ckpt_path CKPT [--out DIR].\n"
+    "Score analysis: diffscore probe gaussian --ckpt_path CKPT [--out DIR]; "
+    "diffscore probe ntk --ckpt_path CKPT [--reference_ckpt EARLIER.ckpt].\n"
     "Making a data set: diffscore dataset --source SRC --dest out.zip [--resolution R --transform center-crop]."
 )
 
@@ -140,6 +141,12 @@ def main(args: list[str] | None = None) -> None:
             from diffscore.lit.gaussian_probe import probe_gaussian
 
             CLI(probe_gaussian, args=argv[2:], as_positional=False)
+        elif argv[:2] == ["probe", "ntk"]:
+            from jsonargparse import CLI
+
+            from diffscore.lit.ntk_probe import probe_ntk
+
+            CLI(probe_ntk, args=argv[2:], as_positional=False)
         elif argv and argv[0] == "report":
             from jsonargparse import CLI
 

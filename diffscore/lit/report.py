@@ -44,6 +44,11 @@ def report(run_dir: str) -> list[Path]:
         "gap_per_sigma": sorted((k for k in keys if k.startswith("gap/loss_s")), key=sigma_of),
         "sample_quality": [k for k in keys if k.startswith("eval/") and not k.endswith(("_std", "_floor"))],
         "gaussian_ev_per_sigma": sorted((k for k in keys if k.startswith("probe/ev_gaussian_s")), key=sigma_of),
+        "ntk_score_error": [k for k in keys if k.startswith(("ntk/score_error_t", "ntk/score_error_h", "ntk/heldout"))]
+        + [k for k in keys if k.startswith("ntk/twin_score_error_heldout")],
+        "ntk_score_error_per_sigma": sorted((k for k in keys if k.startswith("ntk/score_error_s")), key=sigma_of),
+        "ntk_kernel": [k for k in keys if k in ("ntk/drift", "ntk/alignment", "ntk/twin_rel_error")],
+        "ntk_spectrum": sorted(k for k in keys if k.startswith("ntk/eig")),
         "learning_rate": ["lr"] if "lr" in keys else [],
         "throughput": ["perf/img_per_s"] if "perf/img_per_s" in keys else [],
     }
@@ -54,7 +59,7 @@ def report(run_dir: str) -> list[Path]:
         for key in series:
             steps, values = _series(records, key)
             ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
-        if name in ("heldout_per_sigma", "loss"):
+        if name in ("heldout_per_sigma", "loss", "ntk_score_error", "ntk_score_error_per_sigma", "ntk_spectrum"):
             ax.set_yscale("log")
         if name == "gap_per_sigma":
             ax.axhline(0, color="gray", lw=0.8)

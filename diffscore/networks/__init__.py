@@ -2,6 +2,7 @@
 
 from diffscore.networks.adm import ADMUNet
 from diffscore.networks.mlp import MLP
+from diffscore.networks.theory_net import TheoryNet
 from diffscore.networks.unet import UNet
 
-__all__ = ["ADMUNet", "MLP", "UNet"]
+__all__ = ["ADMUNet", "MLP", "TheoryNet", "UNet"]
