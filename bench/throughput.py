@@ -5,7 +5,8 @@ torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) confi
 
 Training: EDM loss (lognormal sigma), backward, Adam (fused where the mode says); warm-up excluded, median of
 repeats, no host sync inside the timed steps. GFLOP/img from torch.utils.flop_counter (forward); achieved
-TFLOP/s counts forward + backward as 3x forward. TF32 stays off, as EDM sets it.
+TFLOP/s counts forward + backward as 3x forward. TF32 stays off and cuDNN's autotuner on, as EDM sets them
+(``--no-cudnn-benchmark`` to compare).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
-from diffscore.core.samplers import heun
+from diffscore.core.samplers import heun, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
 from diffscore.networks import UNet
 
@@ -50,9 +51,10 @@ def timed(fn, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
-def run(name: str, cfg: dict, mode: str, opts: dict) -> dict:
+def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = True, probe_steps: int = 3) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
     net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=cfg["dropout"]).cuda()
     mem = torch.channels_last if opts["channels_last"] else torch.contiguous_format
@@ -81,10 +83,11 @@ def run(name: str, cfg: dict, mode: str, opts: dict) -> dict:
     sec = timed(step, repeats=3, inner=5)
     peak = torch.cuda.max_memory_allocated() / 2**30
     train = B / sec
-    # sampling: Heun 18 steps (35 evaluations), inference only
+    # sampling: Heun 18 steps (35 evaluations), inference only. Every evaluation costs the same (one network call
+    # on the same batch), so the rate is measured on the first `probe_steps` steps and scaled to 35 evaluations.
     S = cfg["sample_batch"]
     noise = torch.randn(S, *cfg["data_shape"], device="cuda").contiguous(memory_format=mem) * 80
-    sigmas = karras_sigmas(18)
+    sigmas = karras_sigmas(18)[: probe_steps + 1]
     net.eval()
 
     def sample():
@@ -95,7 +98,8 @@ def run(name: str, cfg: dict, mode: str, opts: dict) -> dict:
             heun(fwd, noise, sigmas)
 
     sample()
-    sample_rate = S / timed(sample, repeats=2, inner=1)
+    per_eval = timed(sample, repeats=3, inner=1) / (2 * probe_steps)  # no sigma = 0 step among them: 2 per step
+    sample_rate = S / (per_eval * nfe("heun", 18))
     return {
         "config": name,
         "mode": mode,
@@ -106,6 +110,7 @@ def run(name: str, cfg: dict, mode: str, opts: dict) -> dict:
         "peak_mem_gib": round(peak, 1),
         "peak_mem_mib_per_img": round(peak * 1024 / B, 1),
         "sample_img_s_heun35": round(sample_rate, 1),
+        "cudnn_benchmark": cudnn_benchmark,
         "gpu": torch.cuda.get_device_name(),
     }
 
@@ -115,11 +120,13 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    ap.add_argument("--probe-steps", type=int, default=3, help="Heun steps timed for the 35-NFE sampling rate")
     args = ap.parse_args()
     rows = []
     for name in args.configs:
         for mode in args.modes:
-            rows.append(run(name, CONFIGS[name], mode, MODES[mode]))
+            rows.append(run(name, CONFIGS[name], mode, MODES[mode], args.cudnn_benchmark, args.probe_steps))
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # row by row, so a run cut short keeps what it measured
                 with open(args.out, "a") as f:

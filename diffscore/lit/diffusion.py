@@ -75,6 +75,8 @@ class DiffusionModule(LightningModule):
         augment: str = "none",  # training augmentation arm: none | nonleaky | scoreaug | nonleaky+scoreaug
         nonleaky: NonLeakyAugment | None = None,  # EDM's clean-data augmentation (default p=0.12) for its arms
         scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
+        compile: bool = False,  # torch.compile the denoiser for training and validation on CUDA (GPU configs: on)
+        channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
     ) -> None:
         super().__init__()
         # Built by the CLI, the hyper-parameters are the config itself (backbone and optimizer as class_path
@@ -97,6 +99,8 @@ class DiffusionModule(LightningModule):
             raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
         self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
         self.denoiser = EDMPrecond(backbone, sigma_data)
+        self._compile, self.channels_last = compile, channels_last  # (nn.Module has a .compile method)
+        self._compiled = None  # the compiled denoiser: a plain attribute, so state_dict keys stay unchanged
         self.sigma_law = LogNormalSigma(P_mean, P_std)
         self.optimizer_factory: Callable = optimizer
         self.lr_rampup_images = lr_rampup_images
@@ -130,6 +134,7 @@ class DiffusionModule(LightningModule):
     # ----------------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
+        x0 = self._images(x0)
         self._ramp_learning_rate(x0.shape[0])
         sigma = self.sigma_law(x0.shape[0], device=x0.device)  # [B]
         noise = torch.randn_like(x0)
@@ -159,6 +164,22 @@ class DiffusionModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    @property
+    def train_denoiser(self) -> nn.Module:
+        """The denoiser that training and validation call: compiled once if ``compile`` (same weights)."""
+        if not self._compile or self.device.type != "cuda":  # CPU runs (tests, smoke runs) stay eager
+            return self.denoiser
+        if self._compiled is None:  # set past nn.Module's registry: not a submodule, not in state_dict
+            object.__setattr__(self, "_compiled", torch.compile(self.denoiser))
+        return self._compiled
+
+    def _images(self, x0: Tensor) -> Tensor:
+        return x0.contiguous(memory_format=torch.channels_last) if self.channels_last and x0.ndim == 4 else x0
+
     def _loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None) -> Tensor:
         """The arm's per-sample loss [B]: EDM's, on non-leaky-augmented x0 if enabled, or ScoreAug's on top.
         The augmentation label is [nonleaky (9) | scoreaug (11)] for the enabled ones, zero-padded to the
@@ -177,10 +198,10 @@ class DiffusionModule(LightningModule):
         if labels:
             aug_label = torch.cat(labels, dim=1)  # [B, A']
             aug_label = torch.nn.functional.pad(aug_label, (0, self.backbone.augment_dim - aug_label.shape[1]))
-        sd = self.hparams.sigma_data
+        sd, denoiser = self.hparams.sigma_data, self.train_denoiser
         if sa_params is not None:
-            return scoreaug_loss(self.denoiser, x0, sigma, noise, self.scoreaug, sa_params, cond, sd, aug_label)
-        return edm_loss(self.denoiser, x0, sigma, noise, cond, sd, aug_label)
+            return scoreaug_loss(denoiser, x0, sigma, noise, self.scoreaug, sa_params, cond, sd, aug_label)
+        return edm_loss(denoiser, x0, sigma, noise, cond, sd, aug_label)
 
     def _raise_if_nonfinite(self) -> None:
         if bool(self._nonfinite):
@@ -227,17 +248,19 @@ class DiffusionModule(LightningModule):
         # a lock under DDP, which cannot be copied.
         state = super().__getstate__()
         state["optimizer_factory"] = None
+        state["_compiled"] = None  # recompiled on first use
         return state
 
     # ----------------------------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x0, labels = batch
+        x0 = self._images(x0)
         split = "heldout" if dataloader_idx == 0 else "train_eval"
         g = torch.Generator(device=x0.device).manual_seed(batch_idx)  # the same noise at every validation
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         for i, s in enumerate(self.val_sigmas):
             sigma = torch.full((x0.shape[0],), s, device=x0.device)
-            loss = edm_loss(self.denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data)
+            loss = edm_loss(self.train_denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data)
             self.val_metrics[f"{split}_{i}"].update(loss)
 
     def on_validation_epoch_end(self) -> None:

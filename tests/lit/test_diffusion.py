@@ -151,3 +151,30 @@ def test_augment_arm_errors_name_the_option():
         DiffusionModule(net, augment="scoreaug")
     with pytest.raises(DiffscoreError, match="model.augment must be one of"):
         DiffusionModule(net, augment="scoreaugment")
+
+
+def test_compile_and_channels_last_keep_the_loss_and_the_checkpoint_keys(monkeypatch):
+    """The GPU switches change how the step runs, not what it computes or what a checkpoint holds."""
+    import copy
+
+    real_compile, compiled = torch.compile, []
+
+    def eager_compile(module, **kw):  # the wiring, without a C++ toolchain: dynamo with the eager backend
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(DiffusionModule, "device", property(lambda self: torch.device("cuda")))  # compiles on CUDA
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    sigma, noise = torch.exp(torch.randn(8)), torch.randn(8, 1, 8, 8)
+    losses, keys = [], []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        module = DiffusionModule(tiny_unet(), compile=fast, channels_last=fast)
+        module.setup("fit")
+        losses.append(module._loss(module._images(x0), sigma, noise, None))
+        keys.append(list(module.state_dict()))
+        copy.deepcopy(module)  # the EMA callback copies the module
+    assert len(compiled) == 1
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    assert keys[0] == keys[1]
