@@ -301,7 +301,14 @@ class NonLeakyAugment:
         )
 
     def _inverse_matrix(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
-        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates."""
+        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates (float32, also under
+        autocast: linalg.inv has no half-precision kernels)."""
+        dev = params.scale.device
+        with torch.autocast(dev.type, enabled=False):
+            f32 = NonLeakyParams(**{f.name: getattr(params, f.name).float() for f in fields(params)})
+            return self._inverse_matrix_f32(f32, H, W)
+
+    def _inverse_matrix_f32(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
         B = params.scale.shape[0]
         dev = params.scale.device
 

@@ -190,3 +190,14 @@ def test_nonleaky_probability_p():
     assert (params.xflip != 0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # xflip multiplier 1e8
     assert (params.rotate != 0).float().mean().item() == pytest.approx(0.12, abs=0.006)
     assert aug.label(params).shape == (50000, 9)
+
+
+def test_nonleaky_geometry_runs_in_float32_whatever_the_parameter_dtype():
+    """Under CUDA autocast the parameter arithmetic comes out in bf16, where linalg.inv has no kernel."""
+    aug = NonLeakyAugment(p=1.0)
+    params = aug.sample_params(8, generator=torch.Generator().manual_seed(10))
+    x = torch.randn(8, 3, 8, 8)
+    low = NonLeakyParams(**{k: v.bfloat16() for k, v in vars(params).items()})
+    out = aug.apply(x, low)  # raised "linalg.inv: Low precision dtypes not supported" before
+    assert out.dtype == x.dtype and torch.isfinite(out).all()
+    assert (out - aug.apply(x, params)).abs().mean() < 0.05  # only bf16 rounding of the angles and scales
