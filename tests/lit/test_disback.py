@@ -14,6 +14,15 @@ N, RECORD, BACK = 3, 2, 2
 DIGITS = str(REPO / "experiments" / "disback_digits.yaml")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these tiny networks run 50x slower with two threads on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _module(teacher, path_dir, **kw):
     opts = dict(num_path=N, record_interval=RECORD, backtrack_interval=BACK, generator_steps=N * BACK + 1)
     opts.update(kw)
@@ -212,3 +221,12 @@ def test_digits_config_then_sample_and_evaluate_the_generator(tiny_ckpt, in_tmp,
     summary = json.loads(out.read_text())
     assert summary["nfe"] == 1 and summary["sampler"] == "one-step"
     assert summary["runs"][0]["fd_digits"] > 0
+
+
+@pytest.mark.parametrize("name", ["disback_ffhq", "disback_afhqv2", "disback_imagenet64"])
+def test_image_configs_need_a_teacher_and_run_with_one(name, tiny_ckpt, in_tmp, capsys):
+    config = str(REPO / "experiments" / f"{name}.yaml")
+    assert run_cli(["fit", "--config", config]) == 2
+    assert "model.teacher_ckpt is required" in capsys.readouterr().err
+    fast = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--data.init_args.batch_size=4"]
+    assert run_cli(["fit", "--config", config, f"--model.init_args.teacher_ckpt={tiny_ckpt}", *fast]) == 0
