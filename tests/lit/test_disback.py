@@ -129,11 +129,13 @@ def test_stages_run_separately(tiny_ckpt, tmp_path):
 
 
 class StopAt(Callback):
-    def __init__(self, generator_step):
-        self.generator_step = generator_step
+    def __init__(self, generator_step=None, stage1_step=None):
+        self.generator_step, self.stage1_step = generator_step, stage1_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if int(module.generator_step) == self.generator_step:
+        if self.generator_step is not None and int(module.generator_step) == self.generator_step:
+            trainer.should_stop = True
+        if self.stage1_step is not None and int(module.stage1_step) == self.stage1_step:
             trainer.should_stop = True
 
 
@@ -163,6 +165,28 @@ def test_interrupted_in_stage_two_and_resumed_equals_uninterrupted(tiny_ckpt, tm
     kinds = [(s, k, kind) for s, k, _, kind in resumed.target_log]
     assert kinds == [(0, 2, "start"), (2, 1, "move"), (3, 1, "resume"), (4, 0, "move")]
     assert [e for e in resumed.target_log if e[3] != "resume"] == straight.target_log
+
+
+def test_interrupted_in_stage_one_and_resumed_records_the_same_path(tiny_ckpt, tmp_path):
+    def fresh(name):
+        torch.manual_seed(0)
+        return _module(tiny_ckpt, tmp_path / name)
+
+    straight = fresh("a")
+    _trainer().fit(straight, DistillBatches(batch_size=8, batches_per_epoch=4))
+    part = fresh("b")
+    trainer = _trainer([StopAt(stage1_step=3)])  # between nodes 1 and 2
+    trainer.fit(part, DistillBatches(batch_size=8, batches_per_epoch=4))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["node_001.pt"]
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    resumed = fresh("b")
+    _trainer().fit(resumed, DistillBatches(batch_size=8, batches_per_epoch=4), ckpt_path=str(tmp_path / "mid.ckpt"))
+    for k in range(1, N + 1):
+        a = torch.load(straight.path_file(k), weights_only=True)
+        b = torch.load(resumed.path_file(k), weights_only=True)
+        assert a["fingerprint"] == b["fingerprint"] and a["stage1_step"] == b["stage1_step"]
+    assert _equal_states(resumed.state_dict(), straight.state_dict())
+    assert resumed.target_log == straight.target_log
 
 
 def test_bad_options(tiny_ckpt, tmp_path):
