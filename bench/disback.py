@@ -161,9 +161,41 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def summarise(result: dict) -> None:
+    for method in ("disback", "diffinstruct"):
+        final = [r["fd"][-1] for r in result["runs"] if r["method"] == method]
+        if final:
+            result[f"{method}_final_fd_mean"] = float(np.mean(final))
+            result[f"{method}_final_fd_std"] = float(np.std(final))
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = out.with_name(f".{out.name}.json.tmp")
+    tmp_json.write_text(json.dumps(result, indent=2))
+    os.replace(tmp_json, out.with_suffix(".json"))
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One JSON + PNG from runs made in several invocations (e.g. one per method, to fit a time limit)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    skip = {"seeds", "methods", "out", "threads", "device", "merge"}
+    options = [{k: v for k, v in p["args"].items() if k not in skip} for p in parts]
+    if any(o != options[0] for o in options):
+        raise SystemExit("--merge: the files were made with different options")
+    result = dict(parts[0])
+    result["runs"] = [r for p in parts for r in p["runs"]]
+    result["seconds"] = sum(p["seconds"] for p in parts)
+    result["merged_from"] = paths
+    summarise(result)
+    write(result, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True, help="the digits teacher checkpoint (diffscore fit)")
+    ap.add_argument("--teacher", help="the digits teacher checkpoint (diffscore fit); required unless --merge")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--out", default="bench/disback")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -181,7 +213,13 @@ def main() -> None:
     ap.add_argument("--eval_samples", type=int, default=1000)
     ap.add_argument("--teacher_steps", type=int, default=18, help="Heun steps of the teacher reference (18: 35 NFE)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--merge", nargs="+", help="only combine the runs of these JSON files (made with equal options)")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
+    if not args.teacher:
+        ap.error("--teacher is required")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -212,18 +250,8 @@ def main() -> None:
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    for method in args.methods:
-        final = [r["fd"][-1] for r in runs if r["method"] == method]
-        if final:
-            result[f"{method}_final_fd_mean"] = float(np.mean(final))
-            result[f"{method}_final_fd_std"] = float(np.std(final))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = out.with_name(f".{out.name}.json.tmp")
-    tmp_json.write_text(json.dumps(result, indent=2))
-    os.replace(tmp_json, out.with_suffix(".json"))
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')} in {result['seconds']:.0f}s")
+    summarise(result)
+    write(result, Path(args.out))
 
 
 if __name__ == "__main__":
