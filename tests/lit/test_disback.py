@@ -100,6 +100,10 @@ def test_diffinstruct_targets_the_teacher_without_a_path(tiny_ckpt, tmp_path):
     assert [(s, k, kind) for s, k, _, kind in module.target_log] == [(0, 0, "start")]
     assert _equal_states(module.target.state_dict(), module.teacher.state_dict())
     assert not _equal_states(module.generator.state_dict(), start)  # the generator did move
+    module.to(torch.float64)  # the frozen networks (outside the module tree) move with the module
+    assert {p.dtype for net in (module.teacher, module.target, module.generator) for p in net.parameters()} == {
+        torch.float64
+    }
 
 
 def test_stages_run_separately(tiny_ckpt, tmp_path):
