@@ -258,3 +258,15 @@ def test_image_configs_need_a_teacher_and_run_with_one(name, tiny_ckpt, in_tmp, 
     assert "model.teacher_ckpt is required" in capsys.readouterr().err
     fast = ["--trainer.fast_dev_run=true", "--trainer.accelerator=cpu", "--data.init_args.batch_size=4"]
     assert run_cli(["fit", "--config", config, f"--model.init_args.teacher_ckpt={tiny_ckpt}", *fast]) == 0
+
+
+def test_fingerprint_sees_one_ulp_and_scalar_buffers():
+    net = torch.nn.Linear(3, 2)
+    net.register_buffer("count", torch.tensor(3))
+    before = fingerprint(net)
+    with torch.no_grad():
+        net.weight[0, 0] = torch.nextafter(net.weight[0, 0], torch.tensor(1e9))
+    assert fingerprint(net) != before
+    after = fingerprint(net)
+    net.count += 1
+    assert fingerprint(net) != after
