@@ -69,11 +69,16 @@ def build(config: dict[str, Any], base: type) -> Any:
 
 
 def load_diffusion_checkpoint(path: str | Path, trust: bool = False):
-    """The DiffusionModule of a `diffscore fit` checkpoint, with the EMA weights (``state_dict``)."""
+    """The DiffusionModule of a `diffscore fit` checkpoint, with the EMA weights (``state_dict``); for a one-step
+    distillation checkpoint (DisBackModule), its generator as a OneStepGenerator (NFE = 1)."""
     from diffscore.core.augment import NonLeakyAugment, ScoreAugment
     from diffscore.lit.diffusion import DiffusionModule
 
     ckpt = read_checkpoint(path, trust)
+    if "one_step_generator" in ckpt:
+        from diffscore.lit.disback import load_one_step_generator
+
+        return load_one_step_generator(ckpt, path)
     hp = ckpt.get("hyper_parameters") or {}
     owner = hp.get("_class_path", "diffscore.lit.DiffusionModule")
     if not owner.endswith("DiffusionModule") or "backbone" not in hp or "state_dict" not in ckpt:

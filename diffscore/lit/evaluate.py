@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from diffscore.core.samplers import nfe
 from diffscore.errors import DiffscoreError
 from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_diffusion_checkpoint
+from diffscore.lit.disback import check_one_step_options
 from diffscore.lit.sample import ShardWriter, predict_over_seeds, prepare_teleport
 from diffscore.lit.teleport import TeleportOptions
 from diffscore.metrics.digits_classifier import digits_features
@@ -236,6 +237,7 @@ def evaluate(
     if out is not None and not Path(out).parent.is_dir():
         raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
     model = load_diffusion_checkpoint(ckpt_path, trust_checkpoint)
+    check_one_step_options(model, steps, sampler, teleport)
     shape = model.data_shape
     if metrics == "auto":
         metrics = auto_metrics(model)
@@ -296,7 +298,7 @@ def evaluate(
         "sampler": sampler or model.hparams.sampler,
         "steps": steps or model.hparams.num_steps,
         "teleport_skip": model.predict_options.get("teleport_skip", 0),
-        "nfe": nfe(sampler or model.hparams.sampler, run_steps),
+        "nfe": 1 if getattr(model, "one_step", False) else nfe(sampler or model.hparams.sampler, run_steps),
         "runs": runs,
     }
     if protocol == "edm":

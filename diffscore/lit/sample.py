@@ -23,6 +23,7 @@ from diffscore.core.schedules import karras_sigmas
 from diffscore.errors import DiffscoreError
 from diffscore.lit.checkpoint import load_diffusion_checkpoint
 from diffscore.lit.diffusion import DiffusionModule
+from diffscore.lit.disback import check_one_step_options
 from diffscore.lit.teleport import TeleportOptions, gaussian_for_checkpoint
 
 
@@ -208,6 +209,7 @@ def sample(
     out_path = Path(out)
     _check_out(out_path, overwrite)
     model = load_diffusion_checkpoint(ckpt_path, trust_checkpoint)
+    check_one_step_options(model, steps, sampler, teleport)
     if class_label is not None:
         label_dim = getattr(model.backbone, "label_dim", 0)
         if not 0 <= class_label < label_dim:

@@ -1,0 +1,462 @@
+"""DisBack (Zhang et al. 2024, arXiv 2408.15991): one-step distillation along a recorded degradation path,
+and its baseline Diff-Instruct (the same loop with the target fixed at the teacher).
+
+Networks (all EDMPrecond around a copy of the teacher's backbone):
+- teacher: the frozen EMA weights of a `diffscore fit` checkpoint;
+- generator G: x = D_G(sigma_init z; sigma_init), initialised from the teacher;
+- fake score: learns the score of G's samples with the EDM loss, initialised from the teacher;
+- target: the score G is pulled towards: a node of the path (DisBack) or the teacher (Diff-Instruct).
+
+Stage 1 (degradation recording, DisBack only): G frozen at its initial weights; the fake score (a copy of the
+teacher) is fine-tuned on G's samples for ``num_path * record_interval`` steps, and saved every
+``record_interval`` steps as path node k = 1..N in ``path_dir`` (node 0 is the teacher itself).
+Stage 2 (distribution backtracking): the fake score restarts from node N, the target is node N-1; after every
+``backtrack_interval`` generator steps the target moves one node towards the teacher (N targets in all,
+N-1 moves after the first, the last being the teacher); each generator step first updates the fake score
+``fake_updates`` times on fresh G samples, then G with the VSD gradient (Diff-Instruct's order).
+
+The target node is a pure function of the generator step, so a run resumed from any checkpoint loads the
+same node; every load is strict and checked against the node's saved parameter fingerprint (the published
+code's silent ``strict=False`` no-op cannot happen here), and logged in ``target_log``.
+
+Distillation is data-free: the data module (diffscore.lit.distill_data.DistillBatches) only sets the batch size;
+checkpoints name the teacher's data (``datamodule_hyper_parameters``), which `diffscore evaluate` compares with.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from diffscore.core.distill import WEIGHTINGS, one_step_generate, vsd_gradient, vsd_surrogate_loss
+from diffscore.core.losses import edm_loss
+from diffscore.core.precond import EDMPrecond
+from diffscore.core.schedules import LogNormalSigma
+from diffscore.errors import DiffscoreError
+from diffscore.lit.diffusion import seeded_noise
+
+OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+METHODS = ("disback", "diffinstruct")
+STAGES = ("both", "record", "backtrack")
+
+
+def distill_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Diff-Instruct's optimizer: Adam with beta1 = 0 (lr 1e-4 here; unverified for DisBack)."""
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.0, 0.999), eps=1e-8)
+
+
+def fingerprint(module: nn.Module) -> str:
+    """SHA-1 of every parameter and buffer's bytes, in state_dict order: equal iff the weights are bit-identical."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _seeded_labels(seeds: Sequence[int], label_dim: int, device) -> Tensor:
+    """A label per seed, drawn as DiffusionModule.generate draws them."""
+    return torch.stack(
+        [torch.randint(label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1)) for s in seeds]
+    ).to(device)
+
+
+class OneStepSampling:
+    """``generate``/``predict_step`` of a one-step generator (``self.generator``, ``self.sigma_init``): the hook
+    through which `diffscore sample` and `diffscore evaluate` draw from it (NFE = 1)."""
+
+    one_step = True
+    generator: EDMPrecond
+    sigma_init: float
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.generator.backbone
+
+    @property
+    def conditional(self) -> bool:
+        return getattr(self.backbone, "label_dim", 0) > 0
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        shape = getattr(self.backbone, "data_shape", None)
+        if shape is None:
+            raise DiffscoreError(f"backbone {type(self.backbone).__name__} has no data_shape")
+        return tuple(shape)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: Sequence[int],
+        num_steps: int | None = None,
+        sampler: str | None = None,
+        cond: Tensor | None = None,
+        data_shape: Sequence[int] | None = None,
+    ) -> Tensor:
+        """x = G(z) [len(seeds), *data_shape], z drawn per seed (as DiffusionModule.generate draws its noise).
+        ``num_steps`` and ``sampler`` are accepted for the callers' sake and must be None or 1 / "one-step"."""
+        if num_steps not in (None, 1) or sampler not in (None, "one-step"):
+            raise DiffscoreError("a one-step generator has no sampler or steps to choose (NFE = 1)")
+        shape = tuple(data_shape) if data_shape is not None else self.data_shape
+        z = seeded_noise(seeds, shape, self.device)
+        if self.conditional and cond is None:
+            cond = _seeded_labels(seeds, self.backbone.label_dim, self.device)
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return one_step_generate(self.generator, z, self.sigma_init, cond)
+        finally:
+            self.generator.train(was_training)
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""
+        opts = dict(getattr(self, "predict_options", {}))
+        label = opts.pop("class_label", None)
+        cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
+        samples = self.generate(batch.tolist(), cond=cond)
+        return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
+
+
+class OneStepGenerator(OneStepSampling, LightningModule):
+    """A trained one-step generator, as read back from a DisBackModule checkpoint for sampling/evaluation."""
+
+    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_init: float = 1.0) -> None:
+        super().__init__()
+        self.generator = EDMPrecond(backbone, sigma_data)
+        self.sigma_init = sigma_init
+        self.hparams.update(num_steps=1, sampler="one-step", sigma_init=sigma_init)
+
+
+def load_one_step_generator(ckpt: dict[str, Any], path: str | Path) -> OneStepGenerator:
+    """The generator of a DisBackModule checkpoint dict (strict load of its ``generator.*`` weights)."""
+    from diffscore.lit.checkpoint import build
+
+    info = ckpt["one_step_generator"]
+    model = OneStepGenerator(build(info["backbone"], nn.Module), info["sigma_data"], info["sigma_init"])
+    prefix = "generator."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.generator.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DiffscoreError(
+            f"{path}: the generator's weights do not fit its saved configuration ({e!s:.200})"
+        ) from None
+    return model
+
+
+def check_one_step_options(model: Any, steps: int | None, sampler: str | None, teleport: Any) -> None:
+    """`diffscore sample/evaluate`: a one-step generator takes no --steps, --sampler or --teleport."""
+    if not getattr(model, "one_step", False):
+        return
+    wants_teleport = teleport is not None and (teleport.skip is not None or teleport.sigma is not None)
+    if steps not in (None, 1) or sampler is not None or wants_teleport:
+        raise DiffscoreError(
+            "this checkpoint is a one-step generator (NFE = 1): leave out --steps, --sampler and --teleport"
+        )
+
+
+class DisBackModule(OneStepSampling, LightningModule):
+    """DisBack / Diff-Instruct one-step distillation of a diffscore teacher (manual optimisation).
+
+    Optimizers: [fake score, generator]. Counters ``stage1_step``, ``generator_step`` and ``target_index``
+    are buffers (saved in checkpoints); the distillation noise comes from the module's own seeded generator,
+    whose state is saved too, so an interrupted run resumes exactly. ``target_log`` lists every target load:
+    (generator step, path node, fingerprint, kind) with kind "start", "move" or "resume".
+    """
+
+    def __init__(
+        self,
+        teacher_ckpt: str | None = None,  # a `diffscore fit` checkpoint; its EMA weights are the teacher (required)
+        method: str = "disback",  # "disback" or "diffinstruct" (target = teacher, fake from teacher, no stage 1)
+        stage: str = "both",  # "both": record then backtrack; "record": stage 1 only; "backtrack": stage 2 only
+        path_dir: str | None = None,  # folder of the path nodes (default: <run folder>/disback_path)
+        num_path: int = 10,  # N: path nodes saved in stage 1 (node 0 is the teacher)
+        record_interval: int = 100,  # stage-1 fake-score steps between path nodes
+        backtrack_interval: int = 100,  # generator steps per target in stage 2
+        generator_steps: int = 2000,  # generator steps in stage 2 (DisBack: > (N - 1) * backtrack_interval)
+        fake_updates: int = 1,  # fake-score updates per generator step
+        sigma_init: float = 1.0,  # G(z) = D_G(sigma_init z; sigma_init) (Diff-Instruct's CIFAR value)
+        weighting: str = "dmd",  # VSD weighting: "kl" (1/sigma^2: the exact KL gradient) or "dmd" (normalised)
+        P_mean: float = -1.2,  # ln(sigma) ~ N(P_mean, P_std^2) for both the fake-score loss and the VSD gradient
+        P_std: float = 1.2,
+        generator_optimizer: OptimizerCallable = distill_optimizer,  # Adam(lr 1e-4, betas (0, 0.999))
+        fake_optimizer: OptimizerCallable = distill_optimizer,  # used in stage 1 as well; state reset at stage 2
+        seed: int = 0,  # seed of the distillation noise (z, sigma, n)
+        trust_checkpoint: bool = False,  # allow a teacher checkpoint that needs full unpickling
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["generator_optimizer", "fake_optimizer"])
+        self.automatic_optimization = False
+        if teacher_ckpt is None:
+            raise DiffscoreError("model.teacher_ckpt is required: the teacher's checkpoint from `diffscore fit`")
+        if method not in METHODS:
+            raise DiffscoreError(f"model.method must be one of {METHODS}, got {method!r}")
+        if stage not in STAGES:
+            raise DiffscoreError(f"model.stage must be one of {STAGES}, got {stage!r}")
+        if weighting not in WEIGHTINGS:
+            raise DiffscoreError(f"model.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        for name, value in (
+            ("num_path", num_path),
+            ("record_interval", record_interval),
+            ("backtrack_interval", backtrack_interval),
+            ("generator_steps", generator_steps),
+            ("fake_updates", fake_updates),
+        ):
+            if value < 1:
+                raise DiffscoreError(f"model.{name} must be >= 1, got {value}")
+        if sigma_init <= 0:
+            raise DiffscoreError(f"model.sigma_init must be positive, got {sigma_init}")
+        if method == "disback" and stage != "record" and generator_steps <= (num_path - 1) * backtrack_interval:
+            raise DiffscoreError(
+                f"model.generator_steps ({generator_steps}) must exceed (num_path - 1) * backtrack_interval "
+                f"({(num_path - 1) * backtrack_interval}), or the target never reaches the teacher"
+            )
+        if method == "diffinstruct" and stage != "both":
+            raise DiffscoreError("model.stage applies to disback only; diffinstruct has no stage 1 (leave stage: both)")
+
+        from diffscore.lit.checkpoint import load_diffusion_checkpoint, read_checkpoint
+
+        teacher_module = load_diffusion_checkpoint(teacher_ckpt, trust_checkpoint)  # EMA weights
+        if getattr(teacher_module, "one_step", False):
+            raise DiffscoreError(
+                f"model.teacher_ckpt {teacher_ckpt} is a one-step generator; pass a diffusion checkpoint"
+            )
+        teacher = teacher_module.denoiser.eval().requires_grad_(False)
+        teacher_file = read_checkpoint(teacher_ckpt, trust_checkpoint)
+        self.teacher_backbone_config = teacher_file["hyper_parameters"]["backbone"]
+        self.teacher_data_config = teacher_file.get("datamodule_hyper_parameters")
+        self.teacher_fingerprint = fingerprint(teacher)
+        self.generator = copy.deepcopy(teacher).requires_grad_(True).train()
+        self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
+        # frozen networks live outside the module tree: not in state_dict (the teacher is re-read from its file,
+        # the target from the path), moved with the module by _apply
+        self._frozen: dict[str, EDMPrecond] = {
+            "teacher": teacher,
+            "target": copy.deepcopy(teacher).eval().requires_grad_(False),
+        }
+        self.sigma_data = teacher.sigma_data
+        self.sigma_init = float(sigma_init)
+        self.sigma_law = LogNormalSigma(P_mean, P_std)
+        self.generator_optimizer_factory = generator_optimizer
+        self.fake_optimizer_factory = fake_optimizer
+        self.register_buffer("stage1_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("generator_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("target_index", torch.full((), -1, dtype=torch.long))
+        self.target_log: list[tuple[int, int, str, str]] = []
+        self._loaded_index: int | None = None
+        self._rng: torch.Generator | None = None
+        self._rng_state: Tensor | None = None
+        self._path_dir: Path | None = Path(path_dir) if path_dir else None
+
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> EDMPrecond:
+        return self._frozen["teacher"]
+
+    @property
+    def target(self) -> EDMPrecond:
+        return self._frozen["target"]
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for net in self._frozen.values():
+            net._apply(fn, recurse)
+        return self
+
+    @property
+    def num_record_steps(self) -> int:
+        """Stage-1 steps of this run (0 for Diff-Instruct or a backtrack-only run)."""
+        if self.hparams.method == "diffinstruct" or self.hparams.stage == "backtrack":
+            return 0
+        return self.hparams.num_path * self.hparams.record_interval
+
+    def scheduled_index(self, generator_step: int) -> int:
+        """The path node that is the target at a generator step: N-1, ..., 0 every backtrack_interval steps."""
+        if self.hparams.method == "diffinstruct":
+            return 0
+        return max(self.hparams.num_path - 1 - generator_step // self.hparams.backtrack_interval, 0)
+
+    @property
+    def path_dir(self) -> Path:
+        if self._path_dir is None:
+            raise DiffscoreError("model.path_dir is not set (it defaults to the run folder once fit starts)")
+        return self._path_dir
+
+    def path_file(self, k: int) -> Path:
+        return self.path_dir / f"node_{k:03d}.pt"
+
+    # ----------------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            self.fake_optimizer_factory(self.fake.parameters()),
+            self.generator_optimizer_factory(self.generator.parameters()),
+        ]
+
+    def on_fit_start(self) -> None:
+        if self._path_dir is None:
+            if self.hparams.stage == "backtrack":
+                raise DiffscoreError("model.stage backtrack needs model.path_dir: the folder stage 1 wrote")
+            from diffscore.lit.run_dir import run_dir
+
+            self._path_dir = run_dir(self.trainer) / "disback_path"
+
+    def _noise(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """z, sigma, n and labels for one step, from the module's own generator."""
+        if self._rng is None or self._rng.device != self.device:
+            self._rng = torch.Generator(device=self.device).manual_seed(self.hparams.seed)
+            if self._rng_state is not None:
+                self._rng.set_state(self._rng_state)
+                self._rng_state = None
+        shape = (batch, *self.data_shape)
+        z = torch.randn(shape, generator=self._rng, device=self.device)
+        noise = torch.randn(shape, generator=self._rng, device=self.device)
+        sigma = self.sigma_law(batch, device=self.device, generator=self._rng)
+        cond = None
+        if self.conditional:
+            cond = torch.randint(self.backbone.label_dim, (batch,), generator=self._rng, device=self.device)
+        return z, sigma, noise, cond
+
+    def _fake_step(self, opt, batch: int) -> Tensor:
+        z, sigma, noise, cond = self._noise(batch)
+        with torch.no_grad():
+            x = one_step_generate(self.generator, z, self.sigma_init, cond)
+        loss = edm_loss(self.fake, x, sigma, noise, cond, self.sigma_data).mean()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x0 = batch[0] if isinstance(batch, list | tuple) else batch
+        size = x0.shape[0]  # the images themselves are never used
+        opt_fake, opt_gen = self.optimizers()
+        if int(self.stage1_step) < self.num_record_steps:
+            loss = self._fake_step(opt_fake, size)
+            self.stage1_step += 1
+            self.log("disback/record_loss", loss, prog_bar=True)
+            if int(self.stage1_step) % self.hparams.record_interval == 0:
+                self._save_node(int(self.stage1_step) // self.hparams.record_interval)
+            if self.hparams.stage == "record" and int(self.stage1_step) >= self.num_record_steps:
+                self.trainer.should_stop = True
+            return
+        if int(self.generator_step) == 0 and self._loaded_index is None:
+            self._begin_backtracking(opt_fake)
+        self._sync_target()
+        for _ in range(self.hparams.fake_updates):
+            fake_loss = self._fake_step(opt_fake, size)
+        z, sigma, noise, cond = self._noise(size)
+        x = one_step_generate(self.generator, z, self.sigma_init, cond)  # [B, ...], differentiable in G
+        grad = vsd_gradient(self.fake, self.target, x, sigma, noise, cond, self.hparams.weighting)
+        opt_gen.zero_grad(set_to_none=True)
+        self.manual_backward(vsd_surrogate_loss(x, grad).mean())
+        opt_gen.step()
+        self.generator_step += 1
+        self.log("disback/fake_loss", fake_loss, prog_bar=True)
+        self.log("disback/vsd_grad_norm", grad.flatten(1).norm(dim=1).mean())
+        self.log("disback/target_index", float(self.target_index))
+        if int(self.generator_step) >= self.hparams.generator_steps:
+            self.trainer.should_stop = True
+
+    # ----------------------------------------------------------------------------------------------------
+    def _save_node(self, k: int) -> None:
+        """Path node k (the fake score after k * record_interval steps), written atomically on rank zero."""
+        if self.trainer.is_global_zero:
+            self.path_dir.mkdir(parents=True, exist_ok=True)
+            state = {name: t.detach().cpu().clone() for name, t in self.fake.state_dict().items()}
+            payload = {
+                "state_dict": state,
+                "index": k,
+                "stage1_step": int(self.stage1_step),
+                "fingerprint": fingerprint(self.fake),
+                "teacher_fingerprint": self.teacher_fingerprint,
+            }
+            path = self.path_file(k)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+
+    def _load_node(self, net: EDMPrecond, k: int) -> str:
+        """Load path node k into ``net`` (strictly; node 0 is the teacher); returns the new fingerprint."""
+        if k == 0:
+            net.load_state_dict(self.teacher.state_dict(), strict=True)
+            expected = self.teacher_fingerprint
+        else:
+            path = self.path_file(k)
+            if not path.is_file():
+                raise DiffscoreError(
+                    f"path node {path} is missing: stage 2 needs the {self.hparams.num_path} nodes that stage 1 "
+                    "wrote; run stage 1 (model.stage both or record) or point model.path_dir at them"
+                )
+            payload = torch.load(path, map_location=self.device, weights_only=True)
+            if payload.get("teacher_fingerprint") != self.teacher_fingerprint:
+                raise DiffscoreError(f"path node {path} was recorded from another teacher than model.teacher_ckpt")
+            try:
+                net.load_state_dict(payload["state_dict"], strict=True)
+            except RuntimeError as e:
+                raise DiffscoreError(f"path node {path} does not fit the teacher's network ({e!s:.200})") from None
+            expected = payload["fingerprint"]
+        got = fingerprint(net)
+        if got != expected:
+            raise DiffscoreError(f"internal: path node {k} loaded with fingerprint {got}, saved as {expected}")
+        return got
+
+    def _begin_backtracking(self, opt_fake) -> None:
+        """Stage 2 starts: the fake score from node N (DisBack) with fresh optimizer state."""
+        self.trainer.strategy.barrier()  # rank zero has written the path
+        if self.hparams.method == "disback":
+            self._load_node(self.fake, self.hparams.num_path)
+            opt_fake.optimizer.state.clear()
+
+    def _sync_target(self) -> None:
+        """Load the scheduled target node if it is not the one loaded; log the load."""
+        k = self.scheduled_index(int(self.generator_step))
+        if self._loaded_index == k:
+            return
+        if self._loaded_index is None:
+            kind = "start" if int(self.generator_step) == 0 else "resume"
+        else:
+            kind = "move"
+        fp = self._load_node(self.target, k)
+        self._loaded_index = k
+        self.target_index.fill_(k)
+        self.target_log.append((int(self.generator_step), k, fp, kind))
+
+    # ----------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["one_step_generator"] = {
+            "backbone": self.teacher_backbone_config,
+            "sigma_data": self.sigma_data,
+            "sigma_init": self.sigma_init,
+        }
+        if self.teacher_data_config:  # the generator models the teacher's data: evaluate compares with them
+            checkpoint["datamodule_hyper_parameters"] = dict(self.teacher_data_config)
+        checkpoint["disback"] = {
+            "rng": self._rng.get_state() if self._rng is not None else self._rng_state,
+            "target_log": list(self.target_log),
+            "path_dir": str(self._path_dir) if self._path_dir else None,
+        }
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}  # dropout, as DiffusionModule does
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("disback") or {}
+        self._rng, self._rng_state = None, state.get("rng")
+        self.target_log = [tuple(e) for e in state.get("target_log", [])]
+        if self._path_dir is None and state.get("path_dir"):
+            self._path_dir = Path(state["path_dir"])
+        self._loaded_index = None
+        rng = checkpoint.get("rng_states")
+        if rng and self._trainer is not None and self._trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["generator_optimizer_factory"] = state["fake_optimizer_factory"] = None
+        return state
