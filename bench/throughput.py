@@ -84,10 +84,11 @@ def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = Tru
     peak = torch.cuda.max_memory_allocated() / 2**30
     train = B / sec
     # sampling: Heun 18 steps (35 evaluations), inference only. Every evaluation costs the same (one network call
-    # on the same batch), so the rate is measured on the first `probe_steps` steps and scaled to 35 evaluations.
+    # on the same batch), so the rate is timed on the first `probe_steps` steps (plus a last step to 0) and scaled
+    # to 35 evaluations.
     S = cfg["sample_batch"]
     noise = torch.randn(S, *cfg["data_shape"], device="cuda").contiguous(memory_format=mem) * 80
-    sigmas = karras_sigmas(18)[: probe_steps + 1]
+    sigmas = torch.cat([karras_sigmas(18)[: probe_steps + 1], torch.zeros(1, dtype=torch.float64)])
     net.eval()
 
     def sample():
@@ -98,7 +99,7 @@ def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = Tru
             heun(fwd, noise, sigmas)
 
     sample()
-    per_eval = timed(sample, repeats=3, inner=1) / (2 * probe_steps)  # no sigma = 0 step among them: 2 per step
+    per_eval = timed(sample, repeats=3, inner=1) / nfe("heun", probe_steps + 1)  # 2 per step, 1 for the last
     sample_rate = S / (per_eval * nfe("heun", 18))
     return {
         "config": name,
