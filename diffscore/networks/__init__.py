@@ -2,6 +2,7 @@
 
 from diffscore.networks.adm import ADMUNet
 from diffscore.networks.mlp import MLP
+from diffscore.networks.text_encoder import TextEncoder
 from diffscore.networks.unet import UNet
 
-__all__ = ["ADMUNet", "MLP", "UNet"]
+__all__ = ["ADMUNet", "MLP", "TextEncoder", "UNet"]
