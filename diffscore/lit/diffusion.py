@@ -296,9 +296,11 @@ class DiffusionModule(LightningModule):
         """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""
         opts = dict(getattr(self, "predict_options", {}))  # set by `diffscore sample`
         label = opts.pop("class_label", None)
-        prompt = opts.pop("prompt", None)
+        prompt, prompts = opts.pop("prompt", None), opts.pop("prompts", None)
         cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
         if prompt is not None:
             cond = [prompt] * len(batch)
+        if prompts is not None:  # one caption per seed (evaluate --prompts): independent of the batching
+            cond = [prompts[s % len(prompts)] for s in batch.tolist()]
         samples = self.generate(batch.tolist(), cond=cond, **opts)
         return {"seeds": batch.cpu(), "samples": samples.float().cpu()}

@@ -66,3 +66,50 @@ def test_real_config_without_data_says_where_to_put_it(in_tmp, capsys):
     assert run_cli(["fit", "--config", REAL, "--trainer.accelerator=cpu", "--trainer.fast_dev_run=true"]) == 2
     err = capsys.readouterr().err
     assert "MusicScore not found under datasets/musicscore" in err and "MisicScore-400" in err
+
+
+def _text_model():
+    from diffscore.lit import DiffusionModule
+    from diffscore.networks import UNet
+
+    torch.manual_seed(0)
+    backbone = UNet(
+        data_shape=[1, 8, 8],
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        text_dim=8,
+        text_layers=1,
+        text_heads=2,
+        text_vocab_size=16,
+        text_max_length=8,
+        cross_attn_resolutions=[4],
+    )
+    backbone.text_encoder.build_vocabulary(["a music score violin", "a music score cello"])
+    return DiffusionModule(backbone, num_steps=2).eval()
+
+
+def test_predict_step_prompts_per_seed_and_guidance():
+    from diffscore.lit.evaluate import prompt_options
+
+    model = _text_model()
+    prompts = ["a music score violin", "a music score cello", "a music score"]
+    model.predict_options = {"prompts": prompts, "guidance": 3.0}
+    seeds = torch.tensor([4, 0, 2])
+    out = model.predict_step(seeds, 0)["samples"]
+    for seed, sample in zip(seeds.tolist(), out):  # sample i is conditioned on caption i mod 3, whatever the batch
+        alone = model.generate([seed], cond=[prompts[seed % 3]], guidance=3.0)[0]
+        torch.testing.assert_close(sample, alone)
+    unguided = model.generate([4], cond=[prompts[1]])[0]
+    assert not torch.equal(unguided, out[0])
+
+    class Captions:
+        def captions(self, split):
+            return {"test": prompts, "val": []}[split]
+
+    assert prompt_options(model, Captions(), "test", 2.0) == {"guidance": 2.0, "prompts": prompts}
+    with pytest.raises(DiffscoreError, match="has no captions"):
+        prompt_options(model, Captions(), "val", 1.0)
+    with pytest.raises(DiffscoreError, match="--prompts must be"):
+        prompt_options(model, Captions(), "holdout", 1.0)
