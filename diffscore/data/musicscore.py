@@ -144,7 +144,11 @@ def extract_shard(shard: str | Path, dest: str | Path) -> Path:
                 tar.extractall(tmp, members=members, filter="data")
             else:  # pragma: no cover - older Pythons; every member was checked above
                 tar.extractall(tmp, members=members)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process (a DDP rank) finished the same extraction first
+                raise
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DiffscoreError(f"shard {shard} is not a readable tar archive ({type(e).__name__}: {e})") from None
     finally:

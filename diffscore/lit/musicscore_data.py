@@ -87,7 +87,13 @@ class MusicScoreDataModule(BaseDataModule):
             pass
         sizes = {"train": num_pages, "val": max(1, num_pages // 8), "test": max(1, num_pages // 8)}
         root.mkdir(parents=True, exist_ok=True)
-        write_synthetic_musicscore(root, self.scale or "400", sizes, seed=seed)
+        try:
+            write_synthetic_musicscore(root, self.scale or "400", sizes, seed=seed)
+        except (DiffscoreError, OSError) as e:
+            try:  # another process (a DDP rank) may have written it first
+                find_scale_dir(root, self.scale)
+            except DiffscoreError:
+                raise e from None
 
     @property
     def data_shape(self) -> tuple[int, ...]:
