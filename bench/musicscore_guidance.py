@@ -109,6 +109,25 @@ def main() -> None:
             save_image((samples[:32].clamp(-1, 1) + 1) / 2, Path(args.out).with_suffix(f".w{w:g}.png"), nrow=8)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    plot(result, Path(args.out).with_suffix(".png"))
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = list(result["accuracy"])
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.bar([f"w={w}" if float(w) else "uncond." for w in ws], [result["accuracy"][w] for w in ws], color="tab:blue")
+    ax.axhline(result["chance"], color="gray", ls="--", label="majority layout")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("prompted-layout accuracy")
+    ax.set_title(f"synthetic MusicScore, {result['resolution']}px, {result['num_prompts']} prompts", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

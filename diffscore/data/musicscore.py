@@ -189,7 +189,12 @@ def list_split_images(scale_dir: Path, split: str, cache_dir: Path | None = None
     roots = list(folders)
     for shard in shards:
         roots.append(extract_shard(shard, cache / _shard_stem(shard)))
-    images = {p for root in roots for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    images = {
+        p
+        for root in roots
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")  # no ._ forks
+    }
     return sorted(images, key=lambda p: (p.name, str(p)))
 
 
