@@ -59,7 +59,8 @@ def train_classifier(resolution: int, num_pages: int, seed: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    p.add_argument("--ckpt")
+    p.add_argument("--plot", nargs="+", help="only plot these result JSONs (label=path.json) into --out (a .png)")
     p.add_argument("--root", default="datasets/musicscore-synthetic")
     p.add_argument("--guidance", default="0,1,2,4")
     p.add_argument("--num_prompts", type=int, default=200)
@@ -67,6 +68,15 @@ def main() -> None:
     p.add_argument("--classifier_pages", type=int, default=2000)
     p.add_argument("--out", default="bench/musicscore_guidance.json")
     args = p.parse_args()
+    if args.plot:
+        results = []
+        for item in args.plot:
+            label, _, path = item.rpartition("=")
+            results.append({**json.loads(Path(path).read_text()), **({"label": label} if label else {})})
+        plot(results, Path(args.out))
+        return
+    if not args.ckpt:
+        p.error("--ckpt is required")
     torch.set_num_threads(2)
     model = load_diffusion_checkpoint(args.ckpt).eval()
     resolution = model.data_shape[-1]
@@ -109,23 +119,28 @@ def main() -> None:
             save_image((samples[:32].clamp(-1, 1) + 1) / 2, Path(args.out).with_suffix(f".w{w:g}.png"), nrow=8)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    plot(result, Path(args.out).with_suffix(".png"))
+    plot([result], Path(args.out).with_suffix(".png"))
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(results: list[dict], path: Path) -> None:
+    """Grouped bars: prompted-layout accuracy per guidance scale, one group per result (checkpoint)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ws = list(result["accuracy"])
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.bar([f"w={w}" if float(w) else "uncond." for w in ws], [result["accuracy"][w] for w in ws], color="tab:blue")
-    ax.axhline(result["chance"], color="gray", ls="--", label="majority layout")
-    ax.set_ylim(0, 1)
+    ws = list(results[0]["accuracy"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(ws))]
+        ax.bar(xs, [r["accuracy"][w] for w in ws], width, label=r.get("label", Path(r["ckpt"]).stem))
+    ax.axhline(results[0]["chance"], color="gray", ls="--", lw=1, label="always the majority layout")
+    ax.set_xticks(range(len(ws)), ["unconditional" if not float(w) else f"w = {float(w):g}" for w in ws])
+    ax.set_ylim(0, 1.05)
     ax.set_ylabel("prompted-layout accuracy")
-    ax.set_title(f"synthetic MusicScore, {result['resolution']}px, {result['num_prompts']} prompts", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"synthetic MusicScore, {results[0]['resolution']}px, {results[0]['num_prompts']} prompts", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
