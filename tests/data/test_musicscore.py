@@ -170,3 +170,9 @@ def test_page_policies():
     assert page_to_square(rgb, 16).mode == "L"
     with pytest.raises(DiffscoreError, match="page_policy"):
         page_to_square(img, 16, "stretch")
+
+
+def test_hidden_resource_forks_are_not_pages(tmp_path):
+    d = write_synthetic_musicscore(tmp_path, num_pages={"train": 2, "val": 0, "test": 0}, page_width=64)
+    (d / "train" / "._IMSLP010000_1.jpg").write_bytes(b"\x00\x05\x16\x07 not an image")
+    assert [p.name for p in list_split_images(d, "train")] == sorted(p.name for p in (d / "train").glob("IMSLP*"))
