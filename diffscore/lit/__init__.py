@@ -5,6 +5,7 @@ from diffscore.lit.diffusion import DiffusionModule
 from diffscore.lit.ema import EDMEMA
 from diffscore.lit.gaussian_probe import GaussianScoreProbe
 from diffscore.lit.image_data import CIFAR10DataModule, ImageDataModule
+from diffscore.lit.musicscore_data import MusicScoreDataModule
 from diffscore.lit.ntk_probe import NTKProbe
 from diffscore.lit.run_log import RunLog, SampleQuality
 from diffscore.lit.sample_grid import SampleGrid
@@ -18,6 +19,7 @@ __all__ = [
     "GMMDataModule",
     "GaussianScoreProbe",
     "ImageDataModule",
+    "MusicScoreDataModule",
     "NTKProbe",
     "RegressionDiffusionModule",
     "RunLog",

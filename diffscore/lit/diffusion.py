@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from diffscore.core.augment import NonLeakyAugment, ScoreAugment
 from diffscore.core.gaussian import skip_for_sigma, teleport
+from diffscore.core.guidance import guided_denoiser
 from diffscore.core.losses import edm_loss, scoreaug_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.samplers import get_sampler, nfe
@@ -123,7 +124,8 @@ class DiffusionModule(LightningModule):
 
     @property
     def conditional(self) -> bool:
-        return getattr(self.backbone, "label_dim", 0) > 0
+        """Conditioned on class labels (label_dim > 0) or on captions (a backbone with a text encoder)."""
+        return getattr(self.backbone, "label_dim", 0) > 0 or getattr(self.backbone, "text_encoder", None) is not None
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None):
         return self.denoiser(x, sigma, cond, aug_label)
@@ -296,8 +298,12 @@ class DiffusionModule(LightningModule):
         data_shape: Sequence[int] | None = None,
         teleport_skip: int = 0,
         teleport_sigma: float | None = None,
+        guidance: float = 1.0,
     ) -> Tensor:
         """Samples x0 [len(seeds), *data_shape] from the current weights; noise drawn per seed.
+
+        ``cond``: class labels [B], or captions (a list of str) for a text backbone (None: the empty caption).
+        ``guidance`` w != 1 applies classifier-free guidance against the null condition (diffscore.core.guidance).
 
         ``teleport_skip`` (or ``teleport_sigma``) replaces the first steps by the closed-form flow of
         ``self.teleport_gaussian`` (a GaussianDenoiser of the training data; Wang & Vastola 2024).
@@ -316,17 +322,18 @@ class DiffusionModule(LightningModule):
             if gaussian is None:
                 raise DiffscoreError("teleportation needs model.teleport_gaussian (a GaussianDenoiser of the data)")
             x, sigmas = teleport(gaussian.to(self.device), x, sigmas, teleport_skip)
-        if self.conditional and cond is None:  # a seeded label per sample, like the noise
+        if getattr(self.backbone, "label_dim", 0) > 0 and cond is None:  # a seeded label per sample, like the noise
             cond = torch.stack(
                 [
                     torch.randint(self.backbone.label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1))
                     for s in seeds
                 ]
             ).to(self.device)
+        denoiser = self.denoiser if guidance == 1.0 else guided_denoiser(self.denoiser, guidance)
         was_training = self.training
         self.eval()
         try:
-            return sampler_fn(self.denoiser, x, sigmas, cond, **extra)
+            return sampler_fn(denoiser, x, sigmas, cond, **extra)
         finally:
             self.train(was_training)
 
@@ -342,7 +349,12 @@ class DiffusionModule(LightningModule):
         """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""
         opts = dict(getattr(self, "predict_options", {}))  # set by `diffscore sample`
         label = opts.pop("class_label", None)
+        prompt, prompts = opts.pop("prompt", None), opts.pop("prompts", None)
         cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
+        if prompt is not None:
+            cond = [prompt] * len(batch)
+        if prompts is not None:  # one caption per seed (evaluate --prompts): independent of the batching
+            cond = [prompts[s % len(prompts)] for s in batch.tolist()]
         samples = self.generate(batch.tolist(), cond=cond, **opts)
         return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
 

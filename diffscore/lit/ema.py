@@ -7,6 +7,7 @@ runs: a fixed decay of 0.999 after 900 steps still holds 40% of the random initi
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -66,7 +67,10 @@ class EDMEMA(WeightAveraging):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning copies the EMA into the model here, and ModelCheckpoint may save "last" right after:
         # keep the raw weights so that checkpoint still resumes from them, not from the EMA.
-        self._raw_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self._raw_state = {  # non-tensor entries: extra states such as a text encoder's vocabulary
+            k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+            for k, v in pl_module.state_dict().items()
+        }
         super().on_train_end(trainer, pl_module)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -3,9 +3,10 @@
 Samples are drawn per seed (as `diffscore sample`), split over devices without duplicates; each device turns
 its samples into features at once (Inception pool3 + logits, digits-classifier features, nearest-training-image
 distances), so only features travel. Metrics: ``fid``, ``kid``, ``is``, ``fid_k`` (FID on groups of k samples,
-the MusicScore protocol), ``fd_digits`` (never called FID), ``memorization`` and ``leakage`` (digits: rotated or
-mirrored samples, ScoreAug's failure mode; reported beside the same fraction on real digits). ``--protocol edm`` repeats
-everything on three seed ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
+our reading of MusicScore's FID-k, unverified: the paper's definition could not be checked), ``fd_digits``
+(never called FID), ``memorization`` and ``leakage`` (digits: rotated or mirrored samples, ScoreAug's failure
+mode; reported beside the same fraction on real digits). ``--protocol edm`` repeats everything on three seed
+ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ class FeatureWriter(ShardWriter):
         x = prediction["samples"].to(pl_module.device)
         feats = sample_features(x, self.inception, self.digits, self.train, self.leak)
         return {"seeds": prediction["seeds"], **feats}
+
+
+def prompt_options(model, dm: LightningDataModule | None, prompts: str | None, guidance: float) -> dict[str, Any]:
+    """predict_options for a text-conditioned model: the captions of one data split (sample i gets caption
+    i mod n) and the guidance scale."""
+    opts: dict[str, Any] = {} if guidance == 1.0 else {"guidance": guidance}
+    if guidance != 1.0 and not model.conditional:
+        raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is unconditional")
+    if prompts is None:
+        return opts
+    if getattr(model.backbone, "text_encoder", None) is None:
+        raise DiffscoreError("--prompts needs a text-conditioned checkpoint (a backbone with text_dim > 0)")
+    if dm is None or not hasattr(dm, "captions") or prompts not in ("train", "val", "test"):
+        raise DiffscoreError("--prompts must be train, val or test, and the checkpoint's data must have captions")
+    captions = dm.captions(prompts)
+    if not captions:
+        raise DiffscoreError(f"the {prompts} split of the checkpoint's data has no captions")
+    return {**opts, "prompts": list(captions)}
 
 
 def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
@@ -207,6 +226,8 @@ def evaluate(
     out: str | None = None,
     teleport: TeleportOptions | None = None,
     trust_checkpoint: bool = False,
+    prompts: str | None = None,
+    guidance: float = 1.0,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
 
@@ -229,6 +250,9 @@ def evaluate(
         out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
         teleport: skip the first steps with the Gaussian model of the data (see `diffscore sample --help`).
         trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
+        prompts: text-conditioned models: "train", "val" or "test" conditions sample i on caption i (cycled) of
+            that split of the checkpoint's data (MusicScore's text-to-image protocol); default: the empty caption.
+        guidance: classifier-free guidance scale (1 = the conditional model as trained).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -271,6 +295,7 @@ def evaluate(
     reference = _reference(wanted, ref, dm, train, inception, digits)
 
     model.predict_options = {"num_steps": steps, "sampler": sampler}
+    model.predict_options.update(prompt_options(model, dm, prompts, guidance))
     model.predict_options.update(prepare_teleport(model, teleport, ckpt_path))
     run_steps = (steps or model.hparams.num_steps) - model.predict_options.get("teleport_skip", 0)
     base = _parse_seeds(seeds, num_samples)

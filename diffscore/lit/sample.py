@@ -177,6 +177,8 @@ def sample(
     overwrite: bool = False,
     teleport: TeleportOptions | None = None,
     trust_checkpoint: bool = False,
+    prompt: str | None = None,
+    guidance: float = 1.0,
 ) -> Path | None:
     """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
 
@@ -197,6 +199,8 @@ def sample(
         teleport: skip the first steps with the Gaussian model of the training data (--teleport.skip K or
             --teleport.sigma S; --teleport.gaussian FILE caches the fit).
         trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
+        prompt: caption for every sample of a text-conditioned model (default: the empty caption).
+        guidance: classifier-free guidance scale w (1 = the conditional model as trained; 4 = MusicScore's CFG).
     """
     if num_samples < 1:
         raise DiffscoreError(f"--num_samples must be >= 1, got {num_samples}")
@@ -214,7 +218,15 @@ def sample(
         label_dim = getattr(model.backbone, "label_dim", 0)
         if not 0 <= class_label < label_dim:
             raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {label_dim} classes")
+    if prompt is not None and getattr(model.backbone, "text_encoder", None) is None:
+        raise DiffscoreError("--prompt needs a text-conditioned checkpoint (a backbone with text_dim > 0)")
+    if guidance != 1.0 and not model.conditional:
+        raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is unconditional")
     model.predict_options = {"num_steps": steps, "sampler": sampler, "class_label": class_label}
+    if prompt is not None:
+        model.predict_options["prompt"] = prompt
+    if guidance != 1.0:
+        model.predict_options["guidance"] = guidance
     model.predict_options.update(prepare_teleport(model, teleport, ckpt_path))
 
     seeds = list(range(seed, seed + num_samples))

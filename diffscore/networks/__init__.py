@@ -2,7 +2,8 @@
 
 from diffscore.networks.adm import ADMUNet
 from diffscore.networks.mlp import MLP
+from diffscore.networks.text_encoder import TextEncoder
 from diffscore.networks.theory_net import TheoryNet
 from diffscore.networks.unet import UNet
 
-__all__ = ["ADMUNet", "MLP", "TheoryNet", "UNet"]
+__all__ = ["ADMUNet", "MLP", "TextEncoder", "TheoryNet", "UNet"]

@@ -60,6 +60,7 @@ class ConditionEmbedding(nn.Module):
         bias_scale: float = 0.0,  # bias init scale of the layers (0 = zero bias)
         label_stage: str = "noise",  # where the label enters: "noise" (DDPM++) or "output" (ADM)
         endpoint: bool = True,  # positional frequencies include the endpoint (DDPM++) or not (ADM)
+        text_dim: int = 0,  # width of a pooled text vector added like the label (0 = no text)
     ) -> None:
         super().__init__()
         if label_stage not in ("noise", "output"):
@@ -85,6 +86,7 @@ class ConditionEmbedding(nn.Module):
         self.map_augment = (
             init_weights(nn.Linear(augment_dim, noise_channels, bias=False), **init) if augment_dim else None
         )
+        self.map_text = init_weights(nn.Linear(text_dim, noise_channels, bias=False), **init) if text_dim else None
         self.map_layer0 = init_weights(nn.Linear(noise_channels, emb_channels), **init)
         self.map_layer1 = init_weights(nn.Linear(emb_channels, emb_channels), **init)
 
@@ -96,7 +98,9 @@ class ConditionEmbedding(nn.Module):
         scale = math.sqrt(self.label_dim) if self.label_stage == "noise" else 1.0
         return self.map_label(onehot * scale)
 
-    def forward(self, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None) -> Tensor:
+    def forward(
+        self, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None, text: Tensor | None = None
+    ) -> Tensor:
         if cond is not None and self.map_label is None:
             raise ValueError("a class label was given but the backbone has label_dim=0; set label_dim")
         if aug_label is not None and self.map_augment is None:
@@ -106,6 +110,10 @@ class ConditionEmbedding(nn.Module):
             emb = emb + self._label(cond, emb.dtype)
         if aug_label is not None:
             emb = emb + self.map_augment(aug_label.to(emb.dtype))
+        if text is not None:  # the pooled caption vector [B, text_dim], at the label's stage
+            if self.map_text is None:
+                raise ValueError("a text vector was given but the embedding has text_dim=0")
+            emb = emb + self.map_text(text.to(emb.dtype))
         emb = F.silu(self.map_layer0(emb))
         emb = self.map_layer1(emb)
         if cond is not None and self.label_stage == "output":

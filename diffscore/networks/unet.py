@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from diffscore.networks.embedding import ConditionEmbedding
 from diffscore.networks.init import init_weights
+from diffscore.networks.text_encoder import TextEncoder
 
 INIT = "xavier_uniform"
 ZERO = 1e-5  # scale of "almost zero" initialisations (last conv of each residual branch)
@@ -59,6 +60,30 @@ class Resample(nn.Module):
         return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
 
 
+class CrossAttention(nn.Module):
+    """Image features attend to text tokens (the text-to-image U-Net's cross-attention, Rombach et al. 2022):
+    x + proj(softmax(q k^T / sqrt(d)) v), q from GroupNorm(x), k and v from the token sequence; padding masked.
+    The output projection starts near zero, so a fresh block barely changes the network it is added to."""
+
+    def __init__(self, channels: int, text_dim: int, num_heads: int = 1, eps: float = 1e-6) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels, eps)
+        self.q = init_weights(nn.Conv2d(channels, channels, 1), INIT, math.sqrt(0.2))
+        self.kv = init_weights(nn.Linear(text_dim, 2 * channels), INIT, math.sqrt(0.2))
+        self.proj = init_weights(nn.Conv2d(channels, channels, 1), INIT, ZERO)
+
+    def forward(self, x: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        heads, L = self.num_heads, tokens.shape[1]
+        q = self.q(self.norm(x)).reshape(B, heads, C // heads, H * W).transpose(-1, -2)  # [B, h, HW, C/h]
+        k, v = self.kv(tokens.to(x.dtype)).reshape(B, L, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # [B, h, L, C/h]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # [B, h, HW, C/h]
+        return x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))
+
+
 class UNetBlock(nn.Module):
     """Residual block: GN-SiLU-conv, + emb, GN-SiLU-dropout-conv, skip; optional resampling and self-attention."""
 
@@ -81,6 +106,7 @@ class UNetBlock(nn.Module):
         init: dict | None = None,  # init of the layers (default: DDPM++'s xavier_uniform)
         init_zero: dict | None = None,  # init of the last conv of each branch (default: xavier_uniform * 1e-5)
         init_attn: dict | None = None,  # init of qkv (default: xavier_uniform * sqrt(0.2))
+        cross_attn_dim: int = 0,  # width of text tokens to cross-attend to after the block (0 = none)
     ) -> None:
         super().__init__()
         init = init or dict(mode=INIT)
@@ -107,8 +133,11 @@ class UNetBlock(nn.Module):
             self.norm2 = group_norm(out_channels, eps)
             self.qkv = init_weights(nn.Conv2d(out_channels, out_channels * 3, 1), **init_attn)
             self.proj = init_weights(nn.Conv2d(out_channels, out_channels, 1), **init_zero)
+        self.cross = (
+            CrossAttention(out_channels, cross_attn_dim, max(1, self.num_heads), eps) if cross_attn_dim else None
+        )
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
         orig = x
         h = F.silu(self.norm0(x))
         if self.resample is not None:  # resample before the conv, as EDM does (cheaper going down)
@@ -129,6 +158,8 @@ class UNetBlock(nn.Module):
             a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
             a = a.transpose(-1, -2).reshape(B, C, H, W)
             x = (self.proj(a) + x) * self.skip_scale
+        if self.cross is not None and text is not None:  # text = (tokens [B, L, D], mask [B, L])
+            x = self.cross(x, *text)
         return x
 
 
@@ -151,9 +182,24 @@ class UNet(nn.Module):
         channel_mult_noise: int = 1,  # noise-embedding width = model_channels * this (NCSN++: 2)
         encoder_type: str = "standard",  # "standard" (DDPM++) or "residual" (NCSN++)
         resample_filter: list[int] = [1, 1],  # noqa: B006 - [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++)
+        # Text conditioning (MusicScore): a learned TextEncoder whose pooled vector joins the noise embedding and
+        # whose tokens are cross-attended at cross_attn_resolutions. text_dim 0 = none (all other configs).
+        text_dim: int = 0,  # token width of the text encoder (0 = no text conditioning)
+        text_layers: int = 2,  # transformer layers of the text encoder
+        text_heads: int = 4,  # attention heads of the text encoder
+        text_vocab_size: int = 512,  # embedding-table size; the vocabulary comes from the training captions
+        text_max_length: int = 32,  # tokens per caption
+        cross_attn_resolutions: list[int] = [],  # noqa: B006 - resolutions with cross-attention to the tokens
+        text_dropout: float = 0.0,  # training: replace the caption by "" with this probability (guidance)
     ) -> None:
         super().__init__()
         in_channels, resolution = check_image_shape(data_shape)
+        if text_dim and label_dim:
+            raise ValueError("a backbone is conditioned on class labels (label_dim) or on text (text_dim), not both")
+        if cross_attn_resolutions and not text_dim:
+            raise ValueError("cross_attn_resolutions needs text_dim > 0 (a text encoder)")
+        if not 0 <= text_dropout < 1:
+            raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
         if resolution < 4 or resolution & (resolution - 1):
             raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
         if resolution >> (len(channel_mult) - 1) < 1:
@@ -167,6 +213,11 @@ class UNet(nn.Module):
         self.augment_dim = augment_dim
         emb_channels = model_channels * channel_mult_emb
         block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
+        self.text_dropout = text_dropout
+        self.text_encoder = (
+            TextEncoder(text_vocab_size, text_max_length, text_dim, text_layers, text_heads) if text_dim else None
+        )
+        cross = {res: dict(cross_attn_dim=text_dim) for res in cross_attn_resolutions}
         self.emb = ConditionEmbedding(
             model_channels * channel_mult_noise,
             emb_channels,
@@ -175,6 +226,7 @@ class UNet(nn.Module):
             augment_dim=augment_dim,
             label_dropout=label_dropout,
             init_mode=INIT,
+            text_dim=text_dim,
         )
 
         # Encoder. Entries named "aux_*" carry the residual input pyramid of NCSN++.
@@ -196,7 +248,9 @@ class UNet(nn.Module):
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=attn, **block, **cross.get(res, {})
+                )
                 skips.append(cout)
 
         # Decoder.
@@ -204,14 +258,16 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block, **cross.get(res, {}))
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block, **cross.get(res, {}))
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                    cin, cout, attention=attn, **block, **cross.get(res, {})
+                )
         self.out_norm = group_norm(cout)
         self.out_conv = init_weights(nn.Conv2d(cout, in_channels, 3, padding=1), INIT, ZERO)
 
@@ -222,16 +278,34 @@ class UNet(nn.Module):
             raise ValueError(
                 f"UNet expects [B, {self.in_channels}, {self.resolution}, {self.resolution}], got {tuple(x.shape)}"
             )
-        emb = self.emb(c_noise, cond, aug_label)  # [B, emb_channels]
+        text, pooled = None, None
+        if self.text_encoder is not None:  # cond: captions (list of str), token ids [B, L], or None (= "")
+            seq, pooled, mask = self.text_encoder(self._text_tokens(cond, x.shape[0]))
+            text, cond = (seq, mask), None
+        emb = self.emb(c_noise, cond, aug_label, pooled)  # [B, emb_channels]
         skips, aux = [], x
         for name, layer in self.enc.items():
             if "aux_residual" in name:
                 x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
                 continue
-            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+            x = layer(x, emb, text) if isinstance(layer, UNetBlock) else layer(x)
             skips.append(x)
         for layer in self.dec.values():
             if x.shape[1] != layer.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = layer(x, emb)
+            x = layer(x, emb, text)
         return self.out_conv(F.silu(self.out_norm(x)))
+
+    def _text_tokens(self, cond: Tensor | list[str] | tuple[str, ...] | None, batch: int) -> Tensor:
+        """Token ids [B, L] of the captions; "" (the null caption) for cond None and, in training, for a
+        ``text_dropout`` share of the samples (classifier-free guidance's condition dropout)."""
+        if cond is None:
+            cond = [""] * batch
+        tokens = cond if isinstance(cond, Tensor) else self.text_encoder.tokenize(list(cond))
+        if tokens.shape[0] != batch:
+            raise ValueError(f"{tokens.shape[0]} captions for a batch of {batch}")
+        if self.training and self.text_dropout > 0:
+            null = self.text_encoder.tokenize([""]).to(tokens.device)  # [1, L]
+            drop = torch.rand(batch, 1, device=tokens.device) < self.text_dropout
+            tokens = torch.where(drop, null, tokens)
+        return tokens

@@ -128,3 +128,73 @@ def test_mlp_shapes_and_hooks():
     torch.testing.assert_close(net(x, c, torch.zeros(5, 4)), net(x, c))
     with pytest.raises(ValueError, match="expects"):
         net(torch.randn(5, 2), c)
+
+
+def _text_unet(**kw):
+    from diffscore.networks.text_encoder import SPECIALS
+
+    torch.manual_seed(0)
+    net = UNet(
+        data_shape=[1, 16, 16],
+        model_channels=16,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[8],
+        text_dim=16,
+        text_layers=1,
+        text_heads=2,
+        text_vocab_size=32,
+        text_max_length=12,
+        cross_attn_resolutions=[16, 8],
+        **kw,
+    )
+    net.text_encoder.set_vocabulary([*SPECIALS, "a", "music", "score", "violin", "cello"])
+    return net
+
+
+def test_text_unet_prompt_changes_output_through_both_paths():
+    """The pooled caption (noise embedding) and the tokens (cross-attention) each change the prediction."""
+    net = _text_unet().eval()
+    crosses = [m for m in net.modules() if type(m).__name__ == "CrossAttention"]
+    assert len(crosses) == 8  # 16x16: 1 encoder + 2 decoder blocks; 8x8: 1 encoder, in0, in1, 2 decoder blocks
+    with torch.no_grad():  # "initialised": give the near-zero (1e-5) last layers real weights so differences show
+        blocks = [m for m in net.modules() if isinstance(m, UNetBlock)]
+        for m in [net.out_conv, *(c.proj for c in crosses), *(b.conv1 for b in blocks)]:
+            m.weight.normal_(0, 0.1)
+    x, c_noise = torch.randn(2, 1, 16, 16), torch.zeros(2)
+
+    def diff():
+        with torch.no_grad():
+            return (net(x, c_noise, ["a music score violin"] * 2) - net(x, c_noise, ["a music score cello"] * 2)).abs()
+
+    assert diff().mean() > 1e-3
+    saved = net.emb.map_text.weight.detach().clone()
+    with torch.no_grad():
+        net.emb.map_text.weight.zero_()  # tokens only
+    assert diff().mean() > 1e-3
+    with torch.no_grad():
+        net.emb.map_text.weight.copy_(saved)
+        for c in crosses:
+            c.proj.weight.zero_()  # pooled vector only
+    assert diff().mean() > 1e-3
+    with torch.no_grad():
+        net.emb.map_text.weight.zero_()
+    assert diff().max() == 0  # neither: the caption has no way in
+
+
+def test_text_dropout_replaces_captions_by_the_empty_one_in_training_only():
+    net = _text_unet(text_dropout=0.5)
+    captions = ["a music score violin"] * 400
+    null = net.text_encoder.tokenize([""])[0]
+    torch.manual_seed(1)
+    dropped = (net.train()._text_tokens(captions, 400) == null).all(1).float().mean()
+    assert 0.4 < dropped < 0.6
+    assert not (net.eval()._text_tokens(captions, 400) == null).all(1).any()
+
+
+def test_text_options_are_checked_and_default_configs_have_no_text_parameters():
+    with pytest.raises(ValueError, match="needs text_dim"):
+        UNet(data_shape=[1, 16, 16], cross_attn_resolutions=[8])
+    with pytest.raises(ValueError, match="not both"):
+        UNet(data_shape=[1, 16, 16], label_dim=10, text_dim=16)
+    assert not any("text" in n or "cross" in n for n, _ in UNet(data_shape=[1, 16, 16]).named_parameters())
