@@ -37,6 +37,9 @@ def test_gmm_fast_dev_run(in_tmp):
 
 def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # the configs' real logger, offline as on these machines
+    import wandb
+
+    wandb.teardown()  # wandb keeps the settings of the first run in this process (tests run with it disabled)
     assert run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=4"]) == 0
     out = capsys.readouterr().out
     (ckpt,) = in_tmp.glob("runs/diffscore-quickstart/*/checkpoints/last.ckpt")
