@@ -17,11 +17,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from diffscore.errors import DiffscoreError
-from diffscore.metrics.digits_classifier import DigitsClassifier
+from diffscore.metrics.digits_classifier import DigitsClassifier, fit_classifier
 
 WEIGHTS = Path(__file__).with_name("digits_orientation.pt")
 # class k of the orientation classifier: the transform applied to an upright digit (0 = none)
@@ -73,16 +72,7 @@ def train_orientation_classifier(epochs: int = 15, seed: int = 0) -> tuple[Digit
     x, xt = dm.splits["train"][0], dm.splits["test"][0]
     views = torch.cat([t(x) for t in TRANSFORMS.values()])  # [6N, 1, 8, 8]
     labels = torch.arange(len(TRANSFORMS)).repeat_interleave(len(x))
-    model = DigitsClassifier(num_classes=len(TRANSFORMS))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(views), generator=g).split(128):
-            loss = F.cross_entropy(model(views[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = fit_classifier(DigitsClassifier(num_classes=len(TRANSFORMS)), views, labels, epochs, seed)
     report = {name: float(leaked(t(xt), model).float().mean()) for name, t in TRANSFORMS.items()}
     return model, {"flagged_as_transformed": report, "test_size": len(xt)}
 
