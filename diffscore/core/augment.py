@@ -165,7 +165,7 @@ class ScoreAugment:
         def ints(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi]
             return torch.randint(lo, hi + 1, (batch,), device=device, generator=generator)
 
-        if on["rot90"].any() and H != W:
+        if self.weights.get("rot90", 0) > 0 and H != W:  # from the options, not the draw: no host sync
             raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
         max_x, max_y = round(self.translate_frac * W), round(self.translate_frac * H)
         lo, hi = (max(1, round(f * min(H, W))) for f in self.cutout_frac)
@@ -194,8 +194,11 @@ class ScoreAugment:
         out = shift_images(out, params.shift_x, params.shift_y, circular=self.translate_padding == "circular")
         out = torch.where(params.hflip.view(view), out.flip(-1), out)
         out = torch.where(params.vflip.view(view), out.flip(-2), out)
-        for k in {1, 2, 3} & set(params.rot90.unique().tolist()):  # rot90 needs square images: only when drawn
-            out = torch.where((params.rot90 == k).view(view), torch.rot90(out, k, dims=(-2, -1)), out)
+        if x.shape[-1] == x.shape[-2]:  # rot90 is only ever drawn for square images (sample_params checks)
+            quarter = out
+            for k in (1, 2, 3):  # selected per sample with where: no host sync in a training step
+                quarter = torch.rot90(quarter, 1, dims=(-2, -1))
+                out = torch.where((params.rot90 == k).view(view), quarter, out)
         return out
 
     def label(self, params: AugParams) -> Tensor:
@@ -340,12 +343,11 @@ class NonLeakyAugment:
         out = torch.where(params.yflip.bool().view(view), out.flip(-2), out)
         geometric = (params.scale != 0) | (params.rotate != 0) | (params.aniso != 0) | (params.translate_x != 0)
         geometric |= params.translate_y != 0
-        if geometric.any():
-            theta = self._inverse_matrix(params, H, W).to(x.dtype)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            warped = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-            out = torch.where(geometric.view(view), warped, out)
-        return out
+        # every sample is warped and the identity ones selected back, bit-exact: no host sync in a training step
+        theta = self._inverse_matrix(params, H, W).to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        warped = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return torch.where(geometric.view(view), warped, out)
 
     def label(self, params: NonLeakyParams) -> Tensor:
         """[B, 9]: xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty (0 = identity)."""
