@@ -46,6 +46,13 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.devic
     return torch.stack(out)
 
 
+def seeded_labels(seeds: Sequence[int], label_dim: int, device: torch.device) -> Tensor:
+    """One class label per seed [len(seeds)], drawn like the noise: it depends on its seed only."""
+    return torch.stack(
+        [torch.randint(label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1)) for s in seeds]
+    ).to(device)
+
+
 class DiffusionModule(LightningModule):
     """EDM training (Karras et al. 2022): lognormal sigma, preconditioned denoiser, weighted L2 loss.
 
@@ -323,12 +330,7 @@ class DiffusionModule(LightningModule):
                 raise DiffscoreError("teleportation needs model.teleport_gaussian (a GaussianDenoiser of the data)")
             x, sigmas = teleport(gaussian.to(self.device), x, sigmas, teleport_skip)
         if getattr(self.backbone, "label_dim", 0) > 0 and cond is None:  # a seeded label per sample, like the noise
-            cond = torch.stack(
-                [
-                    torch.randint(self.backbone.label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1))
-                    for s in seeds
-                ]
-            ).to(self.device)
+            cond = seeded_labels(seeds, self.backbone.label_dim, self.device)
         denoiser = self.denoiser if guidance == 1.0 else guided_denoiser(self.denoiser, guidance)
         was_training = self.training
         self.eval()

@@ -41,7 +41,7 @@ from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
-from diffscore.lit.diffusion import seeded_noise
+from diffscore.lit.diffusion import seeded_labels, seeded_noise
 
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 METHODS = ("disback", "diffinstruct")
@@ -60,13 +60,6 @@ def fingerprint(module: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _seeded_labels(seeds: Sequence[int], label_dim: int, device) -> Tensor:
-    """A label per seed, drawn as DiffusionModule.generate draws them."""
-    return torch.stack(
-        [torch.randint(label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1)) for s in seeds]
-    ).to(device)
 
 
 class OneStepSampling:
@@ -108,7 +101,7 @@ class OneStepSampling:
         shape = tuple(data_shape) if data_shape is not None else self.data_shape
         z = seeded_noise(seeds, shape, self.device)
         if self.conditional and cond is None:
-            cond = _seeded_labels(seeds, self.backbone.label_dim, self.device)
+            cond = seeded_labels(seeds, self.backbone.label_dim, self.device)
         was_training = self.generator.training
         self.generator.eval()
         try:

@@ -194,17 +194,16 @@ def _reference(wanted, ref_path, dm, train, inception, digits) -> dict[str, Any]
             if "mu" not in ref:
                 ref["mu"], ref["sigma"] = feature_statistics(pool)
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
+    held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else None  # digits
     if "fd_digits" in wanted:  # images and classifier may sit on different devices (GPU training, CPU splits)
         ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits_features(train, digits))
-        held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else None
         ref["digits_floor"] = (
             frechet_distance(*feature_statistics(digits_features(held, digits)), ref["digits_mu"], ref["digits_sigma"])
             if held is not None
             else float("nan")
         )
     if "leakage" in wanted:  # held-out digits: the orientation classifier was trained on the training split
-        held = torch.cat([dm.splits["val"][0], dm.splits["test"][0]]) if hasattr(dm, "splits") else train
-        ref["leakage_real"] = float(leaked(held).float().mean())
+        ref["leakage_real"] = float(leaked(held if held is not None else train).float().mean())
     return ref
 
 
