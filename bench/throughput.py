@@ -2,6 +2,7 @@
 torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) configurations.
 
     python bench/throughput.py                      # one GPU, a few minutes; JSON lines, then a table
+    python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --profile 5   # where the step's time goes
 
 Training: EDM loss (lognormal sigma), backward, Adam (fused where the mode says); warm-up excluded, median of
 repeats, no host sync inside the timed steps. GFLOP/img from torch.utils.flop_counter (forward); achieved
@@ -15,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,7 +53,59 @@ def timed(fn, repeats: int, inner: int) -> float:
     return statistics.median(times)
 
 
-def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = True, probe_steps: int = 3) -> dict:
+KERNEL_KINDS = (  # (category, substrings of a CUDA kernel's name), first match wins
+    ("attention", ("flash", "fmha", "attention")),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("inductor reduction", ("triton_red", "triton_per")),
+    ("inductor pointwise", ("triton_poi",)),
+    ("convolution", ("conv", "xmma", "implicit", "wgrad", "dgrad", "cudnn", "nhwc", "nchw")),
+    ("matmul", ("gemm", "cutlass", "sm90", "cublas")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile(step, steps: int, top: int = 25) -> dict:
+    """CUDA time of ``steps`` calls of step, by kernel category and by kernel (printed); returns the categories."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    if not kernels:
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
+        return {}
+    total = sum(e.self_device_time_total for e in kernels)
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by_kind[kernel_kind(e.key)][0] += e.self_device_time_total
+        by_kind[kernel_kind(e.key)][1] += e.count
+    print(f"\nCUDA time per step {total / steps / 1e3:.1f} ms over {steps} steps")
+    for kind, (us, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {kind:<20}{us / steps / 1e3:>8.2f} ms {100 * us / total:>5.1f}%  {count // steps:>5} launches/step")
+    print(f"  top {top} kernels (ms/step, launches/step):")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"    {e.self_device_time_total / steps / 1e3:>7.2f} {e.count // steps:>4}  {e.key[:110]}")
+    return {kind: round(us / steps / 1e3, 3) for kind, (us, _) in by_kind.items()} | {"total_ms": total / steps / 1e3}
+
+
+def run(
+    name: str,
+    cfg: dict,
+    mode: str,
+    opts: dict,
+    cudnn_benchmark: bool = True,
+    probe_steps: int = 3,
+    batch: int | None = None,
+    profile_steps: int = 0,
+    sample: bool = True,
+) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -66,7 +120,7 @@ def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = Tru
         denoiser(torch.randn(1, *cfg["data_shape"], device="cuda"), torch.ones(1, device="cuda"))
     gflop = fc.get_total_flops() / 1e9
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=opts["fused"])
-    B = cfg["train_batch"]
+    B = batch or cfg["train_batch"]
     x0 = (torch.rand(B, *cfg["data_shape"], device="cuda") * 2 - 1).contiguous(memory_format=mem)
     law = LogNormalSigma()
 
@@ -83,6 +137,22 @@ def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = Tru
     sec = timed(step, repeats=3, inner=5)
     peak = torch.cuda.max_memory_allocated() / 2**30
     train = B / sec
+    kernels = profile(step, profile_steps) if profile_steps else None
+    row = {
+        "config": name,
+        "mode": mode,
+        "batch": B,
+        "params_M": round(params / 1e6, 2),
+        "gflop_per_img": round(gflop, 1),
+        "train_img_s": round(train, 1),
+        "train_tflop_s": round(train * 3 * gflop / 1e3, 1),
+        "peak_mem_gib": round(peak, 1),
+        "peak_mem_mib_per_img": round(peak * 1024 / B, 1),
+        "cudnn_benchmark": cudnn_benchmark,
+        "gpu": torch.cuda.get_device_name(),
+    } | ({"kernel_ms": kernels} if kernels else {})
+    if not sample:
+        return row
     # sampling: Heun 18 steps (35 evaluations), inference only. Every evaluation costs the same (one network call
     # on the same batch), so the rate is timed on the first `probe_steps` steps (plus a last step to 0) and scaled
     # to 35 evaluations.
@@ -101,19 +171,7 @@ def run(name: str, cfg: dict, mode: str, opts: dict, cudnn_benchmark: bool = Tru
     sample()
     per_eval = timed(sample, repeats=3, inner=1) / nfe("heun", probe_steps + 1)  # 2 per step, 1 for the last
     sample_rate = S / (per_eval * nfe("heun", 18))
-    return {
-        "config": name,
-        "mode": mode,
-        "params_M": round(params / 1e6, 2),
-        "gflop_per_img": round(gflop, 1),
-        "train_img_s": round(train, 1),
-        "train_tflop_s": round(train * 3 * gflop / 1e3, 1),
-        "peak_mem_gib": round(peak, 1),
-        "peak_mem_mib_per_img": round(peak * 1024 / B, 1),
-        "sample_img_s_heun35": round(sample_rate, 1),
-        "cudnn_benchmark": cudnn_benchmark,
-        "gpu": torch.cuda.get_device_name(),
-    }
+    return row | {"sample_img_s_heun35": round(sample_rate, 1)}
 
 
 def main() -> None:
@@ -123,11 +181,37 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     ap.add_argument("--probe-steps", type=int, default=3, help="Heun steps timed for the 35-NFE sampling rate")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print where STEPS steps' time goes")
+    ap.add_argument("--no-sample", dest="sample", action="store_false", help="time training only")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", help="torch._inductor.config")
     args = ap.parse_args()
+    if args.inductor:
+        import torch._inductor.config as inductor_config
+
+        for item in args.inductor:  # e.g. --inductor coordinate_descent_tuning=true
+            key, value = item.split("=", 1)
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a string
+            setattr(inductor_config, key, value)
     rows = []
     for name in args.configs:
         for mode in args.modes:
-            rows.append(run(name, CONFIGS[name], mode, MODES[mode], args.cudnn_benchmark, args.probe_steps))
+            rows.append(
+                run(
+                    name,
+                    CONFIGS[name],
+                    mode,
+                    MODES[mode],
+                    args.cudnn_benchmark,
+                    args.probe_steps,
+                    args.batch,
+                    args.profile,
+                    args.sample,
+                )
+            )
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # row by row, so a run cut short keeps what it measured
                 with open(args.out, "a") as f:
@@ -137,7 +221,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['config']:<12}{r['mode']:<18}{r['train_img_s']:>12.0f}{r['train_tflop_s']:>9.0f}"
-            f"{r['peak_mem_mib_per_img']:>9.1f}{r['sample_img_s_heun35']:>15.1f}"
+            f"{r['peak_mem_mib_per_img']:>9.1f}{r.get('sample_img_s_heun35', float('nan')):>15.1f}"
         )
 
 
