@@ -28,12 +28,49 @@ def check_image_shape(data_shape: list[int] | tuple[int, ...]) -> tuple[int, int
     return int(data_shape[0]), int(data_shape[1])
 
 
-def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same function) that keeps a channels-last input channels-last.
+
+    The stock group norm views its input as [B, G, C/G * H * W], which a channels-last tensor is not: under
+    torch.compile that costs a layout copy before and after every norm (a third of the H100 training step, issue
+    10). Here the statistics are reduced per channel over H, W (contiguous across channels in channels-last
+    memory, so the reads coalesce) and then combined per group exactly, as the pooled variance of equal-sized
+    parts: var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2). The normalisation is elementwise, so the output
+    keeps the input's layout. Computed in float32; returned in float32 under autocast (CUDA autocast's policy for
+    group norm), else in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or x.is_contiguous():  # the stock kernel: one fused pass (the CPU quickstart's path)
+            return super().forward(x)
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        B, C = x.shape[:2]
+        x32 = x.float()
+        var_c, mean_c = torch.var_mean(x32, dim=(2, 3), correction=0)  # [B, C] each
+        var_c, mean_c = var_c.view(B, self.num_groups, -1), mean_c.view(B, self.num_groups, -1)  # [B, G, C/G]
+        mean_g = mean_c.mean(2, keepdim=True)  # [B, G, 1]
+        var_g = var_c.mean(2, keepdim=True) + (mean_c - mean_g).square().mean(2, keepdim=True)
+        scale = (torch.rsqrt(var_g + self.eps) * self.weight.view(self.num_groups, -1)).view(B, C, 1, 1)
+        mean = mean_g.expand(-1, -1, C // self.num_groups).reshape(B, C, 1, 1)
+        return ((x32 - mean) * scale + self.bias.view(C, 1, 1)).to(out_dtype)  # [B, C, H, W], x's layout
+
+
+def group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
     """GroupNorm with at most 32 groups and at least 4 channels per group (EDM's choice), groups dividing C."""
     groups = max(1, min(32, channels // 4))
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels, eps=eps)
+    return GroupNorm(groups, channels, eps=eps)
+
+
+def upsample_nearest(x: Tensor) -> Tensor:
+    """2x nearest-neighbour upsampling [B, C, H, W] -> [B, C, 2H, 2W]. A channels-last input is upsampled as a
+    broadcast of its [B, H, W, C] storage, which keeps the layout and makes the backward a 2x2 sum (the stock
+    upsampling's backward is a scatter-add with atomics)."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    B, C, H, W = x.shape
+    y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(B, H, 2, W, 2, C)  # [B, H, 2, W, 2, C]
+    return y.reshape(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # [B, C, 2H, 2W], channels-last
 
 
 class Resample(nn.Module):
@@ -52,12 +89,31 @@ class Resample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.box:  # the fast path: no depthwise convolution needed
-            return F.interpolate(x, scale_factor=2, mode="nearest") if self.mode == "up" else F.avg_pool2d(x, 2)
+            return upsample_nearest(x) if self.mode == "up" else F.avg_pool2d(x, 2)
         C = x.shape[1]
         w = self.filter.to(x.dtype).tile(C, 1, 1, 1)  # [C, 1, k, k]
         if self.mode == "up":
             return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
         return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
+
+
+def pixels_to_heads(x: Tensor, parts: int, heads: int) -> Tensor:
+    """[B, parts * heads * D, H, W] -> [parts, B, heads, H * W, D], the layout attention wants (D contiguous).
+
+    Channels are read as (part, head, D), part-major. A view for a channels-last input (its storage is
+    [B, H, W, C]); one copy for a contiguous one."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, parts, heads, C // (parts * heads)).permute(2, 0, 3, 1, 4)
+
+
+def heads_to_pixels(a: Tensor, like: Tensor) -> Tensor:
+    """[B, heads, H * W, D] -> [B, heads * D, H, W] in the memory layout of ``like`` (a [B, C, H, W] tensor);
+    the inverse of pixels_to_heads."""
+    B, heads, _, D = a.shape
+    H, W = like.shape[-2:]
+    if like.is_contiguous():
+        return a.transpose(-1, -2).reshape(B, heads * D, H, W)
+    return a.transpose(1, 2).reshape(B, H, W, heads * D).permute(0, 3, 1, 2)  # channels-last
 
 
 class CrossAttention(nn.Module):
@@ -78,10 +134,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
         B, C, H, W = x.shape
         heads, L = self.num_heads, tokens.shape[1]
-        q = self.q(self.norm(x)).reshape(B, heads, C // heads, H * W).transpose(-1, -2)  # [B, h, HW, C/h]
+        q = pixels_to_heads(self.q(self.norm(x)), 1, heads)[0]  # [B, h, HW, C/h]
         k, v = self.kv(tokens.to(x.dtype)).reshape(B, L, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # [B, h, L, C/h]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # [B, h, HW, C/h]
-        return x + self.proj(a.transpose(-1, -2).reshape(B, C, H, W))
+        return x + self.proj(heads_to_pixels(a, x))
 
 
 class UNetBlock(nn.Module):
@@ -152,12 +208,9 @@ class UNetBlock(nn.Module):
         h = self.conv1(self.dropout(h))
         x = (h + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
-            B, C, H, W = x.shape
-            qkv = self.qkv(self.norm2(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-            q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, HW, C/heads]
+            q, k, v = pixels_to_heads(self.qkv(self.norm2(x)), 3, self.num_heads)  # each [B, heads, HW, C/heads]
             a = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
-            a = a.transpose(-1, -2).reshape(B, C, H, W)
-            x = (self.proj(a) + x) * self.skip_scale
+            x = (self.proj(heads_to_pixels(a, x)) + x) * self.skip_scale
         if self.cross is not None and text is not None:  # text = (tokens [B, L, D], mask [B, L])
             x = self.cross(x, *text)
         return x
