@@ -111,9 +111,8 @@ def heads_to_pixels(a: Tensor, like: Tensor) -> Tensor:
     the inverse of pixels_to_heads."""
     B, heads, _, D = a.shape
     H, W = like.shape[-2:]
-    if like.is_contiguous():
-        return a.transpose(-1, -2).reshape(B, heads * D, H, W)
-    return a.transpose(1, 2).reshape(B, H, W, heads * D).permute(0, 3, 1, 2)  # channels-last
+    y = a.transpose(1, 2).reshape(B, H, W, heads * D).permute(0, 3, 1, 2)  # channels-last (a view, mostly)
+    return y.contiguous() if like.is_contiguous() else y  # a contiguous network stays contiguous
 
 
 class CrossAttention(nn.Module):
