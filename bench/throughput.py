@@ -3,6 +3,7 @@ torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) confi
 
     python bench/throughput.py                      # one GPU, a few minutes; JSON lines, then a table
     python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --profile 5   # where the step's time goes
+    python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --max-batch 1664  # largest batch that fits
 
 Training: EDM loss (lognormal sigma), backward, Adam (fused where the mode says); warm-up excluded, median of
 repeats, no host sync inside the timed steps. GFLOP/img from torch.utils.flop_counter (forward); achieved
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -174,6 +177,22 @@ def run(
     return row | {"sample_img_s_heun35": round(sample_rate, 1)}
 
 
+def find_max_batch(config: str, mode: str, start: int, step: int = 128) -> int:
+    """The largest training batch among start, start - step, ... that runs; each tried in a fresh process (an
+    out-of-memory error leaves a process's allocator fragmented). Other failures are raised, not skipped."""
+    for batch in range(start, 0, -step):
+        cmd = [sys.executable, __file__, "--configs", config, "--modes", mode, "--batch", str(batch), "--no-sample"]
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        fits = child.returncode == 0
+        if not fits and "OutOfMemoryError" not in child.stderr:
+            raise RuntimeError(f"batch {batch} failed for another reason than memory:\n{child.stderr[-3000:]}")
+        print(json.dumps({"config": config, "mode": mode, "batch": batch, "fits": fits}), flush=True)
+        if fits:
+            print(child.stdout.splitlines()[0])  # the row: rate and peak memory at that batch
+            return batch
+    raise RuntimeError(f"not even batch {start % step or step} fits")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -185,7 +204,13 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print where STEPS steps' time goes")
     ap.add_argument("--no-sample", dest="sample", action="store_false", help="time training only")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", help="torch._inductor.config")
+    ap.add_argument("--max-batch", type=int, default=0, metavar="START", help="largest training batch: START, -128..")
     args = ap.parse_args()
+    if args.max_batch:
+        for name in args.configs:
+            for mode in args.modes:
+                find_max_batch(name, mode, args.max_batch)
+        return
     if args.inductor:
         import torch._inductor.config as inductor_config
 
