@@ -49,9 +49,12 @@ class GroupNorm(nn.GroupNorm):
         var_c, mean_c = var_c.view(B, self.num_groups, -1), mean_c.view(B, self.num_groups, -1)  # [B, G, C/G]
         mean_g = mean_c.mean(2, keepdim=True)  # [B, G, 1]
         var_g = var_c.mean(2, keepdim=True) + (mean_c - mean_g).square().mean(2, keepdim=True)
-        scale = (torch.rsqrt(var_g + self.eps) * self.weight.view(self.num_groups, -1)).view(B, C, 1, 1)
+        scale = torch.rsqrt(var_g + self.eps).expand(-1, -1, C // self.num_groups).reshape(B, C, 1, 1)
         mean = mean_g.expand(-1, -1, C // self.num_groups).reshape(B, C, 1, 1)
-        return ((x32 - mean) * scale + self.bias.view(C, 1, 1)).to(out_dtype)  # [B, C, H, W], x's layout
+        y = (x32 - mean) * scale  # [B, C, H, W], x's layout
+        if self.affine:
+            y = y * self.weight.view(C, 1, 1) + self.bias.view(C, 1, 1)
+        return y.to(out_dtype)
 
 
 def group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
@@ -131,7 +134,7 @@ class CrossAttention(nn.Module):
         self.proj = init_weights(nn.Conv2d(channels, channels, 1), INIT, ZERO)
 
     def forward(self, x: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
-        B, C, H, W = x.shape
+        B, C = x.shape[:2]
         heads, L = self.num_heads, tokens.shape[1]
         q = pixels_to_heads(self.q(self.norm(x)), 1, heads)[0]  # [B, h, HW, C/h]
         k, v = self.kv(tokens.to(x.dtype)).reshape(B, L, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # [B, h, L, C/h]

@@ -127,6 +127,8 @@ def test_group_norm_keeps_channels_last_and_is_as_accurate_as_the_stock_norm(off
     # E[x^2] - E[x]^2 is 100x worse at offset 100)
     for a, b, e in zip(ours, stock, exact, strict=True):
         assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-6 * e.abs().max()
+    plain = GroupNorm(4, 16, eps=1e-6, affine=False)  # without weight and bias as well
+    torch.testing.assert_close(plain(x), F.group_norm(x.contiguous(), 4, eps=1e-6), rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast, CUDA autocast's group-norm policy
         assert norm(x.bfloat16()).dtype == torch.float32
     assert norm(x.bfloat16()).dtype == torch.bfloat16 == norm(x.bfloat16().contiguous()).dtype  # else the input's
