@@ -1,8 +1,8 @@
 """Does bf16 training (+ channels-last, torch.compile, fused Adam: the GPU configs' defaults) follow fp32's loss
 curve within the seed-to-seed spread? The DDPM++ CIFAR-10 network, 2,000 steps (issue 10).
 
-    python bench/precision_curve.py --out runs/precision                  # one GPU: all runs at once, then a table
-    python bench/precision_curve.py --out runs/precision --stage plot --plot bench/precision_curve
+    python bench/precision_curve.py --out runs/precision --seeds 1     # one seed, fp32 beside bf16: ~6 min on an H100
+    python bench/precision_curve.py --out runs/a runs/b --stage plot --plot bench/precision_curve   # pool, plot
 
 Data: scikit-learn's 1,797 digits (the real images at hand offline) upscaled to 32x32 and repeated over 3
 channels, in [-1, 1]. A seed fixes the initial weights, the batches, the sigmas and the noise, so the fp32 and
