@@ -177,11 +177,12 @@ def run(
     return row | {"sample_img_s_heun35": round(sample_rate, 1)}
 
 
-def find_max_batch(config: str, mode: str, start: int, step: int = 128) -> int:
+def find_max_batch(config: str, mode: str, start: int, extra: list[str], step: int = 128) -> int:
     """The largest training batch among start, start - step, ... that runs; each tried in a fresh process (an
     out-of-memory error leaves a process's allocator fragmented). Other failures are raised, not skipped."""
     for batch in range(start, 0, -step):
         cmd = [sys.executable, __file__, "--configs", config, "--modes", mode, "--batch", str(batch), "--no-sample"]
+        cmd += extra  # the parent's --no-cudnn-benchmark and --inductor options
         child = subprocess.run(cmd, capture_output=True, text=True)
         fits = child.returncode == 0
         if not fits and "OutOfMemoryError" not in child.stderr:
@@ -209,7 +210,8 @@ def main() -> None:
     if args.max_batch:
         for name in args.configs:
             for mode in args.modes:
-                find_max_batch(name, mode, args.max_batch)
+                extra = [] if args.cudnn_benchmark else ["--no-cudnn-benchmark"]
+                find_max_batch(name, mode, args.max_batch, extra + [f"--inductor={i}" for i in args.inductor])
         return
     if args.inductor:
         import torch._inductor.config as inductor_config
