@@ -27,16 +27,14 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.throughput import MODES  # noqa: E402
 from diffscore.core.losses import edm_loss  # noqa: E402
 from diffscore.core.precond import EDMPrecond  # noqa: E402
 from diffscore.core.schedules import LogNormalSigma  # noqa: E402
 from diffscore.data.digits import load_digits_tensors  # noqa: E402
 from diffscore.networks import UNet  # noqa: E402
 
-ARMS = {  # precision -> (autocast dtype, channels-last, compile, fused Adam)
-    "fp32": (None, False, False, False),
-    "bf16": (torch.bfloat16, True, True, True),
-}
+ARMS = {"fp32": MODES["fp32"], "bf16": MODES["bf16+cl+compile"]}  # exactly the modes throughput.py times
 
 
 def digits32(device: str) -> torch.Tensor:
@@ -49,26 +47,27 @@ def train(
     arm: str, seed: int, steps: int, batch: int, lr: float, eval_every: int, out: Path, device: str, eval_size: int
 ) -> None:
     """One run; appends a JSON line per evaluation to ``out`` (so a run cut short keeps its curve)."""
-    dtype, channels_last, compile_, fused = ARMS[arm]
+    mode = ARMS[arm]
+    dtype, channels_last = mode["dtype"], mode["channels_last"]
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     torch.backends.cudnn.benchmark = True
     data = digits32(device)
     g_eval = torch.Generator(device).manual_seed(12345)  # the same held-out set for every run
     idx = torch.randperm(len(data), generator=g_eval, device=device)[:eval_size]
     eval_x0 = data[idx]
-    eval_sigma = LogNormalSigma()(len(idx), device=device, generator=g_eval)
+    law = LogNormalSigma()
+    eval_sigma = law(len(idx), device=device, generator=g_eval)
     eval_noise = torch.randn(eval_x0.shape, device=device, generator=g_eval)
 
     torch.manual_seed(seed)
     net = UNet(data_shape=[3, 32, 32], channel_mult=[2, 2, 2], dropout=0.13).to(device)
     mem = torch.channels_last if channels_last else torch.contiguous_format
     denoiser = EDMPrecond(net.to(memory_format=mem))
-    fwd = torch.compile(denoiser) if compile_ and device == "cuda" else denoiser
-    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=fused)
+    fwd = torch.compile(denoiser) if mode["compile"] and device == "cuda" else denoiser
+    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=mode["fused"])
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
     gen = torch.Generator(device).manual_seed(seed)  # batches, sigmas and noise: the same in both arms
-    law = LogNormalSigma()
 
     def held_out() -> float:
         net.eval()
