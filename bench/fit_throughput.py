@@ -6,6 +6,8 @@ Writes a CIFAR-10 fixture of random images in the python format (the config's da
 ``--steps`` steps with the config's own settings (bf16, compile, channels-last, fused Adam, EMA, RunLog) and a CSV
 logger, and reports the median img/s that RunLog measured after the first 100 steps (compilation excluded).
 Extra `diffscore fit` options pass through, e.g. ``--set=--model.init_args.compile=false``.
+``--sync-debug`` turns on torch's CUDA sync debug mode and prints each place that waits for the GPU once, with
+its call stack (setup's reads included: look for the ones inside the training step).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +32,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--set", action="append", default=[], help="a `diffscore fit` option (repeatable): --set=--x=1")
+    ap.add_argument("--sync-debug", action="store_true", help="print each GPU->host sync site once, with its stack")
     args = ap.parse_args()
+    if args.sync_debug:
+        report_host_syncs()
     from diffscore.cli import main as cli
     from tests.fixtures import write_cifar10
 
@@ -72,6 +79,26 @@ def main() -> None:
             }
         )
     )
+
+
+def report_host_syncs() -> None:
+    """Print the call stack of each distinct place that synchronises with the GPU (torch's sync debug mode)."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    show = warnings.showwarning
+
+    def show_sync(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        if (filename, lineno) not in seen:
+            seen.add((filename, lineno))
+            stack = "".join(traceback.format_stack(limit=14)[:-2])
+            print(f"host sync #{len(seen)} at {filename}:{lineno}: {message}\n{stack}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show_sync
+    warnings.simplefilter("always", UserWarning)
+    torch.cuda.set_sync_debug_mode("warn")
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate after a linear warm-up (5%)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate after a linear warm-up (5%%)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-size", type=int, default=512, help="images in the fixed held-out set")
     ap.add_argument(

@@ -41,9 +41,9 @@ def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp
         accelerator="cpu",
     )
     trainer.fit(model, dm)
-    # hand-computed EMA over the recorded raw weights, with EDM's betas (64 images per step)
+    # hand-computed EMA over the recorded raw weights, with EDM's betas (64 images per step, counted before it)
     expected = dict(rec.raw[0])
-    for step, raw in enumerate(rec.raw[1:], start=2):
+    for step, raw in enumerate(rec.raw[1:], start=1):
         beta = 0.5 ** (64 / min(200, 0.5 * step * 64))
         expected = {k: beta * expected[k] + (1 - beta) * raw[k] for k in raw}
     averaged = dict(ema.averaged_module().named_parameters())
@@ -53,3 +53,41 @@ def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp
     for k, v in expected.items():
         torch.testing.assert_close(state["state_dict"][k], v)  # the EMA, for sampling
         torch.testing.assert_close(state["current_model_state"][k], rec.raw[-1][k])  # the raw, for resuming
+
+
+class NoHostRead(torch.Tensor):
+    """A tensor whose value may not be read on the host (on a GPU such a read waits for the step to finish)."""
+
+    def __bool__(self):
+        raise AssertionError("the EMA update read its count on the host")
+
+    def item(self):
+        raise AssertionError("the EMA update read its count on the host")
+
+
+class GuardCount(Callback):
+    def __init__(self, ema):
+        self.ema = ema
+
+    def on_train_start(self, trainer, pl_module):
+        average = self.ema._average_model
+        average.n_averaged = average.n_averaged.as_subclass(NoHostRead)
+
+
+def test_ema_update_never_reads_its_count_on_the_host():
+    # torch's AveragedModel.update_parameters branches on `n_averaged == 0`: a GPU->host sync every step
+    dm = GMMDataModule(dim=2, num_components=3, num_train=128, num_val=64, num_test=64, batch_size=32)
+    model = DiffusionModule(MLP(data_shape=[2], width=16, depth=1))
+    ema = EDMEMA(halflife_images=200)
+    trainer = Trainer(
+        max_steps=3,
+        callbacks=[ema, GuardCount(ema)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(model, dm)
+    assert int(ema._average_model.n_averaged.as_subclass(torch.Tensor)) == 3
