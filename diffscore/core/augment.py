@@ -304,8 +304,8 @@ class NonLeakyAugment:
         )
 
     def _inverse_matrix(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
-        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates (float32, also under
-        autocast: linalg.inv has no half-precision kernels)."""
+        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates (float32 also under
+        autocast: angles and scales in bf16 would move pixels by up to a few tenths)."""
         dev = params.scale.device
         with torch.autocast(dev.type, enabled=False):
             f32 = NonLeakyParams(**{f.name: getattr(params, f.name).float() for f in fields(params)})
@@ -313,7 +313,6 @@ class NonLeakyAugment:
 
     def _inverse_matrix_f32(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
         B = params.scale.shape[0]
-        dev = params.scale.device
 
         def rot(a: Tensor) -> Tensor:
             c, s = a.cos(), a.sin()
@@ -325,9 +324,13 @@ class NonLeakyAugment:
         s = torch.exp2(params.scale * self.scale_std)
         a = torch.exp2(params.aniso * self.aniso_std)
         r = params.aniso_angle
-        forward = rot(r) @ diag(a, 1 / a) @ rot(-r) @ rot(params.rotate) @ diag(s, s)  # [B, 2, 2] pixel frame
-        to_norm = torch.diag(torch.tensor([2.0 / W, 2.0 / H], device=dev))
-        lin = to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm)
+        # forward = rot(r) diag(a, 1/a) rot(-r) rot(rotate) diag(s, s) in the pixel frame; its inverse, factor by
+        # factor (no linalg.inv: on a GPU it reads an error flag back, a host sync in every training step)
+        inverse = diag(1 / s, 1 / s) @ rot(-params.rotate) @ rot(r) @ diag(1 / a, a) @ rot(-r)  # [B, 2, 2]
+        # pixel frame -> normalised frame: diag(2/W, 2/H) @ inverse @ diag(W/2, H/2)
+        lin = inverse.clone()
+        lin[:, 0, 1] *= H / W
+        lin[:, 1, 0] *= W / H
         shift = torch.stack(
             [params.translate_x * self.translate_std * 2, params.translate_y * self.translate_std * 2], -1
         )

@@ -183,6 +183,32 @@ def test_nonleaky_quarter_rotation_and_pixel_shift_are_exact():
     assert torch.equal(flipped, x.flip(-1))
 
 
+def test_nonleaky_inverse_matrix_inverts_the_forward_warp():
+    """The warp's inverse, built factor by factor, against float64 linalg.inv of the forward transform assembled
+    here from the parameters' definitions (pixel frame, then grid_sample's normalised frame)."""
+    aug = NonLeakyAugment(p=1.0)
+    params = aug.sample_params(64, generator=torch.Generator().manual_seed(11))
+    H, W = 8, 12
+    theta = aug._inverse_matrix(params, H, W).double()  # [B, 2, 3]
+    p = NonLeakyParams(**{k: v.double() for k, v in vars(params).items()})
+
+    def rot(a):
+        return torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=torch.float64)
+
+    for i in range(64):
+        s = 2.0 ** (p.scale[i].item() * aug.scale_std)
+        a = 2.0 ** (p.aniso[i].item() * aug.aniso_std)
+        r = p.aniso_angle[i].item()
+        stretch = torch.diag(torch.tensor([a, 1 / a], dtype=torch.float64))
+        forward = rot(r) @ stretch @ rot(-r) @ rot(p.rotate[i].item()) * s
+        to_norm = torch.diag(torch.tensor([2.0 / W, 2.0 / H], dtype=torch.float64))
+        lin = to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm)
+        shift = torch.tensor([p.translate_x[i].item(), p.translate_y[i].item()], dtype=torch.float64)
+        shift = shift * aug.translate_std * 2
+        torch.testing.assert_close(theta[i, :, :2], lin, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theta[i, :, 2], -lin @ shift, atol=1e-5, rtol=1e-5)
+
+
 def test_nonleaky_probability_p():
     aug = NonLeakyAugment(p=0.12)
     params = aug.sample_params(50000, generator=torch.Generator().manual_seed(9))
@@ -193,7 +219,7 @@ def test_nonleaky_probability_p():
 
 
 def test_nonleaky_geometry_runs_in_float32_whatever_the_parameter_dtype():
-    """Under CUDA autocast the parameter arithmetic comes out in bf16, where linalg.inv has no kernel."""
+    """Under CUDA autocast the parameter arithmetic comes out in bf16 (linalg.inv had no kernel for it)."""
     aug = NonLeakyAugment(p=1.0)
     params = aug.sample_params(8, generator=torch.Generator().manual_seed(10))
     x = torch.randn(8, 3, 8, 8)
