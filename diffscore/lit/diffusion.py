@@ -56,10 +56,10 @@ def seeded_labels(seeds: Sequence[int], label_dim: int, device: torch.device) ->
 class DiffusionModule(LightningModule):
     """EDM training (Karras et al. 2022): lognormal sigma, preconditioned denoiser, weighted L2 loss.
 
-    Logs ``train/loss`` every step; on validation, the denoising loss at each of ``val_sigmas`` (fixed noise)
-    on the held-out split (``heldout/``), on an equal-size subset of the training split (``train_eval/``),
-    and their difference (``gap/``), plus ``val/loss``, the held-out mean over the buckets. Under an EMA
-    callback every validation number is for the EMA weights.
+    Logs ``train/loss`` every step (the progress bar's ``loss`` every ``log_every_n_steps``); on validation, the
+    denoising loss at each of ``val_sigmas`` (fixed noise) on the held-out split (``heldout/``), on an equal-size
+    subset of the training split (``train_eval/``), and their difference (``gap/``), plus ``val/loss``, the
+    held-out mean over the buckets. Under an EMA callback every validation number is for the EMA weights.
     """
 
     def __init__(
@@ -170,7 +170,11 @@ class DiffusionModule(LightningModule):
         self._nonfinite |= ~torch.isfinite(loss.detach())
         if self.nan_check_every and self.global_step % self.nan_check_every == 0:
             self._raise_if_nonfinite()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            # The progress bar's copy, on the host. Lightning turns every prog_bar value into a Python number
+            # after every step, a device->host read (a GPU sync per step); this one is read every N steps.
+            self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
 
     def setup(self, stage: str) -> None:

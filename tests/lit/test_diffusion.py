@@ -86,6 +86,27 @@ def test_learning_rate_ramps_up_over_images(tmp_path):
     assert rec.lrs == pytest.approx([0.01 * min((i + 1) * 64 / 256, 1.0) for i in range(6)])
 
 
+class BarRecorder(Callback):
+    def __init__(self):
+        self.bar, self.losses = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        self.bar.append(trainer.progress_bar_metrics["loss"])
+
+
+def test_progress_bar_loss_is_a_host_copy_refreshed_every_log_interval(tmp_path):
+    """Lightning reads every prog_bar value back to the host after every step (a GPU sync): the bar's loss is a
+    CPU copy taken every ``log_every_n_steps`` steps, and shows the loss of the last such step in between."""
+    dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
+    rec = BarRecorder()
+    model = DiffusionModule(MLP(data_shape=[2], width=8, depth=1))
+    trainer(tmp_path, max_steps=7, callbacks=[rec], limit_val_batches=0, log_every_n_steps=3).fit(model, dm)
+    shown = [rec.losses[3 * (i // 3)] for i in range(7)]  # steps 0-2 show step 0's loss, 3-5 step 3's, ...
+    assert rec.bar == pytest.approx(shown)
+    assert len(set(rec.losses)) == 7  # the losses differ, so the comparison above pins which step is shown
+
+
 class NaNAfter(nn.Module):
     """A backbone that turns its output into NaN from training step ``n`` on."""
 
