@@ -16,6 +16,17 @@ def test_decay_follows_edm_halflife_and_rampup():
     assert ramped.decay(0, 100) == pytest.approx(0.0)  # the first step takes the weights as they are
 
 
+def cpu_trainer(**kw):
+    return Trainer(
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        **kw,
+    )
+
+
 class RecordRaw(Callback):
     def __init__(self):
         self.raw = []
@@ -31,16 +42,7 @@ def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp
     ema = EDMEMA(halflife_images=200, rampup_ratio=0.5)
     rec = RecordRaw()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = Trainer(
-        max_steps=6,
-        callbacks=[rec, ema, ckpt],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    trainer.fit(model, dm)
+    cpu_trainer(max_steps=6, callbacks=[rec, ema, ckpt]).fit(model, dm)
     # hand-computed EMA over the recorded raw weights, with EDM's betas (64 images per step, counted before it)
     expected = dict(rec.raw[0])
     for step, raw in enumerate(rec.raw[1:], start=1):
@@ -79,15 +81,5 @@ def test_ema_update_never_reads_its_count_on_the_host():
     dm = GMMDataModule(dim=2, num_components=3, num_train=128, num_val=64, num_test=64, batch_size=32)
     model = DiffusionModule(MLP(data_shape=[2], width=16, depth=1))
     ema = EDMEMA(halflife_images=200)
-    trainer = Trainer(
-        max_steps=3,
-        callbacks=[ema, GuardCount(ema)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        accelerator="cpu",
-    )
-    trainer.fit(model, dm)
+    cpu_trainer(max_steps=3, callbacks=[ema, GuardCount(ema)], enable_checkpointing=False).fit(model, dm)
     assert int(ema._average_model.n_averaged.as_subclass(torch.Tensor)) == 3
