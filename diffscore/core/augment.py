@@ -305,7 +305,7 @@ class NonLeakyAugment:
 
     def _inverse_matrix(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
         """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates (float32 also under
-        autocast: angles and scales in bf16 would move pixels by up to a few tenths)."""
+        autocast: bf16 angles and scales, ~0.4% off, would misplace the edge pixels of a 64x64 image by ~0.1)."""
         dev = params.scale.device
         with torch.autocast(dev.type, enabled=False):
             f32 = NonLeakyParams(**{f.name: getattr(params, f.name).float() for f in fields(params)})
