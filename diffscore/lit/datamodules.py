@@ -98,7 +98,7 @@ class BaseDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.device_batch, self.accumulate = split_batch(batch_size, batch_gpu, 1)
         self.shuffle_seed = 0  # seed of the training order (StreamSampler)
-        self._resume_position = 0  # stream position to start from (set from a checkpoint)
+        self._resume_consumed = 0  # samples of the whole stream consumed before this run (from a checkpoint)
 
     # Facts the model side needs (linked into the backbone by the CLI).
     @property
@@ -135,7 +135,7 @@ class BaseDataModule(LightningDataModule):
             rank = self.trainer.global_rank if self.trainer is not None else 0
             per_rank = (self.epoch_size or len(dataset)) // world
             sampler = StreamSampler(len(dataset), max(batch, per_rank // batch * batch), self.shuffle_seed, rank, world)
-            sampler.next_position = self._resume_position
+            sampler.next_position = self._resume_consumed // world  # rank r reads stream positions p * world + r
         return DataLoader(
             dataset,
             batch_size=batch,
@@ -167,14 +167,17 @@ class BaseDataModule(LightningDataModule):
         return self._loader(test, train=False)
 
     def state_dict(self) -> dict:
-        """The training stream's position: the samples this rank has consumed (global step x batch)."""
-        consumed = 0
-        if self.trainer is not None:
-            consumed = self.trainer.global_step * self.device_batch * self.accumulate
-        return {"stream_position": consumed}
+        """The training stream's position: samples consumed by all devices together (global step x total batch),
+        so a run resumes on any number of devices where it stopped."""
+        consumed = 0 if self.trainer is None else self.trainer.global_step * self.batch_size
+        return {"stream_consumed": consumed}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume_position = int(state_dict.get("stream_position", 0))
+        if "stream_position" in state_dict:  # older checkpoints: one rank's position, assumed on this many devices
+            world = self.trainer.world_size if self.trainer is not None else 1
+            self._resume_consumed = int(state_dict["stream_position"]) * world
+        else:
+            self._resume_consumed = int(state_dict.get("stream_consumed", 0))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, labels = batch

@@ -97,3 +97,11 @@ def test_ddp_on_cpu_with_two_processes(in_tmp):
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 3
     assert "current_model_state" in state  # EMA and raw weights both saved
+    # the 2-device checkpoint resumes on one device, where the two stopped in the data stream
+    resume = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=5", f"--ckpt_path={ckpt}"]
+    assert run_cli(resume) == 0
+    resumed = max(Path(in_tmp).glob("runs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    (dm_state,) = [v for k, v in state.items() if "DataModule" in k]
+    assert dm_state == {"stream_consumed": 5 * 32}  # total batch 32: 3 steps on two devices, 2 on one

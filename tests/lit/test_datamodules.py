@@ -1,3 +1,6 @@
+import itertools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -26,6 +29,30 @@ def test_epoch_size_makes_epochs_of_back_to_back_permutations():
     assert len(batches) == 12
     seen = torch.cat([b[0] for b in batches[:3]]).flatten(1)
     assert len({r.numpy().tobytes() for r in seen}) == len(torch.unique(dm.splits["train"][0].flatten(1), dim=0))
+
+
+def resumed_indices(state: dict, world: int, rank: int, count: int) -> list[int]:
+    """The first ``count`` training indices rank ``rank`` of ``world`` devices reads after loading ``state``."""
+    dm = DigitsDataModule(batch_size=48, num_train=300, epoch_size=960)
+    dm.trainer = SimpleNamespace(world_size=world, global_rank=rank, accumulate_grad_batches=1)
+    dm.setup("fit")
+    dm.load_state_dict(state)
+    return list(itertools.islice(iter(dm.train_dataloader().sampler), count))
+
+
+def test_a_checkpoint_resumes_the_data_stream_on_any_number_of_devices():
+    """Saved after 5 steps on 2 devices (total batch 48), resumed on 1 to 4 devices: together the devices read the
+    stream from sample 240 on, exactly as one device running straight through does."""
+    straight = resumed_indices({"stream_consumed": 0}, 1, 0, 240 + 96)[240:]
+    writer = DigitsDataModule(batch_size=48, num_train=300, epoch_size=960)
+    writer.trainer = SimpleNamespace(world_size=2, global_rank=0, accumulate_grad_batches=1, global_step=5)
+    state = writer.state_dict()
+    for world in (1, 2, 3, 4):
+        per_rank = [resumed_indices(state, world, r, 96 // world) for r in range(world)]
+        assert [per_rank[p % world][p // world] for p in range(96)] == straight, f"{world} devices"
+    # a checkpoint from before this format held one rank's position (120 of 240 on 2 devices)
+    legacy = [resumed_indices({"stream_position": 120}, 2, r, 48) for r in range(2)]
+    assert [legacy[p % 2][p // 2] for p in range(96)] == straight
 
 
 def test_gmm_module_exposes_its_mixture_and_is_seeded():
