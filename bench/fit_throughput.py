@@ -6,6 +6,9 @@ Writes a CIFAR-10 fixture of random images in the python format (the config's da
 ``--steps`` steps with the config's own settings (bf16, compile, channels-last, fused Adam, EMA, RunLog) and a CSV
 logger, and reports the median img/s that RunLog measured after the first 100 steps (compilation excluded).
 Extra `diffscore fit` options pass through, e.g. ``--set=--model.init_args.compile=false``.
+Several GPUs (``--batch`` is the total batch; rank 0 reports the total img/s): scaling at 256 images per GPU,
+
+    for n in 1 2 4 8; do python bench/fit_throughput.py --batch $((256 * n)) --set=--trainer.devices=$n; done
 ``--sync-debug`` turns on torch's CUDA sync debug mode and prints each place that waits for the GPU once, with
 its call stack (setup's reads included: look for the ones inside the training step).
 """
@@ -13,7 +16,9 @@ its call stack (setup's reads included: look for the ones inside the training st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -39,9 +44,13 @@ def main() -> None:
     from diffscore.cli import main as cli
     from tests.fixtures import write_cifar10
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # Under DDP, Lightning starts the other ranks by running this script again: they share rank 0's data folder.
+    shared = os.environ.get("FIT_THROUGHPUT_ROOT")
+    with contextlib.nullcontext(shared) if shared else tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_cifar10(root, per_batch=2000)  # 10,000 training images (5 batches), random pixels
+        if not shared:
+            write_cifar10(root, per_batch=2000)  # 10,000 training images (5 batches), random pixels
+            os.environ["FIT_THROUGHPUT_ROOT"] = tmp
         t0 = time.perf_counter()
         try:
             cli(
@@ -62,6 +71,8 @@ def main() -> None:
         except SystemExit as e:
             if e.code:
                 raise
+        if shared:  # not rank 0: RunLog writes on rank 0 only, and rank 0 reports
+            return
         wall = time.perf_counter() - t0
         logs = list((root / "run").glob("**/metrics.jsonl"))  # none when the run is shorter than RunLog's interval
         rows = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
