@@ -9,6 +9,7 @@ Extra `diffscore fit` options pass through, e.g. ``--set=--model.init_args.compi
 Several GPUs (``--batch`` is the total batch; rank 0 reports the total img/s): scaling at 256 images per GPU,
 
     for n in 1 2 4 8; do python bench/fit_throughput.py --batch $((256 * n)) --set=--trainer.devices=$n; done
+
 ``--sync-debug`` turns on torch's CUDA sync debug mode and prints each place that waits for the GPU once, with
 its call stack (setup's reads included: look for the ones inside the training step).
 """
