@@ -171,7 +171,8 @@ class DiffusionModule(LightningModule):
         if self.nan_check_every and self.global_step % self.nan_check_every == 0:
             self._raise_if_nonfinite()
         self.log("train/loss", loss)
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        every = self.trainer.log_every_n_steps  # 0: Lightning logs nothing, and the bar shows no loss
+        if every and self.global_step % every == 0:
             # The progress bar's copy, on the host. Lightning turns every prog_bar value into a Python number
             # after every step, a device->host read (a GPU sync per step); this one is read every N steps.
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)

@@ -107,6 +107,15 @@ def test_progress_bar_loss_is_a_host_copy_refreshed_every_log_interval(tmp_path)
     assert len(set(rec.losses)) == 7  # the losses differ, so the comparison above pins which step is shown
 
 
+def test_log_every_n_steps_zero_trains_without_a_bar_loss(tmp_path):
+    """Lightning accepts log_every_n_steps=0 (no logging); the bar's copy must not divide by it."""
+    dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
+    model = DiffusionModule(MLP(data_shape=[2], width=8, depth=1))
+    fitted = trainer(tmp_path, max_steps=2, limit_val_batches=0, log_every_n_steps=0)
+    fitted.fit(model, dm)
+    assert fitted.global_step == 2 and "loss" not in fitted.progress_bar_metrics
+
+
 class NaNAfter(nn.Module):
     """A backbone that turns its output into NaN from training step ``n`` on."""
 
