@@ -182,7 +182,7 @@ def find_max_batch(config: str, mode: str, start: int, extra: list[str], step: i
     out-of-memory error leaves a process's allocator fragmented). Other failures are raised, not skipped."""
     for batch in range(start, 0, -step):
         cmd = [sys.executable, __file__, "--configs", config, "--modes", mode, "--batch", str(batch), "--no-sample"]
-        cmd += extra  # the parent's --no-cudnn-benchmark and --inductor options
+        cmd += extra  # the parent's --no-cudnn-benchmark, --out and --inductor options
         child = subprocess.run(cmd, capture_output=True, text=True)
         fits = child.returncode == 0
         if not fits and "OutOfMemoryError" not in child.stderr:
@@ -211,6 +211,7 @@ def main() -> None:
         for name in args.configs:
             for mode in args.modes:
                 extra = [] if args.cudnn_benchmark else ["--no-cudnn-benchmark"]
+                extra += [f"--out={args.out}"] if args.out else []  # the fitting batch's row
                 find_max_batch(name, mode, args.max_batch, extra + [f"--inductor={i}" for i in args.inductor])
         return
     if args.inductor:
