@@ -225,21 +225,16 @@ def main() -> None:
                 pass  # a string
             setattr(inductor_config, key, value)
     rows = []
+    timing = dict(
+        cudnn_benchmark=args.cudnn_benchmark,
+        probe_steps=args.probe_steps,
+        batch=args.batch,
+        profile_steps=args.profile,
+        sample=args.sample,
+    )
     for name in args.configs:
         for mode in args.modes:
-            rows.append(
-                run(
-                    name,
-                    CONFIGS[name],
-                    mode,
-                    MODES[mode],
-                    args.cudnn_benchmark,
-                    args.probe_steps,
-                    args.batch,
-                    args.profile,
-                    args.sample,
-                )
-            )
+            rows.append(run(name, CONFIGS[name], mode, MODES[mode], **timing))
             print(json.dumps(rows[-1]), flush=True)
             if args.out:  # row by row, so a run cut short keeps what it measured
                 with open(args.out, "a") as f:
