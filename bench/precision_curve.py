@@ -112,25 +112,32 @@ def load(folders: list[Path]) -> dict[str, dict[int, dict]]:
 
 
 def summarize(folders: list[Path]) -> dict:
-    """Per evaluation step: each arm's mean held-out loss over the runs that reached it, its range and count."""
+    """Per evaluation step: each arm's mean held-out loss over the runs that reached it, its range and count;
+    with two arms, the gap of the means and Welch's t for it (when each arm has two runs or more)."""
     runs = load(folders)
     arm_of = {name: next(iter(rows.values()))["arm"] for name, rows in runs.items()}
     arms = sorted(set(arm_of.values()))
     steps = sorted({step for rows in runs.values() for step in rows})
     table = []
-    print(f"{'step':>6}" + "".join(f"{a + ' mean':>11}{'range':>8}{'n':>3}" for a in arms) + f"{'|diff|':>9}")
+    print(f"{'step':>6}" + "".join(f"{a + ' mean':>11}{'range':>8}{'n':>3}" for a in arms) + f"{'|diff|':>9}{'t':>7}")
     for step in steps:
-        row = {"step": step}
+        row, vals = {"step": step}, {}
         for arm in arms:
-            vals = [rows[step]["held_out"] for name, rows in runs.items() if arm_of[name] == arm and step in rows]
-            row[arm] = {"mean": statistics.mean(vals), "range": max(vals) - min(vals), "n": len(vals)} if vals else None
+            vals[arm] = [rows[step]["held_out"] for name, rows in runs.items() if arm_of[name] == arm and step in rows]
+            v = vals[arm]
+            row[arm] = {"mean": statistics.mean(v), "range": max(v) - min(v), "n": len(v)} if v else None
         cells = "".join(
             f"{row[a]['mean']:>11.4f}{row[a]['range']:>8.4f}{row[a]['n']:>3}" if row[a] else f"{'-':>22}" for a in arms
         )
         if len(arms) == 2 and all(row[a] for a in arms):
             row["diff"] = abs(row[arms[0]]["mean"] - row[arms[1]]["mean"])
+            a, b = (vals[arm] for arm in arms)
+            if min(len(a), len(b)) > 1:  # Welch: the gap over its standard error, each arm's own variance
+                se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+                if se > 0:
+                    row["welch_t"] = (statistics.mean(a) - statistics.mean(b)) / se
         table.append(row)
-        print(f"{step:>6}{cells}{row.get('diff', float('nan')):>9.4f}")
+        print(f"{step:>6}{cells}{row.get('diff', float('nan')):>9.4f}{row.get('welch_t', float('nan')):>7.2f}")
     return {"table": table, "runs": {name: list(rows.values()) for name, rows in runs.items()}}
 
 
