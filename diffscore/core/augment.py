@@ -17,7 +17,7 @@ from torch import Tensor
 SCOREAUG_TRANSFORMS = ("rot90", "hflip", "vflip", "translate", "cutout", "brightness")
 
 
-def _check_images(x: Tensor) -> tuple[int, int]:
+def _check_images(x: Tensor) -> tuple[int, int]:  # (H, W) of images [B, C, H, W]
     if x.ndim != 4:
         raise ValueError(f"augmentations need images [B, C, H, W], got shape {tuple(x.shape)}")
     return x.shape[-2], x.shape[-1]
@@ -29,30 +29,42 @@ def _uniform(batch: int, lo: float, hi: float, device, generator) -> Tensor:
 
 @dataclass(frozen=True)
 class AugParams:
-    """ScoreAugment's per-sample parameters, every field [B]; each field's identity value is 0 (brightness: 1)."""
+    """ScoreAugment's per-sample parameters, every field [B], in units of the image (no pixel counts): the same
+    parameter set means the same transform at every resolution, resolved to pixels by ``ScoreAugment.apply``.
+    Each field's identity value is 0 (brightness: 1)."""
 
     rot90: Tensor  # long, quarter turns counterclockwise (torch.rot90 on dims H, W), 0..3
     hflip: Tensor  # bool, mirror left-right
     vflip: Tensor  # bool, mirror top-bottom
-    shift_x: Tensor  # long, pixels to the right
-    shift_y: Tensor  # long, pixels down
-    cutout_size: Tensor  # long, side of the zeroed square in pixels; 0 = no cutout
-    cutout_x: Tensor  # long, centre column of the square
-    cutout_y: Tensor  # long, centre row of the square
+    shift_x: Tensor  # float in [-translate_frac, translate_frac], shift to the right as a fraction of W (resolve)
+    shift_y: Tensor  # float, shift down as a fraction of H
+    cutout_size: Tensor  # float, side of the zeroed square as a fraction of min(H, W); 0 = no cutout
+    cutout_x: Tensor  # float in [0, 1), centre column as a fraction of W (0 without cutout)
+    cutout_y: Tensor  # float in [0, 1), centre row as a fraction of H
     brightness: Tensor  # float, multiplicative factor; 1 = none
-    image_size: tuple[int, int]  # (H, W) the pixel parameters were drawn for
 
     def is_identity(self) -> Tensor:
-        """[B] bool: the parameters leave the image unchanged."""
+        """[B] bool: the parameters are the identity transform (zero label)."""
+        unshifted = (self.shift_x == 0) & (self.shift_y == 0)
         return (
-            (self.rot90 == 0)
-            & ~self.hflip
-            & ~self.vflip
-            & (self.shift_x == 0)
-            & (self.shift_y == 0)
-            & (self.cutout_size == 0)
-            & (self.brightness == 1)
+            (self.rot90 == 0) & ~self.hflip & ~self.vflip & unshifted & (self.cutout_size == 0) & (self.brightness == 1)
         )
+
+
+@dataclass(frozen=True)
+class PixelAugParams:
+    """The translation and cutout of an AugParams resolved for one image size, every field long [B]."""
+
+    shift_x: Tensor  # pixels to the right
+    shift_y: Tensor  # pixels down
+    cutout_size: Tensor  # side of the zeroed square in pixels; 0 = no cutout
+    cutout_x: Tensor  # centre column
+    cutout_y: Tensor  # centre row
+
+
+def _bin(u: Tensor, lo: int, hi: int) -> Tensor:
+    """u in [0, 1) -> the integer lo + floor(u (hi - lo + 1)) in [lo, hi]: uniform u gives uniform integers."""
+    return (lo + (u * (hi - lo + 1)).floor().long()).clamp(lo, hi)
 
 
 def shift_images(x: Tensor, shift_x: Tensor, shift_y: Tensor, circular: bool = False) -> Tensor:
@@ -86,14 +98,19 @@ class ScoreAugment:
     """ScoreAug (Hou et al. 2025): transforms applied to the *noisy* input; the denoiser predicts the same
     transform of the clean image, conditioned on the transform's label (sampling uses the zero label).
 
-    Transforms: rot90 (k = 1, 2, 3), hflip, vflip, translate (integer pixels, zero padding or circular),
+    Transforms: rot90 (k = 1, 2, 3), hflip, vflip, translate (whole pixels, zero padding or circular),
     cutout (a zeroed square), brightness (a multiplicative factor). ``mode="one_of"``: each sample gets one
     transform, chosen with probabilities proportional to ``weights`` (the key "identity" included);
     ``mode="composed"``: each transform is applied independently with probability ``weights[name]``, in the
-    order brightness, cutout, translate, flips, rot90.
+    order brightness, cutout, translate, flips, rot90. Parameters are drawn in units of the image (fractions of
+    H and W) and resolved to pixels from the images ``apply`` gets: at every size the pixel shift is uniform
+    over -m..m (m = round(translate_frac * side)), the cutout side uniform over round(cutout_frac * min(H, W))
+    (at least 1) and its centre uniform over the pixels, the laws of drawing them in pixels for that size.
 
-    Label [B, 11]: one-hot rot90 k (3), hflip, vflip, shift_x / W, shift_y / H, cutout side / W, cutout centre
-    offset from the image centre / W and / H (0 without cutout), ln(brightness). Zero iff identity.
+    Label [B, 11]: one-hot rot90 k (3), hflip, vflip, shift / W and / H, cutout side / min(H, W), cutout centre
+    offset from the image centre / W and / H (0 without cutout), ln(brightness), all read from the fractions.
+    Zero iff the parameters are the identity. A translation drawn below a pixel at the applied size (at most
+    1 / (2m + 1) of the draws per axis, as when the pixel shift is drawn directly) moves nothing.
     """
 
     label_dim = 11
@@ -150,51 +167,68 @@ class ScoreAugment:
         *,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-        image_size: tuple[int, int] | None = None,
     ) -> AugParams:
-        """Draws parameters for ``batch`` images of ``image_size`` (H, W); translation and cutout are in pixels,
-        so they need it."""
-        if image_size is None:
-            if any(self.weights.get(n, 0) > 0 for n in ("translate", "cutout", "rot90")):
-                raise ValueError("ScoreAugment.sample_params needs image_size=(H, W) for translate/cutout/rot90")
-            image_size = (1, 1)
-        H, W = image_size
+        """Draws parameters for ``batch`` images of any size (translation and cutout as fractions of the side)."""
         on = self._chosen(batch, device, generator)
-        zero = torch.zeros(batch, dtype=torch.long, device=device)
+        zero_long = torch.zeros(batch, dtype=torch.long, device=device)
+        zero = torch.zeros(batch, device=device)
 
-        def ints(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi]
-            return torch.randint(lo, hi + 1, (batch,), device=device, generator=generator)
+        def unit() -> Tensor:  # uniform in [0, 1)
+            return torch.rand(batch, device=device, generator=generator)
 
-        if self.weights.get("rot90", 0) > 0 and H != W:  # from the options, not the draw: no host sync
-            raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
-        max_x, max_y = round(self.translate_frac * W), round(self.translate_frac * H)
-        lo, hi = (max(1, round(f * min(H, W))) for f in self.cutout_frac)
+        f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
         log_b = _uniform(batch, math.log(self.brightness[0]), math.log(self.brightness[1]), device, generator)
         return AugParams(
-            rot90=torch.where(on["rot90"], ints(1, 3), zero),
+            rot90=torch.where(
+                on["rot90"], torch.randint(1, 4, (batch,), device=device, generator=generator), zero_long
+            ),
             hflip=on["hflip"],
             vflip=on["vflip"],
-            shift_x=torch.where(on["translate"], ints(-max_x, max_x), zero),
-            shift_y=torch.where(on["translate"], ints(-max_y, max_y), zero),
-            cutout_size=torch.where(on["cutout"], ints(lo, hi), zero),
-            cutout_x=torch.where(on["cutout"], ints(0, W - 1), zero),
-            cutout_y=torch.where(on["cutout"], ints(0, H - 1), zero),
+            shift_x=torch.where(on["translate"], f * (2 * unit() - 1), zero),
+            shift_y=torch.where(on["translate"], f * (2 * unit() - 1), zero),
+            cutout_size=torch.where(on["cutout"], c_lo + (c_hi - c_lo) * unit(), zero),
+            cutout_x=torch.where(on["cutout"], unit(), zero),
+            cutout_y=torch.where(on["cutout"], unit(), zero),
             brightness=torch.where(on["brightness"], log_b.exp(), torch.ones_like(log_b)),
-            image_size=(H, W),
+        )
+
+    def resolve(self, params: AugParams, height: int, width: int) -> PixelAugParams:
+        """Translation and cutout in pixels for ``height`` x ``width`` images.
+
+        A shift fraction t in [-f, f] falls in one of 2m + 1 equal bins, m = round(f * side): the bin's offset from
+        the middle one is the pixel shift (t = 0 -> 0; about round(t * side)). The cutout side fraction falls in
+        one of the bins of the pixel sides round(cutout_frac * min(H, W)); a centre fraction c -> floor(c * side).
+        """
+        f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
+
+        def shift(t: Tensor, side: int) -> Tensor:
+            m = round(f * side)  # python's round, as the pixel draw always used
+            return torch.zeros_like(t, dtype=torch.long) if m == 0 else _bin((t + f) / (2 * f), -m, m)
+
+        lo, hi = (max(1, round(c * min(height, width))) for c in (c_lo, c_hi))
+        has_cut = params.cutout_size > 0
+        size_u = (params.cutout_size - c_lo) / (c_hi - c_lo) if c_hi > c_lo else torch.zeros_like(params.cutout_size)
+        return PixelAugParams(
+            shift_x=shift(params.shift_x, width),
+            shift_y=shift(params.shift_y, height),
+            cutout_size=torch.where(has_cut, _bin(size_u.clamp(0, 1), lo, hi), 0),
+            cutout_x=torch.where(has_cut, _bin(params.cutout_x, 0, width - 1), 0),
+            cutout_y=torch.where(has_cut, _bin(params.cutout_y, 0, height - 1), 0),
         )
 
     def apply(self, x: Tensor, params: AugParams) -> Tensor:
         """T(x) for images [B, C, H, W]; pure, so the same parameters give the same T for input and target."""
-        B = x.shape[0]
-        if _check_images(x) != params.image_size and not params.is_identity().all():
-            raise ValueError(f"parameters drawn for {params.image_size} images, got {tuple(x.shape[-2:])}")
-        view = (B, 1, 1, 1)
+        H, W = _check_images(x)
+        if H != W and self.weights.get("rot90", 0) > 0:  # from the options, not the draw: no host sync
+            raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
+        px = self.resolve(params, H, W)
+        view = (x.shape[0], 1, 1, 1)
         out = x * params.brightness.to(x.dtype).view(view)
-        out = out * cutout_mask(x.shape, params.cutout_size, params.cutout_x, params.cutout_y).to(x.dtype)
-        out = shift_images(out, params.shift_x, params.shift_y, circular=self.translate_padding == "circular")
+        out = out * cutout_mask(x.shape, px.cutout_size, px.cutout_x, px.cutout_y).to(x.dtype)
+        out = shift_images(out, px.shift_x, px.shift_y, circular=self.translate_padding == "circular")
         out = torch.where(params.hflip.view(view), out.flip(-1), out)
         out = torch.where(params.vflip.view(view), out.flip(-2), out)
-        if x.shape[-1] == x.shape[-2]:  # rot90 is only ever drawn for square images (sample_params checks)
+        if H == W:  # rot90 is only ever drawn with square images (checked above)
             quarter = out
             for k in (1, 2, 3):  # selected per sample with where: no host sync in a training step
                 quarter = torch.rot90(quarter, 1, dims=(-2, -1))
@@ -202,20 +236,17 @@ class ScoreAugment:
         return out
 
     def label(self, params: AugParams) -> Tensor:
-        """[B, 11] conditioning label; all zeros exactly for the identity."""
-        H, W = params.image_size
+        """[B, 11] conditioning label, independent of the image size; all zeros exactly for the identity."""
         has_cut = params.cutout_size > 0
-        centre_x = torch.where(has_cut, (params.cutout_x + 0.5) / W - 0.5, 0.0)
-        centre_y = torch.where(has_cut, (params.cutout_y + 0.5) / H - 0.5, 0.0)
         cols = [
             *(params.rot90 == k for k in (1, 2, 3)),
             params.hflip,
             params.vflip,
-            params.shift_x / W,
-            params.shift_y / H,
-            params.cutout_size / W,
-            centre_x,
-            centre_y,
+            params.shift_x,
+            params.shift_y,
+            params.cutout_size,
+            torch.where(has_cut, params.cutout_x - 0.5, 0.0),
+            torch.where(has_cut, params.cutout_y - 0.5, 0.0),
             params.brightness.log(),
         ]
         return torch.stack([c.float() for c in cols], dim=1)
@@ -241,11 +272,9 @@ class NonLeakyParams:
 class NonLeakyAugment:
     """EDM's non-leaky augmentation of clean images (Karras et al. 2022, App. B.5; the ADA pipeline's geometric
     part): each transform fires with probability ``p`` times its multiplier, the network sees the parameters
-    as a 9-dimensional label [xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty].
-
-    Flips are exact; the continuous transforms (scale, rotation, anisotropy, translation) resample bilinearly
-    with reflection padding (EDM upsamples with a wavelet filter first; this is simpler and slightly blurrier).
-    """
+    as a 9-dimensional label [xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty]. Flips
+    are exact; scale, rotation, anisotropy and translation resample bilinearly with reflection padding (EDM
+    upsamples with a wavelet filter first; this is simpler and slightly blurrier)."""
 
     label_dim = 9
 
@@ -277,7 +306,6 @@ class NonLeakyAugment:
         *,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-        image_size: tuple[int, int] | None = None,  # unused: the transforms are in fractions of the side
     ) -> NonLeakyParams:
         def gate(name: str, value: Tensor) -> Tensor:
             fire = torch.rand(batch, device=device, generator=generator) < self.p * self.mult[name]

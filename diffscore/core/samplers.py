@@ -2,17 +2,24 @@
 
 A sampler owns its loop: ``fn(denoiser, x, sigmas, cond=None, ...) -> x0``. ``x`` is already scaled
 (``x = noise * sigmas[0]``), ``sigmas`` ends with 0, and the input is never modified in place.
+
+A denoiser defined only on discrete noise levels (iDDPM) passes its ``round_sigma``: the grid must already lie
+on those levels (``karras_sigmas(..., round_sigma=...)``) and Heun's churned levels are rounded to them, as in
+EDM's sampler (Karras et al. 2022, Algorithm 2; NVlabs/edm's edm_sampler).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from diffscore.core.losses import Denoiser
+
+RoundSigma = Callable[[Tensor], Tensor]  # noise levels [N] -> the nearest levels the denoiser supports, [N]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one stream, or one per row of x
 
 
 def _sigma_list(sigmas: Tensor) -> list[float]:
@@ -27,18 +34,73 @@ def _sigma_list(sigmas: Tensor) -> list[float]:
     return values
 
 
+def _rounded(levels: list[float], round_sigma: RoundSigma) -> list[float]:
+    """round_sigma of host floats, as host floats (one call, one transfer)."""
+    out = round_sigma(torch.tensor(levels, dtype=torch.float64))
+    return [float(s) for s in torch.as_tensor(out).detach().cpu().flatten()]
+
+
+def _grid(sigmas: Tensor, round_sigma: RoundSigma | None) -> list[float]:
+    """The checked grid; with ``round_sigma``, its nonzero levels must already be rounded (never fixed silently:
+    x was scaled by sigmas[0])."""
+    grid = _sigma_list(sigmas)
+    if round_sigma is not None and _rounded(grid[:-1], round_sigma) != grid[:-1]:
+        raise ValueError(
+            "sigmas are not on the denoiser's noise levels; build them with karras_sigmas(..., round_sigma=)"
+        )
+    return grid
+
+
 def _denoise(denoiser: Denoiser, x: Tensor, sigma: float, cond: Tensor | None) -> Tensor:
     return denoiser(x, x.new_full((x.shape[0],), sigma, dtype=torch.float32), cond)
 
 
+def _noise_source(x: Tensor, generator: Generators) -> Callable[[], Tensor]:
+    """Draws N(0, I) noise of x's shape: from one generator (or the global RNG), or row i from generator i as
+    ``torch.randn(x.shape[1:], generator=g_i, dtype=float64)``, stacked and cast to x's dtype: NVlabs/edm
+    generate.py's per-seed streams, which its float64 sampler draws in float64 (other dtypes give other numbers)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return lambda: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    gens = list(generator)
+    if len(gens) != x.shape[0] or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ValueError(f"generator: need one torch.Generator per row of x ({x.shape[0]}), got {len(gens)} items")
+    if any(g.device.type != x.device.type or g.device.index not in (None, x.device.index) for g in gens):
+        raise ValueError(f"generator: the per-sample generators must live on x's device {x.device}")
+    row = tuple(x.shape[1:])
+    f64 = torch.float64
+    return lambda: torch.stack([torch.randn(row, generator=g, device=x.device, dtype=f64) for g in gens]).to(x.dtype)
+
+
 @torch.no_grad()
-def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
+def euler(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: Tensor | None = None,
+    *,
+    round_sigma: RoundSigma | None = None,
+) -> Tensor:
     """Implements Euler steps of the PF-ODE dx/dsigma = (x - D(x; sigma)) / sigma (Karras et al. 2022, Eq. 3)."""
-    grid = _sigma_list(sigmas)
+    grid = _grid(sigmas, round_sigma)
     for s_cur, s_next in zip(grid[:-1], grid[1:]):
         d = (x - _denoise(denoiser, x, s_cur, cond)) / s_cur
         x = x + (s_next - s_cur) * d
     return x
+
+
+def _churned_levels(
+    levels: list[float], s_churn: float, s_min: float, s_max: float, round_sigma: RoundSigma | None
+) -> list[float]:
+    """hat t_i = t_i + gamma_i t_i, gamma_i = min(S_churn / N, sqrt(2) - 1) on [S_min, S_max], else 0
+    (Algorithm 2, lines 4-5), rounded to the denoiser's levels where it has some."""
+    gamma = min(s_churn / len(levels), math.sqrt(2) - 1) if s_churn > 0 else 0.0
+    hats = [s + (gamma if s_min <= s <= s_max else 0.0) * s for s in levels]
+    if round_sigma is None:
+        return hats
+    hats = _rounded(hats, round_sigma)
+    if any(h < s for h, s in zip(hats, levels)):
+        raise ValueError("round_sigma rounded a churned level below the level it started from")
+    return hats
 
 
 @torch.no_grad()
@@ -51,21 +113,25 @@ def heun(
     s_min: float = 0.0,
     s_max: float = float("inf"),
     s_noise: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    *,
+    round_sigma: RoundSigma | None = None,
 ) -> Tensor:
     """Implements Algorithm 2 (Heun steps, optional churn) from Karras et al. (2022).
 
-    No second-order correction on the step to sigma = 0, so N steps cost 2N - 1 evaluations.
+    No second-order correction on the step to sigma = 0, so N steps cost 2N - 1 evaluations. ``generator``:
+    one generator (or None: the global RNG) for the whole batch, or one generator per row of x, so that a
+    sample depends on its own seed only. With ``s_churn > 0`` noise is drawn at every step, also where
+    gamma = 0 (as EDM's sampler does: each stream advances the same way); with ``s_churn = 0`` nothing is drawn.
     """
-    grid = _sigma_list(sigmas)
-    num_steps = len(grid) - 1
-    gamma_max = min(s_churn / num_steps, math.sqrt(2) - 1) if s_churn > 0 else 0.0
-    for s_cur, s_next in zip(grid[:-1], grid[1:]):
-        gamma = gamma_max if s_min <= s_cur <= s_max else 0.0
-        s_hat = s_cur * (1 + gamma)
-        if gamma > 0:  # churn: add noise to climb from s_cur to s_hat
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + math.sqrt(s_hat**2 - s_cur**2) * s_noise * eps
+    grid = _grid(sigmas, round_sigma)
+    hats = _churned_levels(grid[:-1], s_churn, s_min, s_max, round_sigma)
+    draw = _noise_source(x, generator) if s_churn > 0 else None
+    for s_cur, s_hat, s_next in zip(grid[:-1], hats, grid[1:]):
+        if draw is not None:
+            eps = draw()  # [B, ...]
+            if s_hat > s_cur:  # churn: add noise to climb from s_cur to s_hat
+                x = x + math.sqrt(s_hat**2 - s_cur**2) * s_noise * eps
         d = (x - _denoise(denoiser, x, s_hat, cond)) / s_hat
         x_next = x + (s_next - s_hat) * d
         if s_next > 0:  # second-order correction
@@ -76,12 +142,19 @@ def heun(
 
 
 @torch.no_grad()
-def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
+def dpmpp_2m(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: Tensor | None = None,
+    *,
+    round_sigma: RoundSigma | None = None,
+) -> Tensor:
     """Implements DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in the EDM convention, lambda = -ln sigma.
 
     One evaluation per step; the step to sigma = 0 returns the last denoised estimate.
     """
-    grid = _sigma_list(sigmas)
+    grid = _grid(sigmas, round_sigma)
     old_denoised, h_last = None, None
     for s_cur, s_next in zip(grid[:-1], grid[1:]):
         denoised = _denoise(denoiser, x, s_cur, cond)
@@ -99,13 +172,20 @@ def dpmpp_2m(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Tensor | None 
 
 
 @torch.no_grad()
-def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Tensor | None = None) -> Tensor:
+def unipc(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    cond: Tensor | None = None,
+    *,
+    round_sigma: RoundSigma | None = None,
+) -> Tensor:
     """Implements UniPC-2 with B(h) = e^h - 1 ("bh2"; Zhao et al. 2023, Algorithms 1-3), data prediction,
     lambda = -ln sigma: a UniP-2 predictor (= DPM-Solver++(2M)) and a UniC corrector that reuses the
     evaluation at the predicted point, so N steps still cost N evaluations. The step to sigma = 0 returns the
     last denoised estimate.
     """
-    grid = _sigma_list(sigmas)
+    grid = _grid(sigmas, round_sigma)
     m = _denoise(denoiser, x, grid[0], cond)  # model output at (x, sigma_0)
     prev: tuple[float, Tensor] | None = None  # (lambda, model output) one step back
     for s_cur, s_next in zip(grid[:-1], grid[1:]):

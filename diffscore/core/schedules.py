@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 
-def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> Tensor:
+def karras_sigmas(
+    num_steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    *,
+    round_sigma: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Sampler time steps of Karras et al. (2022), Eq. 5, followed by a final 0.
 
     t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for i < N, t_N = 0.
     Computed in float64 (as EDM does) and returned as float64 on the CPU: shape [num_steps + 1].
+    ``round_sigma`` (a denoiser's, e.g. ``iDDPMPrecond.round_sigma``) maps t_0 .. t_{N-1} to the noise levels
+    the denoiser supports, as EDM's sampler does; t_N stays 0.
     """
     if int(num_steps) != num_steps or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -19,11 +30,38 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
     if num_steps == 1:
-        return torch.tensor([sigma_max, 0.0], dtype=torch.float64)
-    i = torch.arange(num_steps, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    t = (hi + i / (num_steps - 1) * (lo - hi)) ** rho  # [N]
+        t = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        i = torch.arange(num_steps, dtype=torch.float64)
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        t = (hi + i / (num_steps - 1) * (lo - hi)) ** rho  # [N]
+    if round_sigma is not None:
+        t = torch.as_tensor(round_sigma(t)).to(device="cpu", dtype=torch.float64).reshape(num_steps)
     return torch.cat([t, t.new_zeros(1)])
+
+
+def clip_sigma_range(
+    sigma_min: float,
+    sigma_max: float,
+    supported_min: float = 0.0,
+    supported_max: float = float("inf"),
+) -> tuple[float, float]:
+    """The requested sampler range (sigma_min, sigma_max) clipped to a denoiser's supported range, as EDM's
+    sampler does: (max(sigma_min, supported_min), min(sigma_max, supported_max)). Raises when they do not meet.
+
+    Pass the preconditioning's values, e.g. ``clip_sigma_range(0.002, 80.0, net.sigma_min, net.sigma_max)``.
+    """
+    if not 0 < sigma_min <= sigma_max or not 0 <= supported_min <= supported_max:
+        raise ValueError(
+            f"need 0 < sigma_min <= sigma_max and 0 <= supported_min <= supported_max, got "
+            f"({sigma_min}, {sigma_max}) and ({supported_min}, {supported_max})"
+        )
+    lo, hi = max(sigma_min, supported_min), min(sigma_max, supported_max)
+    if lo > hi:
+        raise ValueError(
+            f"sampler range [{sigma_min}, {sigma_max}] does not meet the denoiser's [{supported_min}, {supported_max}]"
+        )
+    return float(lo), float(hi)
 
 
 class LogNormalSigma:

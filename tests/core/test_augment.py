@@ -28,13 +28,18 @@ def test_zero_label_iff_identity(mode):
         weights["brightness"] = 0.3
     aug = ScoreAugment(weights, mode=mode, translate_frac=0.15)
     g = torch.Generator().manual_seed(0)
-    params = aug.sample_params(2000, generator=g, image_size=(8, 8))
+    params = aug.sample_params(2000, generator=g)
     x = torch.randn(2000, 3, 8, 8, generator=g)
     unchanged = (aug.apply(x, params) == x).flatten(1).all(1)  # the identity, judged by its effect
     zero_label = (aug.label(params) == 0).all(1)
     assert torch.equal(zero_label, params.is_identity())
     if mode == "one_of":
-        assert torch.equal(unchanged, zero_label)
+        # the one transform that can leave an 8x8 image as it is: a translation that resolves to (0, 0) pixels
+        # (1 in (2m + 1)^2 = 9 of the translations, m = round(0.15 * 8) = 1, as with a direct pixel draw)
+        px = aug.resolve(params, 8, 8)
+        still = ((params.shift_x != 0) | (params.shift_y != 0)) & (px.shift_x == 0) & (px.shift_y == 0)
+        assert torch.equal(unchanged, zero_label | still)
+        assert 0.004 < still.float().mean() < 0.035  # expected 1/7 * 1/9 = 0.016
     else:  # composed transforms can cancel (hflip + vflip + rot180): a zero label still implies no change
         assert unchanged[zero_label].all()
     assert 0.05 < zero_label.float().mean() < 0.6  # both kinds occur
@@ -46,7 +51,7 @@ def test_same_params_give_the_same_transform_of_input_and_target():
     g = torch.Generator().manual_seed(1)
     x0, n = torch.randn(64, 2, 8, 8, generator=g), torch.randn(64, 2, 8, 8, generator=g)
     sigma = 0.7
-    params = aug.sample_params(64, generator=g, image_size=(8, 8))
+    params = aug.sample_params(64, generator=g)
     assert torch.allclose(aug.apply(x0 + sigma * n, params), aug.apply(x0, params) + sigma * aug.apply(n, params))
     assert torch.equal(aug.apply(x0, params), aug.apply(x0, params))
 
@@ -57,7 +62,7 @@ def test_orthogonal_transforms_keep_iid_noise(name):
     exactly the statistics of fresh N(0, sigma^2 I) noise; checked against torch.flip / torch.rot90."""
     aug = ScoreAugment({name: 1.0}, mode="one_of")
     g = torch.Generator().manual_seed(2)
-    params = aug.sample_params(32, generator=g, image_size=(8, 8))
+    params = aug.sample_params(32, generator=g)
     n = torch.randn(32, 3, 8, 8, generator=g)
     out = aug.apply(n, params)
     assert torch.equal(out.flatten(1).sort(1).values, n.flatten(1).sort(1).values)  # a permutation per sample
@@ -66,7 +71,7 @@ def test_orthogonal_transforms_keep_iid_noise(name):
         ref = torch.rot90(n[i], k, dims=(-2, -1)) if name == "rot90" else n[i].flip(-1 if name == "hflip" else -2)
         assert torch.equal(out[i], ref)
     # empirical covariance of the transformed noise over many draws is the identity
-    many = aug.apply(torch.randn(20000, 1, 4, 4, generator=g), aug.sample_params(20000, generator=g, image_size=(4, 4)))
+    many = aug.apply(torch.randn(20000, 1, 4, 4, generator=g), aug.sample_params(20000, generator=g))
     cov = torch.cov(many.flatten(1).T)
     assert torch.allclose(cov, torch.eye(16), atol=0.05)
 
@@ -76,11 +81,13 @@ def test_translation_matches_a_pixel_loop(circular):
     aug = ScoreAugment({"translate": 1.0}, translate_frac=0.4, translate_padding="circular" if circular else "zero")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 2, 6, 5, generator=g)
-    params = aug.sample_params(16, generator=g, image_size=(6, 5))
+    params = aug.sample_params(16, generator=g)
     out = aug.apply(x, params)
+    px = aug.resolve(params, 6, 5)
     for i in range(16):
-        ref = _slow_shift(x[i], int(params.shift_x[i]), int(params.shift_y[i]), circular)
+        ref = _slow_shift(x[i], int(px.shift_x[i]), int(px.shift_y[i]), circular)
         assert torch.equal(out[i], ref)
+    assert (px.shift_x != 0).any() and (px.shift_y != 0).any()
 
 
 def test_brightness_and_cutout_change_the_effective_noise():
@@ -88,17 +95,18 @@ def test_brightness_and_cutout_change_the_effective_noise():
     g = torch.Generator().manual_seed(4)
     n = torch.randn(64, 64, 32, 32, generator=g)  # many channels: precise per-sample variances
     bright = ScoreAugment({"brightness": 1.0}, brightness=(0.5, 2.0))
-    p = bright.sample_params(64, generator=g, image_size=(32, 32))
+    p = bright.sample_params(64, generator=g)
     std = bright.apply(n, p).flatten(1).std(1)
     assert torch.allclose(std, p.brightness, rtol=0.02)
     assert p.brightness.min() >= 0.5 and p.brightness.max() <= 2.0 and p.brightness.std() > 0.2
 
     cut = ScoreAugment({"cutout": 1.0}, cutout_frac=(0.2, 0.5))
-    p = cut.sample_params(64, generator=g, image_size=(32, 32))
+    p = cut.sample_params(64, generator=g)
     var = cut.apply(n, p).flatten(1).var(1)
-    lo_x, lo_y = p.cutout_x - p.cutout_size // 2, p.cutout_y - p.cutout_size // 2
-    w = (lo_x + p.cutout_size).clamp(max=32) - lo_x.clamp(min=0)  # the square clipped at the border
-    h = (lo_y + p.cutout_size).clamp(max=32) - lo_y.clamp(min=0)
+    px = cut.resolve(p, 32, 32)
+    lo_x, lo_y = px.cutout_x - px.cutout_size // 2, px.cutout_y - px.cutout_size // 2
+    w = (lo_x + px.cutout_size).clamp(max=32) - lo_x.clamp(min=0)  # the square clipped at the border
+    h = (lo_y + px.cutout_size).clamp(max=32) - lo_y.clamp(min=0)
     expected = 1 - (w * h).float() / 1024
     assert torch.allclose(var, expected, atol=0.02)
     assert expected.min() < 0.85  # some large cutouts were drawn
@@ -109,7 +117,7 @@ def test_oracle_denoiser_has_zero_scoreaug_loss():
     g = torch.Generator().manual_seed(5)
     x0, noise = torch.randn(128, 1, 8, 8, generator=g), torch.randn(128, 1, 8, 8, generator=g)
     sigma = torch.exp(torch.randn(128, generator=g))
-    params = aug.sample_params(128, generator=g, image_size=(8, 8))
+    params = aug.sample_params(128, generator=g)
     seen = {}
 
     def oracle(x, s, cond=None, aug_label=None):
@@ -128,7 +136,7 @@ def test_oracle_denoiser_has_zero_scoreaug_loss():
 
 def test_one_of_selection_frequencies_follow_the_weights():
     aug = ScoreAugment({"identity": 2.0, "hflip": 1.0, "brightness": 1.0})
-    p = aug.sample_params(40000, generator=torch.Generator().manual_seed(6), image_size=(8, 8))
+    p = aug.sample_params(40000, generator=torch.Generator().manual_seed(6))
     assert p.is_identity().float().mean().item() == pytest.approx(0.5, abs=0.01)
     assert p.hflip.float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert ((p.brightness != 1) & p.hflip).sum() == 0  # one transform per sample
@@ -139,10 +147,58 @@ def test_bad_options_are_refused():
         ScoreAugment({"rotate": 1.0})
     with pytest.raises(ValueError, match="probabilities"):
         ScoreAugment({"hflip": 2.0}, mode="composed")
+    rot = ScoreAugment({"rot90": 1.0})
     with pytest.raises(ValueError, match="square"):
-        ScoreAugment({"rot90": 1.0}).sample_params(4, image_size=(8, 6))
-    with pytest.raises(ValueError, match="image_size"):
-        ScoreAugment().sample_params(4)
+        rot.apply(torch.zeros(4, 1, 8, 6), rot.sample_params(4))
+    with pytest.raises(TypeError):  # the contract: sample_params(batch, *, device, generator=None)
+        ScoreAugment().sample_params(4, image_size=(8, 8))
+
+
+@pytest.mark.parametrize("side", [5, 8, 32, 64])
+def test_one_parameter_set_resolves_to_the_direct_pixel_law_at_every_size(side):
+    """One draw (no size given) resolved at several sizes: the pixel shift is uniform over -m..m,
+    m = round(translate_frac * side), the cutout side uniform over round(cutout_frac * side) and its centre uniform
+    over the pixels, as when each was drawn in pixels for that size; and the pixels stay near fraction * side."""
+    n = 60000
+    aug = ScoreAugment({"translate": 1.0, "cutout": 1.0}, mode="composed", translate_frac=0.15, cutout_frac=(0.1, 0.5))
+    p = aug.sample_params(n, generator=torch.Generator().manual_seed(12))
+    px = aug.resolve(p, side, side)
+
+    def assert_uniform(values: torch.Tensor, lo: int, hi: int) -> None:
+        assert values.min() == lo and values.max() == hi
+        freq = torch.bincount(values - lo, minlength=hi - lo + 1).double() / len(values)
+        assert (freq - 1 / (hi - lo + 1)).abs().max() < 4 * (1 / (hi - lo + 1) / len(values)) ** 0.5
+
+    m = round(0.15 * side)
+    assert_uniform(px.shift_x, -m, m)
+    assert_uniform(px.shift_y, -m, m)
+    cut = p.cutout_size > 0
+    assert_uniform(px.cutout_size[cut], max(1, round(0.1 * side)), max(1, round(0.5 * side)))
+    assert_uniform(px.cutout_x[cut], 0, side - 1)
+    assert torch.equal(px.cutout_size[~cut], torch.zeros_like(px.cutout_size[~cut]))
+    assert (px.shift_x - p.shift_x * side).abs().max() < 1.5
+    assert (px.cutout_size[cut] - p.cutout_size[cut] * side).abs().max() < 1.5
+    assert ((px.cutout_x[cut] + 0.5) / side - p.cutout_x[cut]).abs().max() <= 0.5 / side
+
+
+def test_label_reads_the_fractions_with_the_old_meaning():
+    """Columns: one-hot rot90 (3), hflip, vflip, shift / W, shift / H, cutout side / side, cutout centre offset from
+    the image centre / W and / H, ln(brightness); the same label at every size, close to the pixel quantities."""
+    aug = ScoreAugment(mode="composed", weights={n: 0.5 for n in ("rot90", "hflip", "vflip", "translate", "cutout")})
+    p = aug.sample_params(4000, generator=torch.Generator().manual_seed(13))
+    lab = aug.label(p)
+    assert lab.shape == (4000, 11)
+    for k in (1, 2, 3):
+        assert torch.equal(lab[:, k - 1], (p.rot90 == k).float())
+    assert torch.equal(lab[:, 3], p.hflip.float()) and torch.equal(lab[:, 4], p.vflip.float())
+    assert torch.equal(lab[:, 5:8], torch.stack([p.shift_x, p.shift_y, p.cutout_size], 1))
+    cut = p.cutout_size > 0
+    assert torch.equal(lab[cut, 8], p.cutout_x[cut] - 0.5) and (lab[~cut, 8:10] == 0).all()
+    assert torch.equal(lab[:, 10], p.brightness.log())
+    side = 32
+    px = aug.resolve(p, side, side)
+    assert (lab[:, 5] - px.shift_x / side).abs().max() < 1.5 / side  # the old column was shift_x / W
+    assert (lab[cut, 8] - ((px.cutout_x[cut] + 0.5) / side - 0.5)).abs().max() <= 0.5 / side
 
 
 # ---------------------------------------------------------------------------------------------------------
