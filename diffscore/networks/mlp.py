@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffscore.networks.backbone import Backbone
 from diffscore.networks.embedding import ConditionEmbedding
 from diffscore.networks.init import init_weights
 
@@ -27,7 +28,7 @@ class MLPBlock(nn.Module):
         return h + self.fc1(self.dropout(z))
 
 
-class MLP(nn.Module):
+class MLP(Backbone):
     """Backbone F(x_in [B, D], c_noise [B], cond, aug_label) -> [B, D]."""
 
     def __init__(

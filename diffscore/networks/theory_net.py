@@ -16,8 +16,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from diffscore.networks.backbone import Backbone
 
-class TheoryNet(nn.Module):
+
+class TheoryNet(Backbone):
     """Backbone F(x_in [B, D], c_noise [B], cond, aug_label) -> [B, D]: two-layer ReLU, fixed output weights."""
 
     def __init__(

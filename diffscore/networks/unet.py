@@ -3,6 +3,8 @@
 DDPM++ (CIFAR-10): positional embedding, 128 channels, multipliers [2, 2, 2], 4 blocks per resolution,
 attention at 16x16, resample filter [1, 1], dropout 0.13 -> 55.7M parameters, 42.4 GFLOP per 32x32 image.
 NCSN++: Fourier embedding (scale 16), residual encoder, resample filter [1, 3, 3, 1], noise-channel mult 2.
+The layout, key names aside, is NVlabs/edm's SongUNet (training/networks.py) with decoder_type 'standard';
+``diffscore.networks.edm_song`` maps that network's weights onto this one exactly.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffscore.networks.backbone import Backbone
 from diffscore.networks.embedding import ConditionEmbedding
 from diffscore.networks.init import init_weights
+from diffscore.networks.resample import ConvDown, Resample
 from diffscore.networks.text_encoder import TextEncoder
 
 INIT = "xavier_uniform"
@@ -26,6 +30,32 @@ def check_image_shape(data_shape: list[int] | tuple[int, ...]) -> tuple[int, int
     if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
         raise ValueError(f"data_shape must be a square image [C, H, W], got {list(data_shape)}")
     return int(data_shape[0]), int(data_shape[1])
+
+
+def check_unet_options(
+    data_shape: list[int] | tuple[int, ...],
+    label_dim: int,
+    channel_mult: list[int],
+    encoder_type: str,
+    text_dim: int,
+    cross_attn_resolutions: list[int],
+    text_dropout: float,
+) -> tuple[int, int]:
+    """(channels, side) of a UNet's image shape after checking its options; raises ValueError on a bad one."""
+    in_channels, resolution = check_image_shape(data_shape)
+    if text_dim and label_dim:
+        raise ValueError("a backbone is conditioned on class labels (label_dim) or on text (text_dim), not both")
+    if cross_attn_resolutions and not text_dim:
+        raise ValueError("cross_attn_resolutions needs text_dim > 0 (a text encoder)")
+    if not 0 <= text_dropout < 1:
+        raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
+    if resolution < 4 or resolution & (resolution - 1):
+        raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
+    if resolution >> (len(channel_mult) - 1) < 1:
+        raise ValueError(f"{len(channel_mult)} levels are too many for resolution {resolution}")
+    if encoder_type not in ("standard", "residual"):
+        raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
+    return in_channels, resolution
 
 
 class GroupNorm(nn.GroupNorm):
@@ -63,41 +93,6 @@ def group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
     while channels % groups:
         groups -= 1
     return GroupNorm(groups, channels, eps=eps)
-
-
-def upsample_nearest(x: Tensor) -> Tensor:
-    """2x nearest-neighbour upsampling [B, C, H, W] -> [B, C, 2H, 2W]. A channels-last input is upsampled as a
-    broadcast of its [B, H, W, C] storage, which keeps the layout and makes the backward a 2x2 sum (the stock
-    upsampling's backward is a scatter-add with atomics)."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-    B, C, H, W = x.shape
-    y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(B, H, 2, W, 2, C)  # [B, H, 2, W, 2, C]
-    return y.reshape(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2)  # [B, C, 2H, 2W], channels-last
-
-
-class Resample(nn.Module):
-    """2x up- or down-sampling with a separable FIR filter; [1, 1] is a box filter (nearest / average pool)."""
-
-    def __init__(self, mode: str, resample_filter: list[int] | tuple[int, ...] = (1, 1)) -> None:
-        super().__init__()
-        if mode not in ("up", "down"):
-            raise ValueError(f"mode must be 'up' or 'down', got {mode!r}")
-        self.mode = mode
-        self.box = list(resample_filter) == [1, 1]
-        f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        f = torch.outer(f, f) / f.sum() ** 2  # [k, k], sums to 1
-        self.register_buffer("filter", f, persistent=False)
-        self.pad = (len(resample_filter) - 1) // 2
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.box:  # the fast path: no depthwise convolution needed
-            return upsample_nearest(x) if self.mode == "up" else F.avg_pool2d(x, 2)
-        C = x.shape[1]
-        w = self.filter.to(x.dtype).tile(C, 1, 1, 1)  # [C, 1, k, k]
-        if self.mode == "up":
-            return F.conv_transpose2d(x, w * 4, groups=C, stride=2, padding=self.pad)
-        return F.conv2d(x, w, groups=C, stride=2, padding=self.pad)
 
 
 def pixels_to_heads(x: Tensor, parts: int, heads: int) -> Tensor:
@@ -218,8 +213,11 @@ class UNetBlock(nn.Module):
         return x
 
 
-class UNet(nn.Module):
-    """EDM's SongUNet layout (DDPM++ / NCSN++) as a backbone F(x_in, c_noise, cond, aug_label) -> [B, C, H, W]."""
+class UNet(Backbone):
+    """EDM's SongUNet layout (DDPM++ / NCSN++) as a backbone F(x_in, c_noise, cond, aug_label) -> [B, C, H, W].
+
+    EDM's ``dec.{res}x{res}_aux_norm`` / ``_aux_conv`` (the standard decoder's output layers) are ``out_norm`` /
+    ``out_conv`` here; the output has as many channels as the input."""
 
     def __init__(
         self,
@@ -248,31 +246,19 @@ class UNet(nn.Module):
         text_dropout: float = 0.0,  # training: replace the caption by "" with this probability (guidance)
     ) -> None:
         super().__init__()
-        in_channels, resolution = check_image_shape(data_shape)
-        if text_dim and label_dim:
-            raise ValueError("a backbone is conditioned on class labels (label_dim) or on text (text_dim), not both")
-        if cross_attn_resolutions and not text_dim:
-            raise ValueError("cross_attn_resolutions needs text_dim > 0 (a text encoder)")
-        if not 0 <= text_dropout < 1:
-            raise ValueError(f"text_dropout must be in [0, 1), got {text_dropout}")
-        if resolution < 4 or resolution & (resolution - 1):
-            raise ValueError(f"resolution must be a power of two >= 4, got {resolution}")
-        if resolution >> (len(channel_mult) - 1) < 1:
-            raise ValueError(f"{len(channel_mult)} levels are too many for resolution {resolution}")
-        if encoder_type not in ("standard", "residual"):
-            raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
+        in_channels, resolution = check_unet_options(
+            data_shape, label_dim, channel_mult, encoder_type, text_dim, cross_attn_resolutions, text_dropout
+        )
         self.data_shape = (in_channels, resolution, resolution)
         self.resolution = resolution
         self.in_channels = in_channels
         self.label_dim = label_dim
         self.augment_dim = augment_dim
         emb_channels = model_channels * channel_mult_emb
-        block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
         self.text_dropout = text_dropout
         self.text_encoder = (
             TextEncoder(text_vocab_size, text_max_length, text_dim, text_layers, text_heads) if text_dim else None
         )
-        cross = {res: dict(cross_attn_dim=text_dim) for res in cross_attn_resolutions}
         self.emb = ConditionEmbedding(
             model_channels * channel_mult_noise,
             emb_channels,
@@ -283,48 +269,73 @@ class UNet(nn.Module):
             init_mode=INIT,
             text_dim=text_dim,
         )
+        levels = [(resolution >> level, model_channels * mult) for level, mult in enumerate(channel_mult)]
+        block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
+        cross = {res: dict(cross_attn_dim=text_dim) for res in cross_attn_resolutions}
+        skips = self._build_encoder(levels, model_channels, num_blocks, attn_resolutions, encoder_type, block, cross)
+        cout = self._build_decoder(levels, num_blocks, attn_resolutions, block, cross, skips)
+        self.out_norm = group_norm(cout)
+        self.out_conv = init_weights(nn.Conv2d(cout, in_channels, 3, padding=1), INIT, ZERO)
 
-        # Encoder. Entries named "aux_*" carry the residual input pyramid of NCSN++.
+    def _build_encoder(
+        self,
+        levels: list[tuple[int, int]],  # (resolution, channels) per level, finest first
+        model_channels: int,
+        num_blocks: int,
+        attn_resolutions: list[int],
+        encoder_type: str,
+        block: dict,  # UNetBlock arguments shared by all blocks
+        cross: dict[int, dict],  # resolution -> cross-attention arguments
+    ) -> list[int]:
+        """``self.enc`` as SongUNet's encoder; returns the channel counts of the skip connections, in order.
+        Entries named "aux_*" carry the residual input pyramid of NCSN++ (not skips)."""
         self.enc = nn.ModuleDict()
-        cout, caux = in_channels, in_channels
+        cout, caux = self.in_channels, self.in_channels
         skips = []
-        for level, mult in enumerate(channel_mult):
-            res = resolution >> level
+        for level, (res, width) in enumerate(levels):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = init_weights(nn.Conv2d(cout, model_channels, 3, padding=1), INIT)
                 cout = model_channels
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
                 if encoder_type == "residual":
-                    conv = init_weights(nn.Conv2d(caux, cout, 3, padding=1), INIT)
-                    self.enc[f"{res}x{res}_aux_residual"] = nn.Sequential(conv, Resample("down", resample_filter))
+                    self.enc[f"{res}x{res}_aux_residual"] = ConvDown(caux, cout, block["resample_filter"], INIT)
                     caux = cout
             skips.append(cout)
             for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
                 attn = res in attn_resolutions
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    cin, cout, attention=attn, **block, **cross.get(res, {})
+                    cout, width, attention=attn, **block, **cross.get(res, {})
                 )
+                cout = width
                 skips.append(cout)
+        return skips
 
-        # Decoder.
+    def _build_decoder(
+        self,
+        levels: list[tuple[int, int]],  # (resolution, channels) per level, finest first
+        num_blocks: int,
+        attn_resolutions: list[int],
+        block: dict,  # UNetBlock arguments shared by all blocks
+        cross: dict[int, dict],  # resolution -> cross-attention arguments
+        skips: list[int],  # channel counts of the encoder's skips (consumed from the end)
+    ) -> int:
+        """``self.dec`` as SongUNet's decoder (without its output layers); returns its output channel count."""
         self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = resolution >> level
-            if level == len(channel_mult) - 1:
+        cout = skips[-1]
+        for level, (res, width) in reversed(list(enumerate(levels))):
+            if level == len(levels) - 1:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block, **cross.get(res, {}))
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block, **cross.get(res, {}))
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block)
             for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
+                cin, cout = cout + skips.pop(), width
                 attn = idx == num_blocks and res in attn_resolutions
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
                     cin, cout, attention=attn, **block, **cross.get(res, {})
                 )
-        self.out_norm = group_norm(cout)
-        self.out_conv = init_weights(nn.Conv2d(cout, in_channels, 3, padding=1), INIT, ZERO)
+        return cout
 
     def forward(
         self, x: Tensor, c_noise: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None

@@ -3,7 +3,7 @@ import torch
 
 from diffscore.core.ntk import empirical_ntk
 from diffscore.core.precond import EDMPrecond
-from diffscore.lit.ntk_probe import BackboneOutput
+from diffscore.lit.callbacks.ntk_probe import BackboneOutput
 from diffscore.networks import TheoryNet
 
 

@@ -7,7 +7,8 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffscore.networks import MLP, UNet
-from diffscore.networks.unet import GroupNorm, Resample, UNetBlock, upsample_nearest
+from diffscore.networks.resample import ConvDown, Resample, upsample_nearest
+from diffscore.networks.unet import GroupNorm, UNetBlock
 
 
 def count(net, resolution, channels=3):
@@ -171,6 +172,35 @@ def test_resampling_filters():
     assert fir_down.shape == (1, 2, 4, 4) and fir_up.shape == (1, 2, 16, 16)
     torch.testing.assert_close(fir_down[..., 1:-1, 1:-1], torch.full((1, 2, 2, 2), 0.7))  # interior keeps the DC
     torch.testing.assert_close(fir_up[..., 2:-2, 2:-2], torch.full((1, 2, 12, 12), 0.7))
+
+
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3, 3, 1]])
+def test_conv_down_is_edms_fused_conv_and_keeps_the_old_keys(taps):
+    """NCSN++'s aux_residual: EDM's Conv2d(kernel=3, down=True, fused_resample=True) = conv without bias at padding
+    1 + f_pad, the filter at stride 2 without padding, then the bias (FACTS.md). For [1, 3, 3, 1] that differs from
+    conv-then-resample on the border only; for [1, 1] it is conv-then-average-pool."""
+    torch.manual_seed(0)
+    layer = ConvDown(3, 5, taps)
+    layer[0].bias.data.normal_()
+    assert set(layer.state_dict()) == {"0.weight", "0.bias"}  # the keys of the earlier Sequential(conv, Resample)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    w, b = layer[0].weight.double(), layer[0].bias.double()
+    f = torch.as_tensor(taps, dtype=torch.float64)
+    f = (torch.outer(f, f) / f.sum() ** 2).expand(5, 1, len(taps), len(taps))
+    pad = (len(taps) - 1) // 2
+    ref = F.conv2d(F.conv2d(x, w, padding=1 + pad), f, groups=5, stride=2) + b.view(1, 5, 1, 1)
+    out = layer.double()(x)
+    assert out.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    unfused = layer[1](layer[0](x))  # conv (with bias, padding 1), then the resampling with its zero padding
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], unfused[..., 1:-1, 1:-1], atol=1e-12, rtol=0)
+    assert (taps == [1, 1]) == torch.allclose(out, unfused, atol=1e-12, rtol=0)
+
+
+def test_residual_encoder_state_dict_keys_are_unchanged():
+    net = UNet(data_shape=[3, 16, 16], model_channels=16, channel_mult=[1, 2, 2], num_blocks=1, encoder_type="residual")
+    aux = sorted(k for k in net.state_dict() if "aux" in k)
+    assert aux == [f"enc.{r}x{r}_aux_residual.0.{p}" for r in (4, 8) for p in ("bias", "weight")]
 
 
 def test_bad_configs():
