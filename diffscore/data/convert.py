@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from diffscore.data.cifar10 import ARCHIVE, FOLDER, read_cifar10
 from diffscore.data.image_folder import IMAGE_EXTENSIONS, is_power_of_two
 from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write
 
 TRANSFORMS = (None, "center-crop")
 
@@ -106,6 +105,77 @@ def _prepare(img: Image.Image, name: str, resolution: int | None, transform: str
     return img
 
 
+def _check_options(
+    out: Path, resolution: int | None, transform: str | None, max_images: int | None, overwrite: bool
+) -> None:
+    """Refuse bad converter options before anything is read or written."""
+    if transform not in TRANSFORMS:
+        raise DiffscoreError(f"--transform must be one of {TRANSFORMS}, got {transform!r}")
+    if resolution is not None and not is_power_of_two(resolution):
+        raise DiffscoreError(f"--resolution must be a power of two, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise DiffscoreError(f"--max_images must be >= 1, got {max_images}")
+    if not out.parent.is_dir():
+        raise DiffscoreError(f"output folder {out.parent} does not exist; create it or choose another --dest")
+    if out.exists() and not overwrite:
+        raise DiffscoreError(f"--dest {out} already exists; remove it or pass --overwrite true")
+
+
+class _Output:
+    """Images and ``dataset.json`` written into ``tmp``: a ZIP file there, or files in that folder."""
+
+    def __init__(self, tmp: Path, as_zip: bool) -> None:
+        self.tmp = tmp
+        self.zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) if as_zip else None
+
+    def write(self, arcname: str, data: bytes) -> None:
+        if self.zf is not None:
+            self.zf.writestr(arcname, data)
+        else:
+            (self.tmp / arcname).parent.mkdir(exist_ok=True)
+            (self.tmp / arcname).write_bytes(data)
+
+    def close(self, meta: str | None = None) -> None:
+        """Write ``dataset.json`` (unless None) and close the ZIP."""
+        if meta is not None:
+            self.write("dataset.json", meta.encode())
+        if self.zf is not None:
+            self.zf.close()
+            self.zf = None
+
+
+def _write_images(
+    output: _Output,
+    items: Iterable[tuple[str, Image.Image, int | None]],
+    total: int,
+    src: Path,
+    resolution: int | None,
+    transform: str | None,
+) -> tuple[list[list], tuple[str, tuple[int, int]]]:
+    """Write the first ``total`` images as ``00000/img00000000.png`` ...; return (labels, (mode, size))."""
+    labels: list[list] = []
+    shape = None
+    for idx, (name, img, label) in enumerate(items):
+        if idx >= total:
+            break
+        img = _prepare(img, f"{src}/{name}", resolution, transform)
+        this = (img.mode, img.size)
+        if shape is None:
+            shape = this
+        elif this != shape:
+            raise DiffscoreError(
+                f"{src}/{name} gives {this} but the first image gave {shape}; pass --resolution "
+                "(and --transform center-crop) so that all images come out alike"
+            )
+        arcname = f"{idx // 1000:05d}/img{idx:08d}.png"
+        buf = io.BytesIO()
+        img.save(buf, format="png", compress_level=0 if output.zf is not None else 6)
+        output.write(arcname, buf.getvalue())
+        if label is not None:
+            labels.append([arcname, label])
+    return labels, shape
+
+
 def convert_dataset(
     source: str,
     dest: str,
@@ -128,63 +198,19 @@ def convert_dataset(
     from tqdm import tqdm
 
     src, out = Path(source), Path(dest)
-    if transform not in TRANSFORMS:
-        raise DiffscoreError(f"--transform must be one of {TRANSFORMS}, got {transform!r}")
-    if resolution is not None and not is_power_of_two(resolution):
-        raise DiffscoreError(f"--resolution must be a power of two, got {resolution}")
-    if max_images is not None and max_images < 1:
-        raise DiffscoreError(f"--max_images must be >= 1, got {max_images}")
-    if not out.parent.is_dir():
-        raise DiffscoreError(f"output folder {out.parent} does not exist; create it or choose another --dest")
-    if out.exists() and not overwrite:
-        raise DiffscoreError(f"--dest {out} already exists; remove it or pass --overwrite true")
+    _check_options(out, resolution, transform, max_images, overwrite)
     count, items = _iter_cifar(src) if _is_cifar(src) else _iter_images(src)
     total = min(count, max_images or count)
-
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     as_zip = out.suffix.lower() == ".zip"
-    labels: list[list] = []
-    shape = None
-    zf = zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) if as_zip else None
-    if not as_zip:
-        tmp.mkdir()
-    try:
-        for idx, (name, img, label) in enumerate(tqdm(items, total=total, desc="diffscore dataset", unit="img")):
-            if idx >= total:
-                break
-            img = _prepare(img, f"{src}/{name}", resolution, transform)
-            this = (img.mode, img.size)
-            if shape is None:
-                shape = this
-            elif this != shape:
-                raise DiffscoreError(
-                    f"{src}/{name} gives {this} but the first image gave {shape}; pass --resolution "
-                    "(and --transform center-crop) so that all images come out alike"
-                )
-            arcname = f"{idx // 1000:05d}/img{idx:08d}.png"
-            buf = io.BytesIO()
-            img.save(buf, format="png", compress_level=0 if as_zip else 6)
-            if zf is not None:
-                zf.writestr(arcname, buf.getvalue())
-            else:
-                (tmp / arcname).parent.mkdir(exist_ok=True)
-                (tmp / arcname).write_bytes(buf.getvalue())
-            if label is not None:
-                labels.append([arcname, label])
-        meta = json.dumps({"labels": labels if labels else None})
-        if zf is not None:
-            zf.writestr("dataset.json", meta)
-            zf.close()
-            zf = None
-        else:
-            (tmp / "dataset.json").write_text(meta)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        if zf is not None:
-            zf.close()
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if out.is_file() and not as_zip:  # --overwrite: a folder replaces a file of the same name
+        out.unlink()
+    with atomic_write(out, directory=not as_zip) as tmp:
+        output = _Output(tmp, as_zip)
+        try:
+            progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
+            labels, shape = _write_images(output, progress, total, src, resolution, transform)
+            output.close(json.dumps({"labels": labels if labels else None}))
+        finally:
+            output.close()
     print(f"diffscore: wrote {total} images ({shape[1][0]}x{shape[1][1]} {shape[0]}) to {out}", flush=True)
     return out

@@ -14,3 +14,16 @@ def load_digits_tensors() -> tuple[Tensor, Tensor]:
     images = torch.as_tensor(bunch.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [N, 1, 8, 8]
     labels = torch.as_tensor(bunch.target, dtype=torch.long)  # [N]
     return images, labels
+
+
+def digits_splits(
+    val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, num_train: int | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The seeded train/val/test split of the digits, {name: (images [N, 1, 8, 8], labels [N])}; ``num_train``
+    keeps a seeded subset of the training split (data-limited runs). Raises ValueError on bad fractions/sizes."""
+    from diffscore.data.splits import split_indices, subset
+
+    images, labels = load_digits_tensors()
+    idx = split_indices(len(images), val_fraction, test_fraction, seed)
+    idx["train"] = subset(idx["train"], num_train, seed)
+    return {name: (images[i], labels[i]) for name, i in idx.items()}

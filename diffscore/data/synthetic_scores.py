@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from diffscore.data.musicscore import SCALE_FOLDERS
 from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write
 
 INSTRUMENT_CLEF = {"violin": "treble", "flute": "treble", "cello": "bass", "bassoon": "bass", "piano": "grand"}
 CLEF_TEXT = {"treble": "treble", "bass": "bass", "grand": "treble and bass"}
@@ -171,11 +170,8 @@ def write_synthetic_musicscore(
     dest = Path(root) / name
     if dest.exists():
         raise DiffscoreError(f"{dest} already exists; remove it or write elsewhere")
-    tmp = dest.with_name(f".{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     records = []
-    try:
+    with atomic_write(dest, directory=True) as tmp:
         for split_idx, split in enumerate(("train", "val", "test")):
             folder = val_name if split == "val" else split
             files = {}
@@ -184,30 +180,26 @@ def write_synthetic_musicscore(
                 attrs = page_attributes(rng)
                 file_name = f"IMSLP{10000 * (split_idx + 1) + i:06d}_{int(rng.integers(1, 9))}.jpg"
                 files[file_name] = _jpeg(draw_page(attrs, rng, page_width))
-                records.append(
-                    {
-                        "file_name": file_name,
-                        "instrumentation": attrs["instrument"],
-                        "clef": attrs["clef"],
-                        "key": attrs["key"],
-                        "tempo": attrs["tempo"],
-                        "composer": attrs["composer"],
-                        "genre": attrs["genre"],
-                    }
-                )
-            if layout == "folders":
-                (tmp / folder).mkdir()
-                for file_name, data in files.items():
-                    (tmp / folder / file_name).write_bytes(data)
-            else:
-                with tarfile.open(tmp / f"{folder}.tar.gz", "w:gz", format=tarfile.PAX_FORMAT) as tar:
-                    for file_name, data in files.items():
-                        info = tarfile.TarInfo(f"{folder}/{file_name}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644
-                        tar.addfile(info, io.BytesIO(data))
+                records.append({"file_name": file_name, "instrumentation": attrs["instrument"], **_fields(attrs)})
+            _write_split(tmp, folder, files, layout)
         meta = records if metadata_format == "list" else {r["file_name"]: r for r in records}
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _fields(attrs: dict) -> dict:
+    return {k: attrs[k] for k in ("clef", "key", "tempo", "composer", "genre")}
+
+
+def _write_split(root: Path, folder: str, files: dict[str, bytes], layout: str) -> None:
+    """One split's pages as ``root/folder/*.jpg`` or a ``root/folder.tar.gz`` shard."""
+    if layout == "folders":
+        (root / folder).mkdir()
+        for file_name, data in files.items():
+            (root / folder / file_name).write_bytes(data)
+        return
+    with tarfile.open(root / f"{folder}.tar.gz", "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for file_name, data in files.items():
+            info = tarfile.TarInfo(f"{folder}/{file_name}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
