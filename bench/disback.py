@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_diffusion_checkpoint
-from diffscore.lit.disback import DisBackModule
-from diffscore.lit.evaluate import _reference, compute_metrics, train_images
+from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_model
+from diffscore.lit.data.base import train_images
+from diffscore.lit.data.tensor import heldout_images
+from diffscore.lit.modules.disback import DisBackModule
+from diffscore.lit.sampling import SamplingOptions
 from diffscore.metrics.digits_classifier import load_classifier
+from diffscore.metrics.suite import compute_metrics, reference_statistics
 
 
 class FDDigits:
@@ -38,7 +41,7 @@ class FDDigits:
         self.device = device
         self.digits = load_classifier(device=device)
         train = train_images(self.dm).to(device)
-        self.ref = _reference({"fd_digits"}, None, self.dm, train, None, self.digits)
+        self.ref = reference_statistics({"fd_digits"}, None, train, heldout_images(self.dm), None, self.digits)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> float:
@@ -133,10 +136,9 @@ def run_one(args, method: str, seed: int, fd: FDDigits, accelerator: str, path_r
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, color in (("disback", "C0"), ("diffinstruct", "C1")):
@@ -229,10 +231,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     fd = FDDigits(args.teacher, device)
-    teacher = load_diffusion_checkpoint(args.teacher).to(device).eval()
+    teacher = load_model(args.teacher).to(device).eval()
     seeds = list(range(args.eval_samples))
-    teacher_fd = fd(teacher.generate(seeds, num_steps=args.teacher_steps, sampler="heun"))
-    teacher_one_step = fd(teacher.generate(seeds, num_steps=1, sampler="euler"))
+    teacher_fd = fd(teacher.generate(seeds, SamplingOptions(num_steps=args.teacher_steps, sampler="heun")))
+    teacher_one_step = fd(teacher.generate(seeds, SamplingOptions(num_steps=1, sampler="euler")))
     print(f"teacher: Heun {2 * args.teacher_steps - 1} NFE FD {teacher_fd:.3f}; Euler 1 NFE {teacher_one_step:.2f}")
     del teacher
     runs = []

@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.sync_debug:
         report_host_syncs()
-    from diffscore.cli import main as cli
+    from diffscore.commands import main as cli
     from tests.fixtures import write_cifar10
 
     # Under DDP, Lightning starts the other ranks by running this script again: they share rank 0's data folder.

@@ -24,7 +24,8 @@ import torch
 
 from diffscore.data.musicscore import MusicScoreDataset, find_scale_dir, index_split, read_metadata
 from diffscore.data.synthetic_scores import INSTRUMENT_CLEF, write_synthetic_musicscore
-from diffscore.lit.checkpoint import load_diffusion_checkpoint
+from diffscore.lit.checkpoint import load_model
+from diffscore.lit.sampling import SamplingOptions
 
 LAYOUTS = ("treble", "bass", "grand")
 
@@ -78,7 +79,7 @@ def main() -> None:
     if not args.ckpt:
         p.error("--ckpt is required")
     torch.set_num_threads(2)
-    model = load_diffusion_checkpoint(args.ckpt).eval()
+    model = load_model(args.ckpt).eval()
     resolution = model.data_shape[-1]
     t0 = time.time()
     clf, clf_acc = train_classifier(resolution, args.classifier_pages, seed=12345)
@@ -105,9 +106,9 @@ def main() -> None:
         t0 = time.time()
         seeds = list(range(len(captions)))
         if w == 0:  # the unconditional model: the empty caption
-            samples = model.generate(seeds, num_steps=args.steps, cond=[""] * len(seeds))
-        else:
-            samples = model.generate(seeds, num_steps=args.steps, cond=captions, guidance=w)
+            samples = model.generate(seeds, SamplingOptions(num_steps=args.steps, prompts=[""]))
+        else:  # seed i gets caption i
+            samples = model.generate(seeds, SamplingOptions(num_steps=args.steps, prompts=captions, guidance=w))
         pred = clf.predict(pixels(samples.float().cpu()))
         acc = float((pred == target).mean())
         result["accuracy"][str(w)] = acc
@@ -124,10 +125,9 @@ def main() -> None:
 
 def plot(results: list[dict], path: Path) -> None:
     """Grouped bars: prompted-layout accuracy per guidance scale, one group per result (checkpoint)."""
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ws = list(results[0]["accuracy"])
     fig, ax = plt.subplots(figsize=(5.5, 3.4))

@@ -30,9 +30,11 @@ from diffscore.core.losses import edm_loss
 from diffscore.core.ntk import ntk_drift, relative_error
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
-from diffscore.lit import GMMDataModule, NTKProbe, RegressionDiffusionModule
-from diffscore.lit.ntk_probe import SIGMAS, BackboneOutput, NTKMeasurer, regression_target, split_data
-from diffscore.lit.score_regression import draw_regression_set
+from diffscore.lit.callbacks import NTKProbe
+from diffscore.lit.callbacks.ntk_probe import SIGMAS, BackboneOutput, NTKMeasurer, regression_target, split_data
+from diffscore.lit.data import GMMDataModule
+from diffscore.lit.modules import RegressionDiffusionModule
+from diffscore.lit.modules.regression import draw_regression_set
 from diffscore.networks import TheoryNet
 
 HERE = Path(__file__).resolve().parent
@@ -165,10 +167,9 @@ def early_stopping(seed: int, num_train: int, width: int, steps: int, lr: float,
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     rows = result["lazy"]

@@ -142,10 +142,9 @@ def summarize(folders: list[Path]) -> dict:
 
 
 def plot(summary: dict, stem: Path) -> None:
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colors = {"fp32": "tab:blue", "bf16": "tab:orange"}

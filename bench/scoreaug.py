@@ -61,7 +61,7 @@ def launch(out: Path, arms, seeds, steps: int, parallel: int, accelerator: str, 
                 *overrides,
             ]
             log = open(out / name / "stdout.txt", "w")
-            cmd = [sys.executable, "-c", "from diffscore.cli import main; main()", *args]
+            cmd = [sys.executable, "-c", "from diffscore.commands import main; main()", *args]
             running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), name))
         time.sleep(2)
         for proc, name in list(running):
@@ -85,14 +85,14 @@ def digits_sets(num_train: int = 300, seed: int = 0) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def checkpoint_metrics(ckpt: Path, n: int, sets, device: str) -> dict[str, float]:
-    from diffscore.lit.checkpoint import load_diffusion_checkpoint
+    from diffscore.lit.checkpoint import load_model
     from diffscore.metrics.digits_classifier import digits_features, load_classifier
     from diffscore.metrics.frechet import feature_statistics, frechet_distance
     from diffscore.metrics.leakage import leaked
     from diffscore.metrics.memorization import copy_ratio, memorized_fraction
 
     train, unseen, _ = sets
-    model = load_diffusion_checkpoint(ckpt).to(device)
+    model = load_model(ckpt).to(device)
     x = torch.cat([model.generate(list(range(i, min(i + 1000, n)))).float() for i in range(0, n, 1000)]).cpu()
     clf = load_classifier()
     stats = feature_statistics(digits_features(x, clf))
@@ -105,7 +105,7 @@ def checkpoint_metrics(ckpt: Path, n: int, sets, device: str) -> dict[str, float
 
 
 def summarize(out: Path, n: int, device: str) -> dict:
-    from diffscore.lit.run_log import read_jsonl
+    from diffscore.lit.callbacks.run_log import read_jsonl
     from diffscore.metrics.digits_classifier import digits_features, load_classifier
     from diffscore.metrics.frechet import feature_statistics, frechet_distance
     from diffscore.metrics.leakage import leaked
@@ -145,10 +145,9 @@ def summarize(out: Path, n: int, device: str) -> dict:
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = summary["runs"]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))

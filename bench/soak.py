@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/soak")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from diffscore.lit.cli import DiffscoreCLI
+    from diffscore.commands.lightning import DiffscoreCLI
 
     overrides = [
         "--config",
@@ -64,10 +64,9 @@ def main() -> None:
     out.with_suffix(".csv").write_text(
         "step,seconds,rss_mib\n" + "".join(f"{s},{t:.1f},{r:.1f}\n" for s, t, r in rec.rows)
     )
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps, rss = [r[0] for r in rec.rows], [r[2] for r in rec.rows]
     fig, ax = plt.subplots(figsize=(6, 3.4))

@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from diffscore.lit.evaluate import evaluate
-from diffscore.lit.teleport import TeleportOptions
+from diffscore.commands.evaluate import evaluate
+from diffscore.commands.teleport import TeleportOptions
 
 
 def point(ckpt, sampler, steps, skip, sigma, n, gauss, accelerator="auto") -> dict:
@@ -68,10 +68,9 @@ def main() -> None:
     print(f"\n{'sampler':<10}{'steps':>6}{'skip':>6}{'nfe':>6}{'FD mean':>10}{'std':>8}   ({elapsed:.0f} s)")
     for r in rows:
         print(f"{r['sampler']:<10}{r['steps']:>6}{r['skip']:>6}{r['nfe']:>6}{r['fd_mean']:>10.2f}{r['fd_std']:>8.2f}")
-    import matplotlib
+    from diffscore.io import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler, marker in (("heun", "o"), ("dpmpp_2m", "s"), ("unipc", "^")):

@@ -28,7 +28,7 @@ TINY = [
 
 def run_cli(args: list[str]) -> int:
     """Run `diffscore ARGS` in-process; returns the exit code (0 when it returned normally)."""
-    from diffscore.cli import main
+    from diffscore.commands import main
 
     try:
         main([str(a) for a in args])

@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit.run_log import read_jsonl
+from diffscore.io import pyplot
+from diffscore.lit.callbacks.run_log import read_jsonl
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -20,11 +21,7 @@ def report(run_dir: str) -> list[Path]:
     Args:
         run_dir: the run's folder (the one holding checkpoints/ and metrics.jsonl).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     root = Path(run_dir)
     path = root / "metrics.jsonl"
     if not path.is_file():

@@ -1,13 +1,16 @@
-"""Teleportation for `diffscore sample` / `evaluate`: the Gaussian model of the training data that replaces
-the first sampler steps (Wang & Vastola 2024), fitted once from the checkpoint's data and cached."""
+"""`--teleport.*` of `diffscore sample` / `evaluate`: the Gaussian model of the training data that replaces the first
+sampler steps (Wang & Vastola 2024), fitted once from the checkpoint's data and cached in a file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from diffscore.core.gaussian import GaussianDenoiser
+from diffscore.core.gaussian import GaussianDenoiser, skip_for_sigma
 from diffscore.errors import DiffscoreError
+from diffscore.lit.checkpoint import load_checkpoint_datamodule, training_data
+from diffscore.lit.data.base import train_images
+from diffscore.lit.sampling import SamplingOptions
 
 
 @dataclass
@@ -18,23 +21,51 @@ class TeleportOptions:
     sigma: float | None = None  # or: start the network at the first grid sigma <= this
     gaussian: str | None = None  # cache file of the fitted Gaussian (fitted and written if missing)
     rank: int | None = None  # keep the top-r principal components (None: the full covariance)
+    data: str | None = None  # fit it to this data set (EDM ZIP or folder; default: the checkpoint's data)
+
+    @property
+    def wanted(self) -> bool:
+        return self.skip is not None or self.sigma is not None
 
 
-def gaussian_for_checkpoint(opts: TeleportOptions, ckpt_path: str | Path) -> GaussianDenoiser:
+def gaussian_for_checkpoint(
+    opts: TeleportOptions, ckpt_path: str | Path, trust: bool = False, shape: tuple[int, ...] | None = None
+) -> GaussianDenoiser:
     """The Gaussian (mean, covariance) of the checkpoint's training data, from the cache file if there is one."""
-    if opts.skip is None and opts.sigma is None:
-        raise DiffscoreError("--teleport needs --teleport.skip K or --teleport.sigma S")
     if opts.skip is not None and opts.sigma is not None:
         raise DiffscoreError("give --teleport.skip or --teleport.sigma, not both")
     if opts.gaussian and Path(opts.gaussian).is_file():
         return GaussianDenoiser.load(opts.gaussian)
-    from diffscore.lit.checkpoint import load_checkpoint_datamodule
-    from diffscore.lit.evaluate import train_images
-
-    dm = load_checkpoint_datamodule(ckpt_path)
-    if dm is None:
-        raise DiffscoreError(f"{ckpt_path} does not name its data; pass --teleport.gaussian with a fitted file")
-    gaussian = GaussianDenoiser.from_data(train_images(dm), rank=opts.rank)
+    if opts.data is None and load_checkpoint_datamodule(ckpt_path, trust) is None:
+        raise DiffscoreError(
+            f"{ckpt_path} names no training data: pass --teleport.gaussian FILE (a fitted Gaussian) or "
+            "--teleport.data PATH (an EDM dataset ZIP or folder to fit it to)"
+        )
+    train = train_images(training_data(ckpt_path, opts.data, trust, shape))
+    gaussian = GaussianDenoiser.from_data(train, rank=opts.rank)
     if opts.gaussian:
         gaussian.save(opts.gaussian)
     return gaussian
+
+
+def with_teleport(
+    model, options: SamplingOptions, opts: TeleportOptions | None, ckpt_path: str, trust: bool = False
+) -> SamplingOptions:
+    """``options`` with the teleport skip and the Gaussian filled in; prints the evaluations it saves."""
+    if opts is None or not opts.wanted:
+        return options
+    if model.one_step:
+        raise DiffscoreError("this checkpoint is a one-step generator (NFE = 1): leave out --teleport")
+    name, steps, _ = model.sampler_of(options)
+    sigmas = model.sigmas(steps)
+    skip = opts.skip if opts.skip is not None else skip_for_sigma(sigmas, opts.sigma)
+    if not 0 <= skip < steps:
+        raise DiffscoreError(f"--teleport.skip must be in 0..{steps - 1} for {steps} steps, got {skip}")
+    gaussian = gaussian_for_checkpoint(opts, ckpt_path, trust, model.data_shape)
+    options = replace(options, teleport_skip=skip, teleport_gaussian=gaussian)
+    print(
+        f"diffscore: teleporting to sigma {float(sigmas[skip]):.3g}: {name} with {steps - skip} of {steps} steps, "
+        f"{model.nfe(options)} instead of {model.nfe(SamplingOptions(sampler=name, num_steps=steps))} evaluations",
+        flush=True,
+    )
+    return options

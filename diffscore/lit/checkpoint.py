@@ -1,6 +1,10 @@
-"""Reading checkpoints safely: tensors and plain containers only (``weights_only=True``), and classes rebuilt
-from the config the checkpoint holds only if they are of the expected kind (a backbone must be an nn.Module,
-data a LightningDataModule). A file that needs full unpickling is refused unless the user trusts it."""
+"""Reading checkpoints safely and rebuilding the model or data they name.
+
+A checkpoint is read with ``weights_only=True`` (tensors and plain containers); a file that needs full unpickling is
+refused unless the user trusts it. The classes a checkpoint's config names are looked up in an explicit list per
+role (the backbones, augmenters and data modules diffscore ships, under their current and their 2026-11 names)
+before anything is imported, and their arguments must be plain data that the constructor names.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,53 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch import nn
 
 from diffscore.errors import DiffscoreError
+from diffscore.networks.backbone import plain_data
+
+_UNET, _ADM = "diffscore.networks.unet:UNet", "diffscore.networks.adm:ADMUNet"
+_MLP, _THEORY = "diffscore.networks.mlp:MLP", "diffscore.networks.theory_net:TheoryNet"
+_TENSOR, _IMAGES = "diffscore.lit.data.tensor", "diffscore.lit.data.images"
+_MUSIC = "diffscore.lit.data.musicscore:MusicScoreDataModule"
+
+# role -> {class path a config may name: "module:attribute" it means}
+ALLOWED: dict[str, dict[str, str]] = {
+    "backbone": {
+        "diffscore.networks.UNet": _UNET,
+        "diffscore.networks.unet.UNet": _UNET,
+        "diffscore.networks.ADMUNet": _ADM,
+        "diffscore.networks.adm.ADMUNet": _ADM,
+        "diffscore.networks.MLP": _MLP,
+        "diffscore.networks.mlp.MLP": _MLP,
+        "diffscore.networks.TheoryNet": _THEORY,
+        "diffscore.networks.theory_net.TheoryNet": _THEORY,
+    },
+    "augment": {
+        "diffscore.core.augment.NonLeakyAugment": "diffscore.core.augment:NonLeakyAugment",
+        "diffscore.core.augment.ScoreAugment": "diffscore.core.augment:ScoreAugment",
+    },
+    "data": {
+        **{
+            f"{prefix}.{name}": f"{module}:{name}"
+            for module, names in (
+                (_TENSOR, ("DigitsDataModule", "GMMDataModule")),
+                (_IMAGES, ("ImageDataModule", "CIFAR10DataModule")),
+            )
+            for name in names
+            for prefix in ("diffscore.lit", "diffscore.lit.data", module)
+        },
+        **{p: _MUSIC for p in ("diffscore.lit.MusicScoreDataModule", "diffscore.lit.data.MusicScoreDataModule")},
+        "diffscore.lit.data.musicscore.MusicScoreDataModule": _MUSIC,
+        "diffscore.lit.distill_data.DistillBatches": "diffscore.lit.data.distill:DistillBatches",
+        "diffscore.lit.data.DistillBatches": "diffscore.lit.data.distill:DistillBatches",
+        "diffscore.lit.data.distill.DistillBatches": "diffscore.lit.data.distill:DistillBatches",
+    },
+}
+
+
+def is_edm_pickle(path: str | Path) -> bool:
+    """An NVlabs/edm network pickle is named ``*.pkl``; diffscore's own checkpoints are ``*.ckpt``."""
+    return Path(path).suffix == ".pkl"
 
 
 def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
@@ -27,81 +74,137 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise DiffscoreError(f"checkpoint {path} does not exist; pass the .ckpt written by `diffscore fit`")
+    if is_edm_pickle(path):
+        raise DiffscoreError(
+            f"{path} is an NVlabs/edm network pickle, not a diffscore checkpoint: it has no training state or data "
+            f"(`diffscore convert --src {path} --out X.ckpt` writes one)"
+        )
     return _read_cached(path.resolve(), path.stat().st_mtime_ns, trust)
 
 
 @functools.lru_cache(maxsize=1)
 def _read_cached(path: Path, mtime_ns: int, trust: bool) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if trust:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        raise DiffscoreError(
-            f"{path} holds objects beyond tensors and plain data ({str(e).splitlines()[0][:120]}); loading it could "
-            "run code. If you trust the file, pass --trust_checkpoint true"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            raise DiffscoreError(
+                f"{path} holds objects beyond tensors and plain data ({str(e).splitlines()[0][:120]}); loading it "
+                "could run code. If you trust the file, pass --trust_checkpoint true"
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise DiffscoreError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise DiffscoreError(f"{path} is not a diffscore checkpoint (it holds a {type(ckpt).__name__})")
+    return ckpt
 
 
-def build(config: dict[str, Any], base: type) -> Any:
-    """Instantiate ``{"class_path": ..., "init_args": {...}}`` (or the flat ``_class_path`` form), checking that
-    the class is a subclass of ``base`` before calling it."""
+def resolve(class_path: str, role: str) -> type:
+    """The class a config names for ``role``, if diffscore allows it there; imported only then."""
+    target = ALLOWED[role].get(class_path)
+    if target is None:
+        raise DiffscoreError(
+            f"{class_path!r} is not a {role} class diffscore builds from a file; allowed: "
+            f"{', '.join(sorted({t.split(':')[1] for t in ALLOWED[role].values()}))}"
+        )
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build(config: dict[str, Any], role: str) -> Any:
+    """Instantiate ``{"class_path": ..., "init_args": {...}}`` (or Lightning's flat ``_class_path`` form) of an
+    allowed class for ``role``, with plain-data arguments that its constructor names."""
+    if not isinstance(config, dict):
+        raise DiffscoreError(f"a {role} configuration must be a mapping, got {type(config).__name__}")
     if "_class_path" in config:
         class_path = config["_class_path"]
         init = {k: v for k, v in config.items() if not k.startswith("_")}
     else:
-        class_path, init = config.get("class_path"), dict(config.get("init_args") or {})
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise DiffscoreError(f"the configuration names no class_path: {config!r:.200}")
-    module_name, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        raise DiffscoreError(f"{class_path} cannot be imported") from None
-    if not (inspect.isclass(cls) and issubclass(cls, base)):
-        raise DiffscoreError(f"{class_path} is not a {base.__name__}; refusing to call it")
+        class_path, init = config.get("class_path"), config.get("init_args") or {}
+    if not isinstance(class_path, str) or not isinstance(init, dict):
+        raise DiffscoreError(f"the {role} configuration names no class_path: {config!r:.200}")
+    cls = resolve(class_path, role)
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in init.items():
+        if key not in params or key == "self":
+            raise DiffscoreError(f"{class_path} has no argument {key!r} (saved in the file)")
+        if not plain_data(value):
+            raise DiffscoreError(f"{class_path} argument {key!r} is not plain data ({type(value).__name__})")
     try:
         return cls(**init)
-    except TypeError as e:
-        raise DiffscoreError(f"{class_path} rejects the saved arguments ({e})") from None
+    except (TypeError, ValueError, RuntimeError, DiffscoreError) as e:
+        raise DiffscoreError(f"{class_path} rejects the saved arguments ({str(e)[:200]})") from None
 
 
-def load_diffusion_checkpoint(path: str | Path, trust: bool = False):
-    """The DiffusionModule of a `diffscore fit` checkpoint, with the EMA weights (``state_dict``); for a one-step
-    distillation checkpoint (DisBackModule), its generator as a OneStepGenerator (NFE = 1)."""
-    from diffscore.core.augment import NonLeakyAugment, ScoreAugment
-    from diffscore.lit.diffusion import DiffusionModule
+def load_model(path: str | Path, trust: bool = False):
+    """The model a file holds, ready to sample: a DiffusionModule with the EMA weights of a `diffscore fit`
+    checkpoint or of an NVlabs/edm network pickle (``*.pkl``, read without running its code), or the
+    OneStepGenerator of a DisBack checkpoint (NFE = 1)."""
+    from diffscore.lit.modules.diffusion import DiffusionModule
+    from diffscore.lit.modules.one_step import OneStepGenerator
 
+    if is_edm_pickle(path):
+        from diffscore.lit.edm_network import load_edm_network
+
+        if not Path(path).is_file():
+            raise DiffscoreError(f"network pickle {path} does not exist")
+        return load_edm_network(path)
     ckpt = read_checkpoint(path, trust)
     if "one_step_generator" in ckpt:
-        from diffscore.lit.disback import load_one_step_generator
-
-        return load_one_step_generator(ckpt, path)
+        info = ckpt["one_step_generator"]
+        model = OneStepGenerator(build(info["backbone"], "backbone"), info["sigma_data"], info["sigma_init"])
+        prefix = "generator."
+        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        _load_weights(model.generator, state, path, "the generator's")
+        return model
     hp = ckpt.get("hyper_parameters") or {}
     owner = hp.get("_class_path", "diffscore.lit.DiffusionModule")
-    if not owner.endswith("DiffusionModule") or "backbone" not in hp or "state_dict" not in ckpt:
+    if not str(owner).endswith("DiffusionModule") or "backbone" not in hp or "state_dict" not in ckpt:
         held = owner if "backbone" in hp else "no backbone config"
         raise DiffscoreError(
             f"{path} is not a diffscore DiffusionModule checkpoint (it holds {held}); "
-            "one built in Python loads with DiffusionModule.load_from_checkpoint(path, backbone=...)"
+            "pass a checkpoint written by `diffscore fit`"
         )
-    backbone = build(hp["backbone"], nn.Module)
+    backbone = build(hp["backbone"], "backbone")
     params = inspect.signature(DiffusionModule.__init__).parameters
     kwargs = {k: v for k, v in hp.items() if k in params and k not in ("self", "backbone", "optimizer")}
-    for key, cls in (("nonleaky", NonLeakyAugment), ("scoreaug", ScoreAugment)):
+    for key in ("nonleaky", "scoreaug"):
         if isinstance(kwargs.get(key), dict):
-            kwargs[key] = build(kwargs[key], cls)
+            kwargs[key] = build(kwargs[key], "augment")
     model = DiffusionModule(backbone, **kwargs)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise DiffscoreError(f"{path}: the weights do not fit the saved configuration ({str(e)[:200]})") from None
+    _load_weights(model, ckpt["state_dict"], path, "the")
     return model
 
 
-def load_checkpoint_datamodule(path: str | Path, trust: bool = False) -> LightningDataModule | None:
-    """The DataModule a checkpoint was trained on (None if it does not say)."""
+def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: str | Path, whose: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise DiffscoreError(f"{path}: {whose} weights do not fit the saved configuration ({str(e)[:200]})") from None
+
+
+def training_data(path: str | Path, data: str | None = None, trust: bool = False, shape: tuple | None = None):
+    """The training data of a model file: the data set at ``data`` (an EDM ZIP or folder of PNGs) if given, else
+    the DataModule its checkpoint names; checked against the model's data ``shape``. Raises if there is none."""
+    if data is not None:
+        from diffscore.lit.data.images import ImageDataModule
+
+        dm = ImageDataModule(data, num_workers=0, pin_memory=False)
+    else:
+        dm = load_checkpoint_datamodule(path, trust)
+    if dm is None:
+        kind = "an NVlabs/edm network pickle never names" if is_edm_pickle(path) else "it does not name"
+        raise DiffscoreError(f"{path}: {kind} its training data; pass --data PATH (an EDM dataset ZIP or folder)")
+    if shape is not None and tuple(dm.data_shape) != tuple(shape):
+        raise DiffscoreError(f"the data are {list(dm.data_shape)} images but the model makes {list(shape)}")
+    return dm
+
+
+def load_checkpoint_datamodule(path: str | Path, trust: bool = False):
+    """The DataModule a checkpoint was trained on (None if it does not say, as EDM's network pickles do not)."""
+    if is_edm_pickle(path):
+        return None
     hp = read_checkpoint(path, trust).get("datamodule_hyper_parameters")
-    return build(dict(hp), LightningDataModule) if hp and "_class_path" in hp else None
+    return build(dict(hp), "data") if hp and "_class_path" in hp else None

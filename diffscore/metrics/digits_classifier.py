@@ -86,12 +86,11 @@ def fit_classifier(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: in
 
 def train_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitsClassifier, dict[str, float]]:
     """Deterministic training on the digits train split; returns the model and its report."""
-    from diffscore.lit.datamodules import DigitsDataModule
+    from diffscore.data.digits import digits_splits
 
     torch.manual_seed(seed)
-    dm = DigitsDataModule(seed=0)
-    dm.setup("fit")
-    (x, y), (xv, _), (xt, yt) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    splits = digits_splits(seed=0)
+    (x, y), (xv, _), (xt, yt) = splits["train"], splits["val"], splits["test"]
     model = fit_classifier(DigitsClassifier(), x, y, epochs, seed)
     with torch.no_grad():
         acc = (model(xt).argmax(1) == yt).float().mean().item()

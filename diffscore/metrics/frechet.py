@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,11 +42,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra) -> None:
     """Write (mu, sigma) as EDM-style .npz (keys ``mu``, ``sigma``), via a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=mu, sigma=sigma, **extra)
-    tmp.replace(path)
 
 
 def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

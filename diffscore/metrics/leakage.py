@@ -64,12 +64,11 @@ def leaked(images: Tensor, model: DigitsClassifier | None = None) -> Tensor:
 def train_orientation_classifier(epochs: int = 15, seed: int = 0) -> tuple[DigitsClassifier, dict[str, list]]:
     """Deterministic training on the six transforms of the digits training split; returns the model and the
     fraction of test digits classified as transformed, per true transform."""
-    from diffscore.lit.datamodules import DigitsDataModule
+    from diffscore.data.digits import digits_splits
 
     torch.manual_seed(seed)
-    dm = DigitsDataModule(seed=0)
-    dm.setup("fit")
-    x, xt = dm.splits["train"][0], dm.splits["test"][0]
+    splits = digits_splits(seed=0)
+    x, xt = splits["train"][0], splits["test"][0]
     views = torch.cat([t(x) for t in TRANSFORMS.values()])  # [6N, 1, 8, 8]
     labels = torch.arange(len(TRANSFORMS)).repeat_interleave(len(x))
     model = fit_classifier(DigitsClassifier(num_classes=len(TRANSFORMS)), views, labels, epochs, seed)

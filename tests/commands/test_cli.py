@@ -82,7 +82,7 @@ def test_ddp_on_cpu_with_two_processes(in_tmp):
     cmd = [
         sys.executable,
         "-m",
-        "diffscore.cli",
+        "diffscore.commands",
         "fit",
         "--config",
         QUICKSTART,

@@ -141,7 +141,7 @@ def test_distributed_evaluation_on_two_processes(tiny_ckpt, tmp_path):
     assert run_cli([*base, "--out", one]) == 0
     for out in (two, None):  # with --out, and without (the ranks must still agree on where the parts go)
         opts = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *(["--out", str(out)] if out else [])]
-        cmd = [sys.executable, "-m", "diffscore.cli", *base, *opts]
+        cmd = [sys.executable, "-m", "diffscore.commands", *base, *opts]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("0-6"))
@@ -161,12 +161,9 @@ def test_leakage_is_reported_beside_real_digits(tiny_ckpt, tmp_path):
 
 
 def test_scoreaug_digits_runs_check_leakage_by_default():
-    from diffscore.lit import DiffusionModule
-    from diffscore.lit.evaluate import auto_metrics
-    from diffscore.networks import UNet
+    from diffscore.metrics.suite import auto_metrics
 
-    def net(**kw):
-        return UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], **kw)
-
-    assert auto_metrics(DiffusionModule(net(augment_dim=11), augment="scoreaug")).endswith(",leakage")
-    assert "leakage" not in auto_metrics(DiffusionModule(net()))
+    assert auto_metrics((1, 8, 8), "scoreaug").endswith(",leakage")
+    assert auto_metrics((1, 8, 8), "nonleaky+scoreaug").endswith(",leakage")
+    assert "leakage" not in auto_metrics((1, 8, 8), "none")
+    assert auto_metrics((3, 32, 32), "scoreaug") == "fid,memorization"

@@ -24,11 +24,24 @@ def test_sample_writes_exactly_n_distinct_samples(tiny_ckpt, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
 
 
-def test_samples_do_not_depend_on_the_batch_size(tiny_ckpt, tmp_path):
-    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    assert sample_npz(tiny_ckpt, a, "--num_samples", "5", "--steps", "3", "--batch_size", "5") == 0
-    assert sample_npz(tiny_ckpt, b, "--num_samples", "5", "--steps", "3", "--batch_size", "2") == 0
-    np.testing.assert_allclose(np.load(a)["samples"], np.load(b)["samples"], atol=1e-5)
+CHURN = '{"s_churn": 40, "s_min": 0.05, "s_max": 50, "s_noise": 1.003}'  # EDM's ImageNet-64 Heun
+
+
+@pytest.mark.parametrize("sampler_kwargs", [None, CHURN])
+def test_samples_do_not_depend_on_the_batch_size(tiny_ckpt, tmp_path, sampler_kwargs):
+    """Also with churn: its noise comes from each seed's own generator, not from the batch's."""
+    extra = ["--sampler_kwargs", sampler_kwargs] if sampler_kwargs else []
+    outs = []
+    for batch in (1, 3, 7):
+        outs.append(tmp_path / f"b{batch}.npz")
+        args = ["--num_samples", "7", "--steps", "3", "--batch_size", str(batch), *extra]
+        assert sample_npz(tiny_ckpt, outs[-1], *args) == 0
+    for other in outs[1:]:
+        np.testing.assert_allclose(np.load(outs[0])["samples"], np.load(other)["samples"], atol=1e-5)
+    if sampler_kwargs:  # the churn did something
+        plain = tmp_path / "plain.npz"
+        assert sample_npz(tiny_ckpt, plain, "--num_samples", "7", "--steps", "3") == 0
+        assert np.abs(np.load(plain)["samples"] - np.load(outs[0])["samples"]).max() > 1e-2
 
 
 def test_sample_png_folder(tiny_ckpt, tmp_path):
@@ -38,10 +51,10 @@ def test_sample_png_folder(tiny_ckpt, tmp_path):
 
 
 def test_sample_uses_the_ema_weights(tiny_ckpt):
-    from diffscore.lit.checkpoint import load_diffusion_checkpoint
+    from diffscore.lit.checkpoint import load_model
 
     state = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
-    model = load_diffusion_checkpoint(tiny_ckpt)
+    model = load_model(tiny_ckpt)
     name, ema = next((k, v) for k, v in state["state_dict"].items() if k.endswith("conv1.weight"))
     raw = state["current_model_state"][name]
     assert not torch.equal(ema, raw)
@@ -86,12 +99,14 @@ def test_sample_refuses_foreign_checkpoint_and_existing_output(tiny_ckpt, tmp_pa
 
 @pytest.mark.slow
 def test_sample_on_two_ddp_processes_matches_one(tiny_ckpt, tmp_path):
+    """With churn on: each seed's noise is its own on whichever process draws it."""
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    assert sample_npz(tiny_ckpt, one, "--num_samples", "5", "--steps", "2", "--batch_size", "2") == 0
+    churn = ["--sampler_kwargs", CHURN]
+    assert sample_npz(tiny_ckpt, one, "--num_samples", "5", "--steps", "2", "--batch_size", "2", *churn) == 0
     cmd = [
         sys.executable,
         "-m",
-        "diffscore.cli",
+        "diffscore.commands",
         "sample",
         "--ckpt_path",
         str(tiny_ckpt),
@@ -109,6 +124,7 @@ def test_sample_on_two_ddp_processes_matches_one(tiny_ckpt, tmp_path):
         "2",
         "--strategy",
         "ddp",
+        *churn,
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

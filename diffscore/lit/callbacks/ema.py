@@ -93,3 +93,11 @@ class EDMEMA(WeightAveraging):
     def averaged_module(self) -> LightningModule | None:
         """The LightningModule holding the EMA weights (outside validation), or None before fit."""
         return None if self._average_model is None else self._average_model.module
+
+
+def ema_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The module holding the EMA weights when an EDMEMA callback runs (outside validation), else ``pl_module``."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EDMEMA) and cb.averaged_module() is not None:
+            return cb.averaged_module()
+    return pl_module

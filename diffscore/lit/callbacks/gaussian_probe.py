@@ -2,13 +2,12 @@
 
 References, all fitted to the training data: the Gaussian (mean + covariance), a GMM with k components
 (k-means), and the delta mixture (the training set's exact score). Probe points are training images noised
-at each sigma (Wang & Vastola 2024, Fig. 2). `diffscore probe gaussian --ckpt_path CKPT` prints the table and
-writes the plot; the GaussianScoreProbe callback logs ``probe/ev_<ref>_s<sigma>`` during fit.
+at each sigma (Wang & Vastola 2024, Fig. 2). The GaussianScoreProbe callback logs ``probe/ev_<ref>_s<sigma>``
+during fit; `diffscore probe gaussian` (diffscore.commands.probe) prints the table of a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from diffscore.core.gaussian import DeltaMixtureDenoiser, GaussianDenoiser, GMMDenoiser, score_explained_variance
-from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write, pyplot
+from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.callbacks.run_log import append_jsonl
+from diffscore.lit.data.base import train_images
+from diffscore.lit.run_dir import run_dir
 
 SIGMA_GRID = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -37,7 +40,7 @@ def explained_variance_table(
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(train), generator=g)[:num_points]
     x0 = train[idx]
-    device = getattr(denoiser, "device", None) or torch.device("cpu")
+    device = getattr(denoiser, "device", "cpu")  # a network on its device, or an analytic denoiser
     table: dict[str, dict[float, float]] = {name: {} for name in refs}
     for s in sigmas:
         x = x0 + s * torch.randn(x0.shape, generator=g)
@@ -50,11 +53,7 @@ def explained_variance_table(
 
 
 def plot_table(table: dict[str, dict[float, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, row in table.items():
         ax.plot(list(row), list(row.values()), marker="o", label=name)
@@ -66,7 +65,8 @@ def plot_table(table: dict[str, dict[float, float]], path: Path, title: str) -> 
     ax.set_title(title)
     ax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -91,18 +91,13 @@ class GaussianScoreProbe(Callback):
         step = trainer.global_step
         if not (self.every_n_steps and step % self.every_n_steps == 0) or not trainer.is_global_zero:
             return
-        from diffscore.lit.evaluate import train_images
-        from diffscore.lit.run_dir import run_dir
-        from diffscore.lit.run_log import append_jsonl
-        from diffscore.lit.sample_grid import SampleGrid
-
         if self.refs is None:
             self.train = train_images(trainer.datamodule)
             self.refs = build_references(self.train.flatten(1).double(), self.gmm_components)
-        module = SampleGrid.ema_module(trainer, pl_module)
+        module = ema_module(trainer, pl_module)
         was_training = module.training
         module.eval()
-        table = explained_variance_table(_Denoiser(module), self.train, self.refs, num_points=self.num_points)
+        table = explained_variance_table(NetworkDenoiser(module), self.train, self.refs, num_points=self.num_points)
         module.train(was_training)
         scalars = {f"probe/ev_{ref}_s{s:g}": v for ref, row in table.items() for s, v in row.items()}
         for logger in trainer.loggers:
@@ -111,7 +106,7 @@ class GaussianScoreProbe(Callback):
         plot_table(table, run_dir(trainer) / "probes" / f"gaussian_step{step:07d}.png", f"step {step}")
 
 
-class _Denoiser:
+class NetworkDenoiser:
     """A DiffusionModule's denoiser as a plain function on its device."""
 
     def __init__(self, module: LightningModule) -> None:
@@ -119,39 +114,3 @@ class _Denoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.module.denoiser(x.float(), sigma.float()).double()
-
-
-def probe_gaussian(
-    ckpt_path: str,
-    out: str | None = None,
-    gmm_components: list[int] | None = None,
-    num_points: int = 256,
-) -> dict[str, dict[float, float]]:
-    """EV of a checkpoint's (EMA) score against Gaussian, GMM and delta-mixture references, per sigma.
-
-    Args:
-        ckpt_path: checkpoint written by `diffscore fit` (its data are rebuilt from the checkpoint).
-        out: folder for ev.json and ev.png (default: print only).
-        gmm_components: the k of each GMM reference (k-means on the training data; default [10]).
-        num_points: training points noised at each sigma.
-    """
-    from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_diffusion_checkpoint
-    from diffscore.lit.evaluate import train_images
-
-    model = load_diffusion_checkpoint(ckpt_path).eval()
-    dm = load_checkpoint_datamodule(ckpt_path)
-    if dm is None:
-        raise DiffscoreError(f"{ckpt_path} does not name its data")
-    train = train_images(dm)
-    refs = build_references(train.flatten(1).double(), gmm_components or [10])
-    table = explained_variance_table(_Denoiser(model), train, refs, num_points=num_points)
-    print(format_table(table))
-    if out is not None:
-        folder = Path(out)
-        if not folder.parent.is_dir():
-            raise DiffscoreError(f"output folder {folder.parent} does not exist")
-        folder.mkdir(exist_ok=True)
-        (folder / "ev.json").write_text(json.dumps({k: {str(s): v for s, v in r.items()} for k, r in table.items()}))
-        plot_table(table, folder / "ev.png", Path(ckpt_path).name)
-        print(f"diffscore: wrote {folder / 'ev.json'} and {folder / 'ev.png'}")
-    return table

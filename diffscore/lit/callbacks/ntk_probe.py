@@ -24,9 +24,7 @@ point; ``stop_at_minimum`` stops training after ``patience`` probes without impr
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -45,6 +43,11 @@ from diffscore.core.ntk import (
 )
 from diffscore.core.precond import EDMPrecond, edm_coefficients
 from diffscore.errors import DiffscoreError
+from diffscore.io import write_json
+from diffscore.lit.callbacks.run_log import append_jsonl
+from diffscore.lit.data.base import train_images
+from diffscore.lit.data.tensor import GMMDataModule
+from diffscore.lit.run_dir import run_dir
 
 SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
 KERNEL_MODES = ("auto", "full", "trace_estimate")
@@ -72,8 +75,6 @@ def regression_target(x: Tensor, sigma: Tensor, denoised: Tensor, sigma_data: fl
 
 def split_data(dm: LightningDataModule, split: str) -> Tensor:
     """A DataModule's split as float data (uint8 images mapped to [-1, 1] as in training)."""
-    from diffscore.lit.evaluate import train_images
-
     if split == "train":
         return train_images(dm)
     ds = dm.dataset(split)
@@ -117,7 +118,7 @@ class NTKMeasurer:
         self.sigma_data, self.sigmas, self.top_k, self.seed = sigma_data, tuple(sigmas), top_k, seed
         self.num_projections = num_projections
         train, heldout = split_data(dm, "train"), split_data(dm, "val")
-        mixture = getattr(dm, "mixture", None)
+        mixture = dm.mixture if isinstance(dm, GMMDataModule) else None
         self.exact = mixture if mixture is not None else DeltaMixtureDenoiser(train)
         self.exact_name = "analytic mixture" if mixture is not None else "delta mixture of the training set"
         self.criterion = "ntk/score_error_heldout" if mixture is not None else "ntk/heldout_loss"
@@ -254,7 +255,7 @@ class NTKProbe(Callback):
                 why = "the module has no fixed regression set (use RegressionDiffusionModule)"
             elif self.measurer.kernel != "full":
                 why = "the twin needs the full Gram (kernel: full)"
-            elif trainer.accumulate_grad_batches != 1 or getattr(pl_module, "lr_rampup_images", 0):
+            elif trainer.accumulate_grad_batches != 1 or pl_module.lr_rampup_images:
                 why = "gradient accumulation or a learning-rate ramp-up"
             else:
                 n, out_dim = self.measurer.kernel_set[2].shape
@@ -280,8 +281,6 @@ class NTKProbe(Callback):
             stop = self.stop_at_minimum and self._since_best >= self.patience
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
-            from diffscore.lit.run_log import append_jsonl
-
             append_jsonl(trainer, {"step": step, **scalars})
         if trainer.strategy.reduce_boolean_decision(stop, all=False):
             self.stopped_at = step
@@ -339,118 +338,10 @@ class NTKProbe(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or self.measurer is None:
             return
-        from diffscore.lit.run_dir import run_dir
-
         path = run_dir(trainer) / "probes" / "ntk.json"
-        write_json_atomic(path, self.summary())
+        write_json(path, self.summary())
         print(
             f"diffscore: NTKProbe: lowest {self.measurer.criterion} at step {self.best_step} "
             f"({self.best_value:.4g}); {path}",
             flush=True,
         )
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def _regression_set_of(ckpt_path: str, dm: LightningDataModule):
-    """The fixed regression set a RegressionDiffusionModule checkpoint trained on (None for other modules)."""
-    from diffscore.core.schedules import LogNormalSigma
-    from diffscore.lit.checkpoint import read_checkpoint
-    from diffscore.lit.score_regression import draw_regression_set
-
-    hp = read_checkpoint(ckpt_path).get("hyper_parameters") or {}
-    if not str(hp.get("_class_path", "")).endswith("RegressionDiffusionModule"):
-        return None, hp
-    law = LogNormalSigma(hp.get("P_mean", -1.2), hp.get("P_std", 1.2))
-    return draw_regression_set(split_data(dm, "train"), int(hp.get("noise_seed", 0)), law), hp
-
-
-def probe_ntk(
-    ckpt_path: str,
-    reference_ckpt: str | None = None,
-    out: str | None = None,
-    sigmas: list[float] | None = None,
-    num_points: int = 32,
-    kernel: str = "auto",
-    num_kernel_points: int = 128,
-    num_projections: int = 8,
-    top_k: int = 5,
-) -> dict[str, float]:
-    """NTK measurements of a checkpoint: score error against the exact score (per sigma), held-out loss, the
-    kernel's top eigenvalues and kernel-target alignment; with ``reference_ckpt`` (an earlier checkpoint of the
-    same run) also the kernel drift since then and, for full-batch plain SGD on a RegressionDiffusionModule, the
-    kernel twin started at the reference against the network.
-
-    Args:
-        ckpt_path: checkpoint written by `diffscore fit` (its data are rebuilt from the checkpoint).
-        reference_ckpt: an earlier checkpoint of the same run (K_0 and F_0 of the drift and the twin).
-        out: folder for ntk.json (default: print only).
-        sigmas: noise levels of the probe points (default 0.05, 0.2, 0.5, 1, 2).
-        num_points: training and held-out points each, noised at every sigma.
-        kernel: "full", "trace_estimate" or "auto" (full for vector data).
-        num_kernel_points: kernel-set size when the checkpoint has no regression set.
-        num_projections: projections of the trace estimate.
-        top_k: eigenvalues reported.
-    """
-    from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_diffusion_checkpoint, read_checkpoint
-
-    if kernel not in KERNEL_MODES:
-        raise DiffscoreError(f"--kernel must be one of {KERNEL_MODES}, got {kernel!r}")
-    model = load_diffusion_checkpoint(ckpt_path).eval()
-    dm = load_checkpoint_datamodule(ckpt_path)
-    if dm is None:
-        raise DiffscoreError(f"{ckpt_path} does not name its data")
-    regression_set, hp = _regression_set_of(ckpt_path, dm)
-    m = NTKMeasurer(
-        dm,
-        model.denoiser.sigma_data,
-        regression_set,
-        tuple(sigmas or SIGMAS),
-        num_points,
-        kernel,
-        num_kernel_points,
-        num_projections,
-        top_k,
-    )
-    view = BackboneOutput(model.denoiser)
-    f_probe, f_kernel = m.outputs(view)
-    result = m.score_errors(f_probe)
-    K = m.gram(view, *m.kernel_set[:2])
-    result.update(m.kernel_scalars(K, None))
-    if reference_ckpt is not None:
-        ref = load_diffusion_checkpoint(reference_ckpt).eval()
-        ref_view = BackboneOutput(ref.denoiser)
-        result["ntk/drift"] = ntk_drift(K, m.gram(ref_view, *m.kernel_set[:2]))
-        steps = int(read_checkpoint(ckpt_path).get("global_step", 0)) - int(
-            read_checkpoint(reference_ckpt).get("global_step", 0)
-        )
-        opt = hp.get("optimizer") or {}
-        lr = (opt.get("init_args") or {}).get("lr")
-        plain = opt.get("class_path") == "torch.optim.SGD" and not any(
-            (opt.get("init_args") or {}).get(k) for k in ("momentum", "weight_decay", "nesterov")
-        )
-        if regression_set is not None and m.kernel == "full" and plain and lr and steps >= 0:
-            n, out_dim = m.kernel_set[2].shape
-            twin = m.twin(ref_view, 2 * float(lr) / (n * out_dim))
-            f0_probe, f0_kernel = m.outputs(ref_view)
-            t_kernel, t_probe = twin.after_steps(steps)
-            result["ntk/twin_rel_error"] = relative_error(t_probe, f_probe, f0_probe)
-            result["ntk/twin_rel_error_train"] = relative_error(t_kernel, f_kernel, f0_kernel)
-            result.update(m.score_errors(t_probe, prefix="ntk/twin_"))
-        else:
-            print("diffscore: no kernel twin (it needs a RegressionDiffusionModule trained with plain SGD)")
-    width = max(len(k) for k in result)
-    print(f"exact score: {m.exact_name}; kernel: {m.kernel}")
-    print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
-    if out is not None:
-        folder = Path(out)
-        if not folder.parent.is_dir():
-            raise DiffscoreError(f"output folder {folder.parent} does not exist")
-        write_json_atomic(folder / "ntk.json", result)
-        print(f"diffscore: wrote {folder / 'ntk.json'}")
-    return result

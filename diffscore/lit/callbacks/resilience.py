@@ -9,15 +9,16 @@ and renames it, so a kill in the middle of a write leaves the previous file inta
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.cloud_io import _atomic_save
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from diffscore.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,13 +27,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            _atomic_save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class PreemptionCheckpoint(Callback):

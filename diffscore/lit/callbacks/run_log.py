@@ -11,7 +11,19 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from diffscore.errors import DiffscoreError
+from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.data.base import train_images
+from diffscore.lit.data.tensor import heldout_images
 from diffscore.lit.run_dir import run_dir
+from diffscore.lit.sampling import SamplingOptions
+from diffscore.metrics.suite import (
+    INCEPTION_METRICS,
+    auto_metrics,
+    compute_metrics,
+    reference_statistics,
+    sample_features,
+)
 
 
 def append_jsonl(trainer: Trainer, record: dict[str, Any]) -> None:
@@ -108,16 +120,14 @@ class SampleQuality(Callback):
         self._last = -1
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from diffscore.lit.evaluate import INCEPTION_METRICS, _reference, auto_metrics, train_images
-
         shape = tuple(pl_module.data_shape)
-        metrics = auto_metrics(pl_module) if self.metrics == "auto" else self.metrics
+        augment = str(pl_module.hparams.get("augment", "none"))
+        metrics = auto_metrics(shape, augment) if self.metrics == "auto" else self.metrics
         self.wanted = {m.strip() for m in metrics.split(",") if m.strip()}
         if len(shape) != 3:
             self.wanted.discard("memorization")
         self.inception = self.digits = None
         if self.wanted & INCEPTION_METRICS:
-            from diffscore.errors import DiffscoreError
             from diffscore.metrics.inception import InceptionFeatures
 
             try:
@@ -131,7 +141,8 @@ class SampleQuality(Callback):
             self.digits = load_classifier(device=pl_module.device)
         dm = trainer.datamodule
         self.train = train_images(dm).to(pl_module.device) if len(shape) == 3 else None
-        self.reference = _reference(self.wanted, None, dm, self.train, self.inception, self.digits)
+        held = heldout_images(dm)
+        self.reference = reference_statistics(self.wanted, None, self.train, held, self.inception, self.digits)
         self._ready = True
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
@@ -146,9 +157,6 @@ class SampleQuality(Callback):
 
     @torch.no_grad()
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float] | None:
-        from diffscore.lit.evaluate import compute_metrics, sample_features
-        from diffscore.lit.sample_grid import SampleGrid
-
         self._last = trainer.global_step
         if not trainer.is_global_zero:
             return None
@@ -156,11 +164,11 @@ class SampleQuality(Callback):
             self._prepare(trainer, pl_module)
         if not self.wanted:
             return None
-        module = SampleGrid.ema_module(trainer, pl_module)
+        module = ema_module(trainer, pl_module)
         feats: dict[str, list] = {"seeds": []}
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
-            x = module.generate(seeds, num_steps=self.num_steps).float()
+            x = module.generate(seeds, SamplingOptions(num_steps=self.num_steps)).float()
             feats["seeds"].append(torch.tensor(seeds))
             memo = self.train if "memorization" in self.wanted else None
             for k, v in sample_features(x, self.inception, self.digits, memo, "leakage" in self.wanted).items():

@@ -3,41 +3,37 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
 
+from diffscore.io import atomic_write, pyplot
+from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.data.tensor import TensorDataModule
 from diffscore.lit.run_dir import run_dir
+from diffscore.lit.sampling import SamplingOptions
 
 
 def save_png_atomic(path: Path, fig_or_tensor, nrow: int = 8) -> None:
     """Write an image grid [N, C, H, W] in [-1, 1] (or a matplotlib figure) to ``path`` via a temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(fig_or_tensor, Tensor):
-        from torchvision.utils import save_image
+    with atomic_write(path) as tmp:
+        if isinstance(fig_or_tensor, Tensor):
+            from torchvision.utils import save_image
 
-        images = (fig_or_tensor.float() + 1) / 2  # [N, C, H, W] in [0, 1]
-        if images.shape[-1] < 32:  # blow tiny images (8x8 digits) up so that a person can see them
-            images = torch.nn.functional.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
-        save_image(images, tmp, nrow=nrow, padding=2, pad_value=0.5, format="png")
-    else:
-        fig_or_tensor.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+            images = (fig_or_tensor.float() + 1) / 2  # [N, C, H, W] in [0, 1]
+            if images.shape[-1] < 32:  # blow tiny images (8x8 digits) up so that a person can see them
+                images = torch.nn.functional.interpolate(images, scale_factor=32 // images.shape[-1], mode="nearest")
+            save_image(images, tmp, nrow=nrow, padding=2, pad_value=0.5, format="png")
+        else:
+            fig_or_tensor.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
 def scatter_figure(samples: Tensor, reference: Tensor | None, title: str):
     """A 2-D scatter (first two coordinates) of samples over reference data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     if reference is not None:
         ref = reference[:4096].float()
         ax.scatter(ref[:, 0], ref[:, 1] if ref.shape[1] > 1 else ref[:, 0] * 0, s=2, alpha=0.3, label="data")
@@ -69,13 +65,6 @@ class SampleGrid(Callback):
         self.last_path: Path | None = None
         self._last_step = -1
 
-    @staticmethod
-    def ema_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
-        for cb in trainer.callbacks:
-            if isinstance(cb, WeightAveraging) and cb._average_model is not None:
-                return cb._average_model.module
-        return pl_module
-
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
@@ -89,20 +78,19 @@ class SampleGrid(Callback):
         step = self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return None
-        module = self.ema_module(trainer, pl_module)
+        module = ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
-        samples = module.generate(seeds, num_steps=self.num_steps, sampler=self.sampler).float().cpu()
+        samples = module.generate(seeds, SamplingOptions(num_steps=self.num_steps, sampler=self.sampler))
+        samples = samples.float().cpu()
         path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:
             save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))
         else:
             dm = trainer.datamodule
-            ref = dm.splits["train"][0] if dm is not None and getattr(dm, "splits", None) else None
+            ref = dm.splits["train"][0] if isinstance(dm, TensorDataModule) and dm.splits else None
             fig = scatter_figure(samples, ref, f"samples at step {step}")
             save_png_atomic(path, fig)
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
+            pyplot().close(fig)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="samples", images=[str(path)], step=step)

@@ -1,4 +1,4 @@
-"""DataModules: the shared batching/validation logic, and the embedded `digits` and `gmm` data sets.
+"""The shared batching/validation logic of every DataModule, and the training images of one.
 
 Batching follows EDM: ``batch_size`` is the *total* batch over all devices; ``batch_gpu`` caps what one device
 takes at once, the rest is gradient accumulation. The same YAML therefore trains with the same effective batch
@@ -9,14 +9,13 @@ Images may travel as uint8 and are mapped to [-1, 1] on the device (4x less host
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from diffscore.data.digits import load_digits_tensors
-from diffscore.data.gmm import random_gmm
-from diffscore.data.splits import split_indices, subset
 from diffscore.errors import DiffscoreError
 
 
@@ -186,111 +185,20 @@ class BaseDataModule(LightningDataModule):
         return x, labels
 
 
-class TensorDataModule(BaseDataModule):
-    """Data held in memory as ``self.splits[name] = (x [N, ...], labels [N])``."""
+@runtime_checkable
+class Captioned(Protocol):
+    """A data module whose images have captions (MusicScore): the prompts of text-conditioned sampling."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        raise NotImplementedError
-
-    def _ensure(self) -> None:
-        if not self.splits:
-            self.splits = self.load_splits()
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        self._ensure()
-        return tuple(self.splits["train"][0].shape[1:])
-
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
-        self._ensure()
-
-    def dataset(self, split: str) -> Dataset | None:
-        self._ensure()
-        if split not in self.splits:
-            return None
-        return TensorDataset(*self.splits[split])
+    def captions(self, split: str = "train") -> list[str]: ...
 
 
-class DigitsDataModule(TensorDataModule):
-    """scikit-learn's 1,797 real 8x8 digits as [B, 1, 8, 8] in [-1, 1] with labels 0-9; seeded splits."""
-
-    def __init__(
-        self,
-        batch_size: int = 256,  # total training batch (over all devices)
-        batch_gpu: int | None = None,  # most images per device at once; the rest is gradient accumulation
-        cond: bool = False,  # condition the model on the digit class (10 labels)
-        num_train: int | None = None,  # use a seeded subset of this many training digits (data-limited runs)
-        val_fraction: float = 0.1,  # share of the 1,797 digits held out for validation
-        test_fraction: float = 0.1,  # share held out for testing
-        seed: int = 0,  # seed of the split and of the subset
-        eval_batch_size: int | None = None,  # validation/test batch per device (default: the training one)
-        num_workers: int = 0,  # loader processes (0: in-process; the data are 50 KB)
-        epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
-    ) -> None:
-        super().__init__(batch_size, batch_gpu, eval_batch_size, num_workers, epoch_size)
-        self.cond = cond
-        self.num_train = num_train
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.seed = self.shuffle_seed = seed
-        self.save_hyperparameters()
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def label_dim(self) -> int:
-        return 10 if self.cond else 0
-
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        images, labels = load_digits_tensors()
-        try:
-            idx = split_indices(len(images), self.val_fraction, self.test_fraction, self.seed)
-            idx["train"] = subset(idx["train"], self.num_train, self.seed)
-        except ValueError as e:
-            raise DiffscoreError(f"data: {e}") from None
-        return {name: (images[i], labels[i]) for name, i in idx.items()}
-
-
-class GMMDataModule(TensorDataModule):
-    """Samples of a seeded random Gaussian mixture in R^dim; ``mixture`` is its exact denoiser."""
-
-    def __init__(
-        self,
-        dim: int = 2,  # data dimension
-        num_components: int = 8,  # mixture components
-        seed: int = 0,  # seed of the mixture and of the samples
-        num_train: int = 8192,  # training samples (a fixed finite set, as in practice)
-        num_val: int = 1024,  # held-out samples
-        num_test: int = 1024,  # test samples
-        mean_scale: float = 0.5,  # std of the component means
-        component_scale: float = 0.1,  # typical std inside a component
-        batch_size: int = 512,  # total training batch (over all devices)
-        eval_batch_size: int | None = None,  # validation/test batch per device (default: the training one)
-        epoch_size: int | None = None,  # training samples per epoch (default: the training split once)
-    ) -> None:
-        super().__init__(batch_size, None, eval_batch_size, 0, epoch_size)
-        try:
-            self.mixture = random_gmm(dim, num_components, seed, mean_scale, component_scale)
-        except ValueError as e:
-            raise DiffscoreError(f"data: {e}") from None
-        for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-            if n < 1:
-                raise DiffscoreError(f"data.{name} must be >= 1, got {n}")
-        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.seed = self.shuffle_seed = seed
-        self.save_hyperparameters()
-
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        out = {}
-        for i, (name, n) in enumerate(self.sizes.items()):
-            g = torch.Generator().manual_seed(self.seed * 1000 + i + 1)
-            x = self.mixture.sample(n, generator=g).float()  # [n, dim]
-            out[name] = (x, torch.zeros(n, dtype=torch.long))  # unlabelled
-        return out
+def train_images(dm: LightningDataModule, limit: int | None = None) -> Tensor:
+    """The training images of a DataModule in [-1, 1] (uint8 data mapped as on the device): [N, C, H, W]."""
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    n = len(ds) if limit is None else min(limit, len(ds))
+    loader = DataLoader(Subset(ds, range(n)), batch_size=512)
+    out = []
+    for batch in loader:  # uint8 images are mapped to [-1, 1] exactly as in training
+        out.append(dm.on_after_batch_transfer(batch, 0)[0].float())
+    return torch.cat(out)

@@ -19,7 +19,7 @@ from diffscore.data.cifar10 import read_cifar10
 from diffscore.data.image_folder import ImageFolderDataset
 from diffscore.data.splits import holdout, subset
 from diffscore.errors import DiffscoreError
-from diffscore.lit.datamodules import BaseDataModule
+from diffscore.lit.data.base import BaseDataModule
 from diffscore.lit.run_dir import run_dir
 
 

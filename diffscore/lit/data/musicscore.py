@@ -26,7 +26,7 @@ from diffscore.data.musicscore import (
 )
 from diffscore.data.synthetic_scores import write_synthetic_musicscore
 from diffscore.errors import DiffscoreError
-from diffscore.lit.datamodules import BaseDataModule
+from diffscore.lit.data.base import BaseDataModule
 from diffscore.networks.text_encoder import find_text_encoder
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -10,13 +12,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffscore.core.augment import NonLeakyAugment, ScoreAugment
-from diffscore.core.gaussian import skip_for_sigma, teleport
-from diffscore.core.guidance import guided_denoiser
 from diffscore.core.losses import edm_loss, scoreaug_loss
-from diffscore.core.precond import EDMPrecond
-from diffscore.core.samplers import get_sampler, nfe
-from diffscore.core.schedules import LogNormalSigma, karras_sigmas
+from diffscore.core.precond import EDMPrecond, Preconditioning, VEPrecond, VPPrecond, iDDPMPrecond
+from diffscore.core.samplers import nfe
+from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
+from diffscore.lit.modules.denoiser_sampling import DenoiserSampling
+from diffscore.networks.backbone import Backbone
+from diffscore.networks.backbone import config as backbone_config
 
 # A config's `optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}` becomes such a callable.
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -24,36 +27,69 @@ DEFAULT_VAL_SIGMAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 80.0)
 AUGMENT_ARMS = ("none", "nonleaky", "scoreaug", "nonleaky+scoreaug")
 
 
-def _built_from_config() -> bool:
-    """True while LightningCLI instantiates this module (it hands over the config as hyper-parameters)."""
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-
-    return _given_hyperparameters.get() is not None
-
-
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """EDM's CIFAR-10 optimizer: Adam(lr 1e-3, betas (0.9, 0.999), eps 1e-8)."""
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
 
-def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> Tensor:
-    """One N(0, I) draw of ``shape`` per seed, [len(seeds), *shape]: a sample depends on its seed only,
-    not on the batch or the device count it was drawn in."""
-    out = []
-    for s in seeds:
-        g = torch.Generator(device=device).manual_seed(int(s))
-        out.append(torch.randn(tuple(shape), generator=g, device=device))
-    return torch.stack(out)
+MODULE_ARGUMENTS = ("backbone", "optimizer", "nonleaky", "scoreaug")  # objects, not hyper-parameters
+PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond}
 
 
-def seeded_labels(seeds: Sequence[int], label_dim: int, device: torch.device) -> Tensor:
-    """One class label per seed [len(seeds)], drawn like the noise: it depends on its seed only."""
-    return torch.stack(
-        [torch.randint(label_dim, (), generator=torch.Generator().manual_seed(int(s) + 1)) for s in seeds]
-    ).to(device)
+def build_precond(name: str, backbone: nn.Module, sigma_data: float, kwargs: dict | None) -> Preconditioning:
+    """The preconditioning ``name`` around ``backbone`` (EDM's takes sigma_data, the others their constants)."""
+    if name not in PRECONDS:
+        raise DiffscoreError(f"model.precond must be one of {sorted(PRECONDS)}, got {name!r}")
+    kwargs = dict(kwargs or {})
+    if name == "edm":
+        kwargs.setdefault("sigma_data", sigma_data)
+    try:
+        return PRECONDS[name](backbone, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise DiffscoreError(f"model.precond_kwargs for {name}: {e}") from None
 
 
-class DiffusionModule(LightningModule):
+def _check_settings(hp: Any) -> None:
+    """Raise DiffscoreError, naming the option, for settings a DiffusionModule cannot train or sample with."""
+    if hp.lr_rampup_images < 0:
+        raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {hp.lr_rampup_images}")
+    if any(s <= 0 for s in hp.val_sigmas):
+        raise DiffscoreError(f"model.val_sigmas must be positive, got {hp.val_sigmas}")
+    if not 0 < hp.sigma_min < hp.sigma_max or hp.rho <= 0 or hp.sigma_data <= 0:
+        raise DiffscoreError(
+            f"model: need 0 < sigma_min < sigma_max, rho > 0 and sigma_data > 0; got sigma_min={hp.sigma_min}, "
+            f"sigma_max={hp.sigma_max}, rho={hp.rho}, sigma_data={hp.sigma_data}"
+        )
+    try:
+        nfe(hp.sampler, hp.num_steps)  # validates the sampler name and the step count
+    except ValueError as e:
+        raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
+    if hp.nan_policy not in ("stop", "skip"):
+        raise DiffscoreError(f"model.nan_policy must be 'stop' or 'skip', got {hp.nan_policy!r}")
+
+
+def optimizer_config(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": ...}`` of a built optimizer: its class and plain-valued defaults (lr,
+    betas, momentum, ...), as a config would name them (``torch.optim.SGD``)."""
+    cls = type(optimizer)
+    public = getattr(torch.optim, cls.__name__, None) is cls
+    path = f"torch.optim.{cls.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
+    plain = (bool, int, float, str, type(None))
+    init = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in optimizer.defaults.items()
+        if isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v))
+    }
+    return {"class_path": path, "init_args": init}
+
+
+def warmup_factor(step: int, images_per_step: int, rampup_images: int) -> float:
+    """EDM's learning-rate warm-up: the factor for the optimizer step ``step`` (zero-based), after which
+    (step + 1) * images_per_step images have been seen."""
+    return min((step + 1) * images_per_step / rampup_images, 1.0)
+
+
+class DiffusionModule(DenoiserSampling, LightningModule):
     """EDM training (Karras et al. 2022): lognormal sigma, preconditioned denoiser, weighted L2 loss.
 
     Logs ``train/loss`` every step (the progress bar's ``loss`` every ``log_every_n_steps``); on validation, the
@@ -85,28 +121,26 @@ class DiffusionModule(LightningModule):
         scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
         compile: bool = False,  # torch.compile the denoiser for training and validation on CUDA (GPU configs: on)
         channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
+        precond: str = "edm",  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm (EDM's baselines)
+        precond_kwargs: dict | None = None,  # its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max
     ) -> None:
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", *MODULE_ARGUMENTS)}
         super().__init__()
-        # Built by the CLI, the hyper-parameters are the config itself (backbone and optimizer as class_path
-        # dicts), so load_from_checkpoint rebuilds everything; built in Python, the modules are not saved and
-        # load_from_checkpoint(path, backbone=...) needs the backbone again.
-        in_python = ["backbone", "optimizer", "nonleaky", "scoreaug"]
-        self.save_hyperparameters(ignore=[] if _built_from_config() else in_python)
-        if lr_rampup_images < 0:
-            raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {lr_rampup_images}")
-        if any(s <= 0 for s in val_sigmas):
-            raise DiffscoreError(f"model.val_sigmas must be positive, got {val_sigmas}")
-        if not 0 < sigma_min < sigma_max or rho <= 0 or sigma_data <= 0:
+        if not isinstance(backbone, Backbone):
             raise DiffscoreError(
-                f"model: need 0 < sigma_min < sigma_max, rho > 0 and sigma_data > 0; got sigma_min={sigma_min}, "
-                f"sigma_max={sigma_max}, rho={rho}, sigma_data={sigma_data}"
+                f"model.backbone must be a diffscore.networks.backbone.Backbone (it declares data_shape, label_dim, "
+                f"augment_dim and text_encoder), got {type(backbone).__name__}"
             )
-        try:
-            nfe(sampler, num_steps)  # validates the sampler name and the step count
-        except ValueError as e:
-            raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
+        # The hyper-parameters are this module's own arguments (also when it is built while LightningCLI builds
+        # another module, e.g. a DisBack teacher). Modules are not hyper-parameters: the backbone is saved as the
+        # record of how it was built (diffscore.networks.backbone), so a checkpoint rebuilds it without pickled code.
+        self.save_hyperparameters(settings)
+        self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if backbone_config(backbone) is not None:  # else: a backbone built in Python from objects, not a config
+            self.hparams["backbone"] = backbone_config(backbone)
+        _check_settings(self.hparams)
         self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
-        self.denoiser = EDMPrecond(backbone, sigma_data)
+        self.denoiser = build_precond(precond, backbone, sigma_data, precond_kwargs)
         self._compile, self.channels_last = compile, channels_last  # (nn.Module has a .compile method)
         self._compiled = None  # the compiled denoiser: a plain attribute, so state_dict keys stay unchanged
         self.sigma_law = LogNormalSigma(P_mean, P_std)
@@ -114,8 +148,6 @@ class DiffusionModule(LightningModule):
         self.lr_rampup_images = lr_rampup_images
         self.val_sigmas = list(val_sigmas)
         self.nan_check_every = nan_check_every
-        if nan_policy not in ("stop", "skip"):
-            raise DiffscoreError(f"model.nan_policy must be 'stop' or 'skip', got {nan_policy!r}")
         self.nan_policy = nan_policy
         self.max_bad_steps = max_bad_steps
         self._bad_steps = 0
@@ -125,15 +157,6 @@ class DiffusionModule(LightningModule):
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
 
     # ----------------------------------------------------------------------------------------------------
-    @property
-    def backbone(self) -> nn.Module:
-        return self.denoiser.backbone
-
-    @property
-    def conditional(self) -> bool:
-        """Conditioned on class labels (label_dim > 0) or on captions (a backbone with a text encoder)."""
-        return getattr(self.backbone, "label_dim", 0) > 0 or getattr(self.backbone, "text_encoder", None) is not None
-
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None):
         return self.denoiser(x, sigma, cond, aug_label)
 
@@ -144,7 +167,6 @@ class DiffusionModule(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
         x0 = self._images(x0)
-        self._ramp_learning_rate(x0.shape[0])
         sigma = self.sigma_law(x0.shape[0], device=x0.device)  # [B]
         noise = torch.randn_like(x0)
         per_sample = self._loss(x0, sigma, noise, self._cond(labels))  # [B]
@@ -206,7 +228,7 @@ class DiffusionModule(LightningModule):
             labels.append(self.nonleaky.label(params))
         sa_params = None
         if self.scoreaug is not None:
-            sa_params = self.scoreaug.sample_params(B, device=device, image_size=tuple(x0.shape[-2:]))
+            sa_params = self.scoreaug.sample_params(B, device=device)
             labels.append(self.scoreaug.label(sa_params))
         aug_label = None
         if labels:
@@ -225,18 +247,6 @@ class DiffusionModule(LightningModule):
                 "(model.optimizer) or check the data for NaN/Inf values."
             )
 
-    def _ramp_learning_rate(self, local_batch: int) -> None:
-        """EDM's warm-up: lr = base_lr * min(images_seen / lr_rampup_images, 1), set before each step."""
-        if not self.lr_rampup_images:
-            return
-        images_per_step = local_batch * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        images_seen = (self.global_step + 1) * images_per_step
-        factor = min(images_seen / self.lr_rampup_images, 1.0)
-        for opt in self.trainer.optimizers:
-            for group in opt.param_groups:
-                group.setdefault("base_lr", group["lr"])
-                group["lr"] = group["base_lr"] * factor
-
     def has_nonfinite(self) -> bool:
         return bool(self._nonfinite)
 
@@ -254,8 +264,17 @@ class DiffusionModule(LightningModule):
             if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states["cuda"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The configured optimizer, and EDM's warm-up as a per-step LambdaLR (so LearningRateMonitor sees it):
+        the step taken after images_seen images uses lr = base_lr * min(images_seen / lr_rampup_images, 1)."""
+        optimizer = self.optimizer_factory(self.parameters())
+        self.hparams["optimizer"] = optimizer_config(optimizer)  # what was built, for the checkpoint's record
+        if not self.lr_rampup_images:
+            return {"optimizer": optimizer}
+        images_per_step = self.trainer.datamodule.batch_size  # the total batch: all devices and accumulation
+        ramp = functools.partial(warmup_factor, images_per_step=images_per_step, rampup_images=self.lr_rampup_images)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ramp)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def __getstate__(self) -> dict:
         # Copies (the EMA's deepcopy, pickles) never build an optimizer, and the CLI's optimizer factory can hold
@@ -299,72 +318,6 @@ class DiffusionModule(LightningModule):
         if gaps:
             self.log("gap/loss_mean", torch.stack(gaps).mean())
 
-    # ----------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(
-        self,
-        seeds: Sequence[int],
-        num_steps: int | None = None,
-        sampler: str | None = None,
-        cond: Tensor | None = None,
-        data_shape: Sequence[int] | None = None,
-        teleport_skip: int = 0,
-        teleport_sigma: float | None = None,
-        guidance: float = 1.0,
-    ) -> Tensor:
-        """Samples x0 [len(seeds), *data_shape] from the current weights; noise drawn per seed.
-
-        ``cond``: class labels [B], or captions (a list of str) for a text backbone (None: the empty caption).
-        ``guidance`` w != 1 applies classifier-free guidance against the null condition (diffscore.core.guidance).
-
-        ``teleport_skip`` (or ``teleport_sigma``) replaces the first steps by the closed-form flow of
-        ``self.teleport_gaussian`` (a GaussianDenoiser of the training data; Wang & Vastola 2024).
-        """
-        num_steps = num_steps or self.hparams.num_steps
-        name = sampler or self.hparams.sampler
-        sampler_fn = get_sampler(name)
-        extra = (self.hparams.get("sampler_kwargs") or {}) if name == self.hparams.sampler else {}
-        shape = tuple(data_shape) if data_shape is not None else self.data_shape
-        sigmas = karras_sigmas(num_steps, self.hparams.sigma_min, self.hparams.sigma_max, self.hparams.rho)
-        x = seeded_noise(seeds, shape, self.device) * float(sigmas[0])
-        if teleport_sigma is not None:
-            teleport_skip = skip_for_sigma(sigmas, teleport_sigma)
-        if teleport_skip:
-            gaussian = getattr(self, "teleport_gaussian", None)
-            if gaussian is None:
-                raise DiffscoreError("teleportation needs model.teleport_gaussian (a GaussianDenoiser of the data)")
-            x, sigmas = teleport(gaussian.to(self.device), x, sigmas, teleport_skip)
-        if getattr(self.backbone, "label_dim", 0) > 0 and cond is None:  # a seeded label per sample, like the noise
-            cond = seeded_labels(seeds, self.backbone.label_dim, self.device)
-        denoiser = self.denoiser if guidance == 1.0 else guided_denoiser(self.denoiser, guidance)
-        was_training = self.training
-        self.eval()
-        try:
-            return sampler_fn(denoiser, x, sigmas, cond, **extra)
-        finally:
-            self.train(was_training)
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        """The backbone's data_shape: [C, H, W] for a U-Net, [D] for an MLP."""
-        shape = getattr(self.backbone, "data_shape", None)
-        if shape is None:
-            raise DiffscoreError(f"backbone {type(self.backbone).__name__} has no data_shape; pass data_shape")
-        return tuple(shape)
-
-    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""
-        opts = dict(getattr(self, "predict_options", {}))  # set by `diffscore sample`
-        label = opts.pop("class_label", None)
-        prompt, prompts = opts.pop("prompt", None), opts.pop("prompts", None)
-        cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
-        if prompt is not None:
-            cond = [prompt] * len(batch)
-        if prompts is not None:  # one caption per seed (evaluate --prompts): independent of the batching
-            cond = [prompts[s % len(prompts)] for s in batch.tolist()]
-        samples = self.generate(batch.tolist(), cond=cond, **opts)
-        return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
-
 
 def _augment_arm(
     arm: str, nonleaky: NonLeakyAugment | None, scoreaug: ScoreAugment | None, backbone: nn.Module
@@ -376,12 +329,12 @@ def _augment_arm(
     nonleaky = (nonleaky or NonLeakyAugment()) if "nonleaky" in parts else None
     scoreaug = (scoreaug or ScoreAugment()) if "scoreaug" in parts else None
     needed = sum(a.label_dim for a in (nonleaky, scoreaug) if a is not None)
-    have = getattr(backbone, "augment_dim", 0)
+    have = backbone.augment_dim
     if have < needed:
         raise DiffscoreError(
             f"model.augment={arm!r} conditions on a {needed}-dimensional augmentation label (non-leaky 9, "
             f"ScoreAug 11); set model.backbone.init_args.augment_dim to {needed} or more (it is {have})"
         )
-    if needed and len(getattr(backbone, "data_shape", ())) != 3:
+    if needed and len(backbone.data_shape) != 3:
         raise DiffscoreError(f"model.augment={arm!r} needs image data [C, H, W]; the backbone makes vectors")
     return nonleaky, scoreaug

@@ -19,7 +19,7 @@ The target node is a pure function of the generator step, so a run resumed from 
 same node; every load is strict and checked against the node's saved parameter fingerprint (the published
 code's silent ``strict=False`` no-op cannot happen here), and logged in ``target_log``.
 
-Distillation is data-free: the data module (diffscore.lit.distill_data.DistillBatches) only sets the batch size;
+Distillation is data-free: the data module (diffscore.lit.data.DistillBatches) only sets the batch size;
 checkpoints name the teacher's data (``datamodule_hyper_parameters``), which `diffscore evaluate` compares with.
 """
 
@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,10 @@ from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
-from diffscore.lit.diffusion import seeded_labels, seeded_noise
+from diffscore.io import atomic_write
+from diffscore.lit.checkpoint import load_model, read_checkpoint
+from diffscore.lit.modules.one_step import OneStepSampling
+from diffscore.networks.backbone import config as backbone_config
 
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 METHODS = ("disback", "diffinstruct")
@@ -62,98 +64,26 @@ def fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class OneStepSampling:
-    """``generate``/``predict_step`` of a one-step generator (``self.generator``, ``self.sigma_init``): the hook
-    through which `diffscore sample` and `diffscore evaluate` draw from it (NFE = 1)."""
-
-    one_step = True
-    generator: EDMPrecond
-    sigma_init: float
-
-    @property
-    def backbone(self) -> nn.Module:
-        return self.generator.backbone
-
-    @property
-    def conditional(self) -> bool:
-        return getattr(self.backbone, "label_dim", 0) > 0
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        shape = getattr(self.backbone, "data_shape", None)
-        if shape is None:
-            raise DiffscoreError(f"backbone {type(self.backbone).__name__} has no data_shape")
-        return tuple(shape)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        seeds: Sequence[int],
-        num_steps: int | None = None,
-        sampler: str | None = None,
-        cond: Tensor | None = None,
-        data_shape: Sequence[int] | None = None,
-    ) -> Tensor:
-        """x = G(z) [len(seeds), *data_shape], z drawn per seed (as DiffusionModule.generate draws its noise).
-        ``num_steps`` and ``sampler`` are accepted for the callers' sake and must be None or 1 / "one-step"."""
-        if num_steps not in (None, 1) or sampler not in (None, "one-step"):
-            raise DiffscoreError("a one-step generator has no sampler or steps to choose (NFE = 1)")
-        shape = tuple(data_shape) if data_shape is not None else self.data_shape
-        z = seeded_noise(seeds, shape, self.device)
-        if self.conditional and cond is None:
-            cond = seeded_labels(seeds, self.backbone.label_dim, self.device)
-        was_training = self.generator.training
-        self.generator.eval()
-        try:
-            return one_step_generate(self.generator, z, self.sigma_init, cond)
-        finally:
-            self.generator.train(was_training)
-
-    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        """``batch`` holds integer seeds [B]; returns {"seeds": [B], "samples": [B, ...]}."""
-        opts = dict(getattr(self, "predict_options", {}))
-        label = opts.pop("class_label", None)
-        cond = None if label is None else torch.full((len(batch),), label, dtype=torch.long, device=self.device)
-        samples = self.generate(batch.tolist(), cond=cond)
-        return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
-
-
-class OneStepGenerator(OneStepSampling, LightningModule):
-    """A trained one-step generator, as read back from a DisBackModule checkpoint for sampling/evaluation."""
-
-    def __init__(self, backbone: nn.Module, sigma_data: float = 0.5, sigma_init: float = 1.0) -> None:
-        super().__init__()
-        self.generator = EDMPrecond(backbone, sigma_data)
-        self.sigma_init = sigma_init
-        self.hparams.update(num_steps=1, sampler="one-step", sigma_init=sigma_init)
-
-
-def load_one_step_generator(ckpt: dict[str, Any], path: str | Path) -> OneStepGenerator:
-    """The generator of a DisBackModule checkpoint dict (strict load of its ``generator.*`` weights)."""
-    from diffscore.lit.checkpoint import build
-
-    info = ckpt["one_step_generator"]
-    model = OneStepGenerator(build(info["backbone"], nn.Module), info["sigma_data"], info["sigma_init"])
-    prefix = "generator."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    try:
-        model.generator.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+def check_options(hp: Any) -> None:
+    """Raise DiffscoreError, naming the option, for inconsistent DisBackModule settings (``hp``: its hparams)."""
+    if hp.teacher_ckpt is None:
+        raise DiffscoreError("model.teacher_ckpt is required: the teacher's checkpoint from `diffscore fit`")
+    for name, allowed in (("method", METHODS), ("stage", STAGES), ("weighting", WEIGHTINGS)):
+        if hp[name] not in allowed:
+            raise DiffscoreError(f"model.{name} must be one of {allowed}, got {hp[name]!r}")
+    for name in ("num_path", "record_interval", "backtrack_interval", "generator_steps", "fake_updates"):
+        if hp[name] < 1:
+            raise DiffscoreError(f"model.{name} must be >= 1, got {hp[name]}")
+    if hp.sigma_init <= 0:
+        raise DiffscoreError(f"model.sigma_init must be positive, got {hp.sigma_init}")
+    path_steps = (hp.num_path - 1) * hp.backtrack_interval
+    if hp.method == "disback" and hp.stage != "record" and hp.generator_steps <= path_steps:
         raise DiffscoreError(
-            f"{path}: the generator's weights do not fit its saved configuration ({e!s:.200})"
-        ) from None
-    return model
-
-
-def check_one_step_options(model: Any, steps: int | None, sampler: str | None, teleport: Any) -> None:
-    """`diffscore sample/evaluate`: a one-step generator takes no --steps, --sampler or --teleport."""
-    if not getattr(model, "one_step", False):
-        return
-    wants_teleport = teleport is not None and (teleport.skip is not None or teleport.sigma is not None)
-    if steps not in (None, 1) or sampler is not None or wants_teleport:
-        raise DiffscoreError(
-            "this checkpoint is a one-step generator (NFE = 1): leave out --steps, --sampler and --teleport"
+            f"model.generator_steps ({hp.generator_steps}) must exceed (num_path - 1) * backtrack_interval "
+            f"({path_steps}), or the target never reaches the teacher"
         )
+    if hp.method == "diffinstruct" and hp.stage != "both":
+        raise DiffscoreError("model.stage applies to disback only; diffinstruct has no stage 1 (leave stage: both)")
 
 
 class DisBackModule(OneStepSampling, LightningModule):
@@ -188,45 +118,8 @@ class DisBackModule(OneStepSampling, LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["generator_optimizer", "fake_optimizer"])
         self.automatic_optimization = False
-        if teacher_ckpt is None:
-            raise DiffscoreError("model.teacher_ckpt is required: the teacher's checkpoint from `diffscore fit`")
-        if method not in METHODS:
-            raise DiffscoreError(f"model.method must be one of {METHODS}, got {method!r}")
-        if stage not in STAGES:
-            raise DiffscoreError(f"model.stage must be one of {STAGES}, got {stage!r}")
-        if weighting not in WEIGHTINGS:
-            raise DiffscoreError(f"model.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        for name, value in (
-            ("num_path", num_path),
-            ("record_interval", record_interval),
-            ("backtrack_interval", backtrack_interval),
-            ("generator_steps", generator_steps),
-            ("fake_updates", fake_updates),
-        ):
-            if value < 1:
-                raise DiffscoreError(f"model.{name} must be >= 1, got {value}")
-        if sigma_init <= 0:
-            raise DiffscoreError(f"model.sigma_init must be positive, got {sigma_init}")
-        if method == "disback" and stage != "record" and generator_steps <= (num_path - 1) * backtrack_interval:
-            raise DiffscoreError(
-                f"model.generator_steps ({generator_steps}) must exceed (num_path - 1) * backtrack_interval "
-                f"({(num_path - 1) * backtrack_interval}), or the target never reaches the teacher"
-            )
-        if method == "diffinstruct" and stage != "both":
-            raise DiffscoreError("model.stage applies to disback only; diffinstruct has no stage 1 (leave stage: both)")
-
-        from diffscore.lit.checkpoint import load_diffusion_checkpoint, read_checkpoint
-
-        teacher_module = load_diffusion_checkpoint(teacher_ckpt, trust_checkpoint)  # EMA weights
-        if getattr(teacher_module, "one_step", False):
-            raise DiffscoreError(
-                f"model.teacher_ckpt {teacher_ckpt} is a one-step generator; pass a diffusion checkpoint"
-            )
-        teacher = teacher_module.denoiser.eval().requires_grad_(False)
-        teacher_file = read_checkpoint(teacher_ckpt, trust_checkpoint)
-        self.teacher_backbone_config = teacher_file["hyper_parameters"]["backbone"]
-        self.teacher_data_config = teacher_file.get("datamodule_hyper_parameters")
-        self.teacher_fingerprint = fingerprint(teacher)
+        check_options(self.hparams)
+        teacher = self._load_teacher(teacher_ckpt, trust_checkpoint)
         self.generator = copy.deepcopy(teacher).requires_grad_(True).train()
         self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
         # frozen networks live outside the module tree: not in state_dict (the teacher is re-read from its file,
@@ -248,6 +141,19 @@ class DisBackModule(OneStepSampling, LightningModule):
         self._rng: torch.Generator | None = None
         self._rng_state: Tensor | None = None
         self._path_dir: Path | None = Path(path_dir) if path_dir else None
+
+    def _load_teacher(self, teacher_ckpt: str, trust_checkpoint: bool) -> EDMPrecond:
+        """The frozen EMA denoiser of the teacher checkpoint; records its backbone, data and fingerprint."""
+        teacher_module = load_model(teacher_ckpt, trust_checkpoint)  # EMA weights
+        if teacher_module.one_step:
+            raise DiffscoreError(
+                f"model.teacher_ckpt {teacher_ckpt} is a one-step generator; pass a diffusion checkpoint"
+            )
+        teacher = teacher_module.denoiser.eval().requires_grad_(False)
+        self.teacher_backbone_config = backbone_config(teacher.backbone)
+        self.teacher_data_config = read_checkpoint(teacher_ckpt, trust_checkpoint).get("datamodule_hyper_parameters")
+        self.teacher_fingerprint = fingerprint(teacher)
+        return teacher
 
     # ----------------------------------------------------------------------------------------------------
     @property
@@ -371,10 +277,8 @@ class DisBackModule(OneStepSampling, LightningModule):
                 "fingerprint": fingerprint(self.fake),
                 "teacher_fingerprint": self.teacher_fingerprint,
             }
-            path = self.path_file(k)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
+            with atomic_write(self.path_file(k)) as tmp:
+                torch.save(payload, tmp)
 
     def _load_node(self, net: EDMPrecond, k: int) -> str:
         """Load path node k into ``net`` (strictly; node 0 is the teacher); returns the new fingerprint."""

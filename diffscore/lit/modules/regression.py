@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from diffscore.core.losses import edm_loss
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
-from diffscore.lit.diffusion import DiffusionModule
+from diffscore.lit.modules.diffusion import DiffusionModule
 
 
 def draw_regression_set(x0: Tensor, noise_seed: int, sigma_law: LogNormalSigma) -> tuple[Tensor, Tensor, Tensor]:
@@ -42,11 +42,12 @@ class RegressionDiffusionModule(DiffusionModule):
     def __init__(self, backbone: nn.Module, noise_seed: int = 0, **kwargs) -> None:
         super().__init__(backbone, **kwargs)
         self.noise_seed = noise_seed  # seed of the fixed sigma_i and n_i
+        self.hparams["noise_seed"] = noise_seed
         self._regression_set: tuple[Tensor, Tensor, Tensor] | None = None
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._regression_set is None:
-            from diffscore.lit.evaluate import train_images
+            from diffscore.lit.data.base import train_images
 
             dm = self.trainer.datamodule
             if dm is None:
@@ -72,7 +73,6 @@ class RegressionDiffusionModule(DiffusionModule):
                 f"RegressionDiffusionModule trains full-batch: set data.batch_size to the {len(x0)} training "
                 f"points (got a batch of {batch[0].shape[0]})"
             )
-        self._ramp_learning_rate(len(x0))
         loss = edm_loss(self.denoiser, x0, sigma, noise, None, self.hparams.sigma_data).mean()
         self._nonfinite |= ~torch.isfinite(loss.detach())
         if self.nan_check_every and self.global_step % self.nan_check_every == 0:

@@ -3,7 +3,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from diffscore.lit import EDMEMA, DiffusionModule, GMMDataModule
+from diffscore.lit.callbacks import EDMEMA
+from diffscore.lit.data import GMMDataModule
+from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from diffscore.lit.report import report
+from diffscore.commands.report import report
 from tests.conftest import REPO, run_cli
 
 NTK_GMM = str(REPO / "experiments" / "ntk_gmm.yaml")
@@ -18,8 +18,8 @@ SMALL = [
 def _probe_args(every: int, num_points: int = 8, **extra) -> list[str]:
     """Replace the config's callbacks by RunLog + a small NTKProbe + checkpoints."""
     init = {"every_n_steps": every, "num_points": num_points, **extra}
-    probe = {"class_path": "diffscore.lit.NTKProbe", "init_args": init}
-    runlog = {"class_path": "diffscore.lit.RunLog", "init_args": {"every_n_steps": every}}
+    probe = {"class_path": "diffscore.lit.callbacks.NTKProbe", "init_args": init}
+    runlog = {"class_path": "diffscore.lit.callbacks.RunLog", "init_args": {"every_n_steps": every}}
     ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
     return [f"--trainer.callbacks={json.dumps([probe, runlog, ckpt])}"]
 

@@ -11,9 +11,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit import DiffusionModule, GMMDataModule
-from diffscore.lit.resilience import AtomicCheckpointIO
+from diffscore.lit.callbacks.resilience import AtomicCheckpointIO
+from diffscore.lit.data import GMMDataModule
+from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP
+from diffscore.networks.backbone import Backbone
 from tests.conftest import QUICKSTART, TINY, run_cli
 
 
@@ -48,7 +50,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "diffscore.cli",
+        "diffscore.commands",
         "fit",
         "--config",
         QUICKSTART,
@@ -96,7 +98,7 @@ def test_atomic_checkpoint_write_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-class Flaky(torch.nn.Module):
+class Flaky(Backbone):
     """NaN output on chosen training calls."""
 
     def __init__(self, bad_calls):

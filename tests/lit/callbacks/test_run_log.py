@@ -2,8 +2,10 @@ import json
 
 from lightning.pytorch import Trainer
 
-from diffscore.lit import DiffusionModule, DigitsDataModule, RunLog, SampleQuality
-from diffscore.lit.report import report
+from diffscore.commands.report import report
+from diffscore.lit.callbacks import RunLog, SampleQuality
+from diffscore.lit.data import DigitsDataModule
+from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import UNet
 from tests.conftest import run_cli
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit import DigitsDataModule, GMMDataModule
+from diffscore.lit.data import DigitsDataModule, GMMDataModule
 
 
 def test_digits_module_splits_and_loaders():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit import CIFAR10DataModule, ImageDataModule
-from diffscore.lit.datamodules import split_batch
+from diffscore.lit.data import CIFAR10DataModule, ImageDataModule
+from diffscore.lit.data.base import split_batch
 from tests.conftest import REPO, run_cli
 from tests.fixtures import random_images, write_cifar10, write_dataset
 

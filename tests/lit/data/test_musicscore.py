@@ -3,7 +3,7 @@ import torch
 
 from diffscore.data.synthetic_scores import write_synthetic_musicscore
 from diffscore.errors import DiffscoreError
-from diffscore.lit import MusicScoreDataModule
+from diffscore.lit.data import MusicScoreDataModule
 from diffscore.networks.text_encoder import build_vocabulary
 from tests.conftest import REPO, run_cli
 
@@ -69,7 +69,7 @@ def test_real_config_without_data_says_where_to_put_it(in_tmp, capsys):
 
 
 def _text_model():
-    from diffscore.lit import DiffusionModule
+    from diffscore.lit.modules import DiffusionModule
     from diffscore.networks import UNet
 
     torch.manual_seed(0)
@@ -90,26 +90,26 @@ def _text_model():
     return DiffusionModule(backbone, num_steps=2).eval()
 
 
-def test_predict_step_prompts_per_seed_and_guidance():
-    from diffscore.lit.evaluate import prompt_options
+def test_sampling_prompts_per_seed_and_guidance():
+    from diffscore.commands.evaluate import captions_of
+    from diffscore.lit.sampling import SamplingOptions, SeedSampler
 
     model = _text_model()
     prompts = ["a music score violin", "a music score cello", "a music score"]
-    model.predict_options = {"prompts": prompts, "guidance": 3.0}
     seeds = torch.tensor([4, 0, 2])
-    out = model.predict_step(seeds, 0)["samples"]
+    out = SeedSampler(model, SamplingOptions(prompts=prompts, guidance=3.0)).predict_step(seeds, 0)["samples"]
     for seed, sample in zip(seeds.tolist(), out):  # sample i is conditioned on caption i mod 3, whatever the batch
-        alone = model.generate([seed], cond=[prompts[seed % 3]], guidance=3.0)[0]
+        alone = model.generate([seed], SamplingOptions(prompts=[prompts[seed % 3]], guidance=3.0))[0]
         torch.testing.assert_close(sample, alone)
-    unguided = model.generate([4], cond=[prompts[1]])[0]
+    unguided = model.generate([4], SamplingOptions(prompts=[prompts[1]]))[0]
     assert not torch.equal(unguided, out[0])
 
     class Captions:
         def captions(self, split):
             return {"test": prompts, "val": []}[split]
 
-    assert prompt_options(model, Captions(), "test", 2.0) == {"guidance": 2.0, "prompts": prompts}
+    assert captions_of(model, Captions(), "test") == prompts
     with pytest.raises(DiffscoreError, match="has no captions"):
-        prompt_options(model, Captions(), "val", 1.0)
+        captions_of(model, Captions(), "val")
     with pytest.raises(DiffscoreError, match="--prompts must be"):
-        prompt_options(model, Captions(), "holdout", 1.0)
+        captions_of(model, Captions(), "holdout")

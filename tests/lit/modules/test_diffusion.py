@@ -2,13 +2,14 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 
 from diffscore.core.augment import ScoreAugment
 from diffscore.errors import DiffscoreError
-from diffscore.lit import DiffusionModule, DigitsDataModule, GMMDataModule
-from diffscore.lit.checkpoint import load_diffusion_checkpoint
+from diffscore.lit.checkpoint import load_model
+from diffscore.lit.data import DigitsDataModule, GMMDataModule
+from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP, UNet
+from diffscore.networks.backbone import Backbone
 from tests.conftest import REPO, TINY, run_cli
 
 
@@ -70,11 +71,13 @@ def test_validation_loss_is_deterministic_and_matches_the_exact_gmm_oracle(tmp_p
 
 
 class LrRecorder(Callback):
+    """The learning rate each optimizer step uses (read just before the step)."""
+
     def __init__(self):
         self.lrs = []
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
 def test_learning_rate_ramps_up_over_images(tmp_path):
@@ -116,13 +119,13 @@ def test_log_every_n_steps_zero_trains_without_a_bar_loss(tmp_path):
     assert fitted.global_step == 2 and "loss" not in fitted.progress_bar_metrics
 
 
-class NaNAfter(nn.Module):
+class NaNAfter(Backbone):
     """A backbone that turns its output into NaN from training step ``n`` on."""
 
     def __init__(self, n):
         super().__init__()
         self.inner = MLP(data_shape=[2], width=8, depth=1)
-        self.n, self.calls, self.dim = n, 0, 2
+        self.n, self.calls, self.dim, self.data_shape = n, 0, 2, (2,)
 
     def forward(self, x, c_noise, cond=None, aug_label=None):
         out = self.inner(x, c_noise)
@@ -153,7 +156,7 @@ def test_each_augmentation_arm_trains_from_its_yaml(in_tmp, arm):
     args = ["fit", "--config", DIGITS_SCOREAUG, *TINY, "--trainer.max_steps=3", "--trainer.logger=false"]
     assert run_cli([*args, f"--model.init_args.augment={arm}", "--trainer.callbacks=[]"]) == 0
     (ckpt,) = in_tmp.glob("runs/**/*.ckpt")  # Lightning's default checkpoint (no callbacks)
-    model = load_diffusion_checkpoint(ckpt)
+    model = load_model(ckpt)
     assert model.hparams.augment == arm
     assert (model.nonleaky is not None) == ("nonleaky" in arm) and (model.scoreaug is not None) == ("scoreaug" in arm)
 

@@ -5,9 +5,10 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit.checkpoint import load_diffusion_checkpoint
-from diffscore.lit.disback import DisBackModule, OneStepGenerator, fingerprint
-from diffscore.lit.distill_data import DistillBatches
+from diffscore.lit.checkpoint import load_model
+from diffscore.lit.data.distill import DistillBatches
+from diffscore.lit.modules.disback import DisBackModule, fingerprint
+from diffscore.lit.modules.one_step import OneStepGenerator
 from tests.conftest import REPO, run_cli
 
 N, RECORD, BACK = 3, 2, 2
@@ -70,7 +71,7 @@ def test_path_and_backtracking_reach_the_teacher(tiny_ckpt, tmp_path):
     assert [n["stage1_step"] for n in nodes] == [RECORD * k for k in range(1, N + 1)]
     prints = [n["fingerprint"] for n in nodes]
     assert len(set(prints + [module.teacher_fingerprint])) == N + 1
-    copy_ = load_diffusion_checkpoint(tiny_ckpt).denoiser
+    copy_ = load_model(tiny_ckpt).denoiser
     for n in nodes:  # the stored fingerprint is the one of the stored weights
         copy_.load_state_dict(n["state_dict"], strict=True)
         assert fingerprint(copy_) == n["fingerprint"]
@@ -228,7 +229,7 @@ def test_digits_config_then_sample_and_evaluate_the_generator(tiny_ckpt, in_tmp,
     raw = torch.load(ckpt, weights_only=True)
     assert raw["datamodule_hyper_parameters"]["_class_path"].endswith("DigitsDataModule")  # the teacher's data
 
-    gen = load_diffusion_checkpoint(ckpt)
+    gen = load_model(ckpt)
     assert isinstance(gen, OneStepGenerator)
     state = {k[len("generator.") :]: v for k, v in raw["state_dict"].items() if k.startswith("generator.")}
     assert _equal_states(gen.generator.state_dict(), state)

@@ -7,8 +7,9 @@ from lightning.pytorch import Trainer
 
 from diffscore.core.losses import edm_loss
 from diffscore.errors import DiffscoreError
-from diffscore.lit import GMMDataModule, RegressionDiffusionModule
-from diffscore.lit.ntk_probe import BackboneOutput, regression_target
+from diffscore.lit.callbacks.ntk_probe import BackboneOutput, regression_target
+from diffscore.lit.data import GMMDataModule
+from diffscore.lit.modules import RegressionDiffusionModule
 from diffscore.networks import TheoryNet
 
 

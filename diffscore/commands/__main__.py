@@ -1,0 +1,5 @@
+"""`python -m diffscore.commands ARGS` runs `diffscore ARGS` (e.g. under torchrun)."""
+
+from diffscore.commands import main
+
+main()

@@ -1,0 +1,131 @@
+"""`diffscore fit / validate / test`: LightningCLI over any LightningModule and DataModule a YAML names."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from diffscore.errors import DiffscoreError
+from diffscore.lit.callbacks.sample_grid import SampleGrid
+
+_NOISE = (
+    "Parser key",
+    "Does not validate",
+    "Subtypes:",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Given value",
+    "- Problem with given class_path",
+)
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested error report -> 'model.num_steps (diffscore.lit.DiffusionModule): <what is wrong>'."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    keys = [m.group(1) for line in lines if (m := re.match(r'Parser key "([^"]+)":', line))]
+    if not keys:
+        return " ".join(lines)
+    cls = re.search(r"class_path '([^']+)'", message)
+    details = [line for line in lines if not line.startswith(_NOISE)]
+    detail = details[-1] if details else lines[-1]
+    return f"{'.'.join(keys)}{f' ({cls.group(1)})' if cls else ''}: {detail.removeprefix('- ')}"
+
+
+class DiffscoreArgumentParser(LightningArgumentParser):
+    """Reports a bad option in one line (set DIFFSCORE_DEBUG=1 for jsonargparse's full report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get("DIFFSCORE_DEBUG"):
+            return super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        print(f"diffscore: error: {condense_parser_error(message)}  (options: {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class DiffscoreCLI(LightningCLI):
+    """LightningCLI over any LightningModule/DataModule named by ``class_path`` in the YAML."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "diffscore: train and validate a model from a YAML (--config)."},
+            parser_class=DiffscoreArgumentParser,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; sampling is `diffscore sample` (seeds split over devices, no config needed)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit: start from the (EMA) weights of this diffscore checkpoint or NVlabs/edm network .pkl, as "
+            "EDM's --transfer (same network class and arguments; the optimizer starts fresh)",
+        )
+        # Facts of the data set the backbone's shape and label count: never typed twice.
+        for source, target in (("data_shape", "data_shape"), ("label_dim", "label_dim")):
+            parser.link_arguments(
+                f"data.{source}", f"model.init_args.backbone.init_args.{target}", apply_on="instantiate"
+            )
+
+    def instantiate_classes(self) -> None:
+        """Build the configured objects; a constructor's DiffscoreError is reported as itself."""
+        DiffscoreError.last = None
+        try:
+            super().instantiate_classes()
+        except DiffscoreError:
+            raise
+        except Exception:
+            if DiffscoreError.last is not None:
+                raise DiffscoreError.last from None
+            raise
+
+    def before_fit(self) -> None:
+        path = self.config.fit.get("init_from")
+        if path is None:
+            return
+        if self.config.fit.get("ckpt_path"):
+            raise DiffscoreError("give --init_from (new weights) or --ckpt_path (resume a run), not both")
+        from diffscore.lit.checkpoint import load_model
+
+        source = load_model(path)
+        mine = self.model.hparams.get("backbone")
+        if source.one_step or source.hparams["backbone"] != mine:
+            raise DiffscoreError(
+                f"--init_from {path}: its network {source.hparams['backbone']} is not the config's backbone {mine}; "
+                "set model.backbone to the same class and arguments"
+            )
+        self.model.backbone.load_state_dict(source.backbone.state_dict())
+        print(f"diffscore: starting from the weights of {path}", flush=True)
+
+    def after_fit(self) -> None:
+        """Say where the results are."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = []
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.last_model_path:
+                    lines.append(f"  last checkpoint: {cb.last_model_path}")
+                if cb.monitor and cb.best_model_path:
+                    lines.append(f"  best checkpoint ({cb.monitor}): {cb.best_model_path}")
+            if isinstance(cb, SampleGrid) and cb.last_path:
+                lines.append(f"  sample grid: {cb.last_path}")
+        if lines:
+            print(f"diffscore: fit finished after {trainer.global_step} steps.", *lines, sep="\n", flush=True)

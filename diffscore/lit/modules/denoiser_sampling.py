@@ -1,0 +1,123 @@
+"""Sampling from a diffusion model: diffscore.lit.sampling.Sampleable for a module holding a preconditioned
+denoiser (``self.denoiser``) and its sampler settings in ``self.hparams`` (sampler, num_steps, sampler_kwargs,
+sigma_min, sigma_max, rho)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffscore.core.gaussian import teleport
+from diffscore.core.guidance import guided_denoiser
+from diffscore.core.precond import Preconditioning
+from diffscore.core.samplers import get_sampler, nfe
+from diffscore.core.schedules import clip_sigma_range, karras_sigmas
+from diffscore.errors import DiffscoreError
+from diffscore.lit.sampling import SamplingOptions, condition, seed_generators, seeded_noise
+
+
+class DenoiserSampling:
+    """generate / nfe / check of a diffusion model: Karras et al.'s sampler grid over ``self.denoiser``."""
+
+    denoiser: Preconditioning
+    hparams: Any
+    device: torch.device
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.backbone
+
+    @property
+    def conditional(self) -> bool:
+        """Conditioned on class labels (label_dim > 0) or on captions (a backbone with a text encoder)."""
+        return self.label_dim > 0 or self.text_conditioned
+
+    one_step = False
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The backbone's data_shape: [C, H, W] for a U-Net, [D] for an MLP."""
+        return tuple(self.backbone.data_shape)
+
+    @property
+    def label_dim(self) -> int:
+        return self.backbone.label_dim
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.backbone.text_encoder is not None
+
+    def sampler_of(self, options: SamplingOptions | None = None) -> tuple[str, int, dict[str, Any]]:
+        """(sampler name, steps, sampler options) that ``options`` choose, the model's own where they don't:
+        the checkpoint's sampler_kwargs apply to its own sampler only."""
+        options = options or SamplingOptions()
+        name = options.sampler or self.hparams.sampler
+        steps = options.num_steps or self.hparams.num_steps
+        extra = options.sampler_kwargs
+        if extra is None:
+            extra = (self.hparams.get("sampler_kwargs") or {}) if name == self.hparams.sampler else {}
+        return name, steps, dict(extra)
+
+    def sigmas(self, num_steps: int) -> Tensor:
+        """The sampler's noise levels: Karras et al. Eq. 5 with the model's sigma_min, sigma_max and rho, clipped
+        to the preconditioning's range and rounded to its levels, as EDM's sampler does."""
+        net = self.denoiser
+        lo, hi = clip_sigma_range(self.hparams.sigma_min, self.hparams.sigma_max, net.sigma_min, net.sigma_max)
+        return karras_sigmas(num_steps, lo, hi, self.hparams.rho, round_sigma=net.round_sigma)
+
+    def check(self, options: SamplingOptions) -> None:
+        """Raise DiffscoreError, naming the option, for a choice this model cannot sample with."""
+        name, steps, extra = self.sampler_of(options)
+        try:
+            nfe(name, steps)
+        except ValueError as e:
+            raise DiffscoreError(f"--sampler/--steps: {e}") from None
+        unknown = set(extra) - set(inspect.signature(get_sampler(name)).parameters)
+        if unknown:
+            raise DiffscoreError(f"--sampler_kwargs {sorted(unknown)} are not options of the {name} sampler")
+        if not 0 <= options.teleport_skip < steps:
+            raise DiffscoreError(f"--teleport.skip must be in 0..{steps - 1} for {steps} steps")
+        if options.teleport_skip and options.teleport_gaussian is None:
+            raise DiffscoreError("teleportation needs the Gaussian of the training data (--teleport.gaussian)")
+        if options.guidance != 1.0 and not self.conditional:
+            raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is not")
+
+    def nfe(self, options: SamplingOptions | None = None) -> int:
+        """Denoiser evaluations per sample, teleported steps excluded."""
+        options = options or SamplingOptions()
+        name, steps, _ = self.sampler_of(options)
+        return nfe(name, steps - options.teleport_skip)
+
+    @torch.no_grad()
+    def generate(self, seeds: Sequence[int], options: SamplingOptions | None = None) -> Tensor:
+        """Samples x0 [len(seeds), *data_shape] from the current weights, each a function of its seed only.
+
+        Per seed, as NVlabs/edm's generate.py: the initial noise, then the class label (unless ``options`` give
+        one, or captions), then the churn noise of every Heun step, from the seed's own generator. Guidance w != 1
+        applies classifier-free guidance against the null condition (diffscore.core.guidance); a teleport skip
+        replaces the first steps by the closed-form flow of the data's Gaussian (Wang & Vastola 2024).
+        """
+        options = options or SamplingOptions()
+        self.check(options)
+        name, steps, extra = self.sampler_of(options)
+        sigmas = self.sigmas(steps)
+        generators = seed_generators(seeds, self.device)
+        x = seeded_noise(generators, self.data_shape, self.device) * float(sigmas[0])
+        cond = condition(self, seeds, options, generators)
+        if options.teleport_skip:
+            x, sigmas = teleport(options.teleport_gaussian.to(self.device), x, sigmas, options.teleport_skip)
+        if extra.get("s_churn", 0) > 0:  # churn noise from each seed's own stream
+            extra["generator"] = generators
+        if "round_sigma" in inspect.signature(get_sampler(name)).parameters:
+            extra["round_sigma"] = self.denoiser.round_sigma
+        denoiser = self.denoiser if options.guidance == 1.0 else guided_denoiser(self.denoiser, options.guidance)
+        was_training = self.training
+        self.eval()
+        try:
+            return get_sampler(name)(denoiser, x, sigmas, cond, **extra)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,177 @@
+"""One way to draw samples from any model diffscore trains (a diffusion model's sampler or a one-step generator).
+
+``Sampleable`` is what `diffscore sample` / `evaluate`, the sample-grid and sample-quality callbacks and DisBack ask
+of a model; ``SamplingOptions`` is everything they can choose, passed in (never set as attributes on the model).
+Randomness is per seed, as in NVlabs/edm's generate.py: seed s owns a generator that draws, in order, the initial
+noise, the class label (if the model has classes and none is given) and then the sampler's churn noise, so sample s
+is the same at any batch size and on any number of devices. `predict_over_seeds` runs a model over seeds on all
+devices (rank r takes seeds r, r + world, ...; no padding, no duplicates) and gathers the results in seed order.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+
+from diffscore.errors import DiffscoreError
+from diffscore.lit.data.seeds import SeedDataModule
+
+
+@dataclass
+class SamplingOptions:
+    """What a caller may choose when drawing samples; None means "the model's own setting"."""
+
+    num_steps: int | None = None  # sampler steps (Heun 18 -> 35 evaluations)
+    sampler: str | None = None  # sampler name (diffscore.core.samplers.SAMPLERS)
+    sampler_kwargs: dict[str, Any] | None = None  # extra sampler options (Heun: s_churn, s_min, s_max, s_noise)
+    class_label: int | None = None  # one class for every sample (None: a label drawn from each seed)
+    prompts: list[str] | None = None  # captions of a text model: seed s gets prompts[s % len(prompts)]
+    guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model as trained)
+    teleport_skip: int = 0  # replace this many leading steps by the Gaussian's closed-form flow
+    teleport_gaussian: Any = None  # the GaussianDenoiser of the training data that teleportation uses
+
+    def with_defaults(self, **defaults: Any) -> SamplingOptions:
+        """A copy with every None field that ``defaults`` names filled in."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+@runtime_checkable
+class Sampleable(Protocol):
+    """A model that draws samples x0 [len(seeds), *data_shape] from seeds."""
+
+    one_step: bool  # a one-step generator (NFE 1; no sampler, steps or teleportation to choose)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def label_dim(self) -> int: ...
+
+    @property
+    def text_conditioned(self) -> bool: ...
+
+    def generate(self, seeds: Sequence[int], options: SamplingOptions | None = None) -> Tensor: ...
+
+    def nfe(self, options: SamplingOptions | None = None) -> int: ...
+
+
+def seed_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per seed on ``device``, seeded as generate.py seeds them (seed mod 2^32)."""
+    return [torch.Generator(device=device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+
+def seeded_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device | str) -> Tensor:
+    """One N(0, I) draw of ``shape`` from each generator: [len(generators), *shape]."""
+    return torch.stack([torch.randn(tuple(shape), generator=g, device=device) for g in generators])
+
+
+def seeded_labels(generators: Sequence[torch.Generator], label_dim: int, device: torch.device | str) -> Tensor:
+    """One class label in [0, label_dim) from each generator (after its noise, as generate.py draws it): [B]."""
+    return torch.stack([torch.randint(label_dim, (), generator=g, device=device) for g in generators])
+
+
+def condition(
+    model: Sampleable, seeds: Sequence[int], options: SamplingOptions, generators: Sequence[torch.Generator]
+) -> Tensor | list[str] | None:
+    """The condition of each sample: the chosen class, one label per seed, the seeds' captions, or None."""
+    device = generators[0].device if generators else "cpu"
+    if options.prompts is not None:
+        if not model.text_conditioned:
+            raise DiffscoreError("captions need a text-conditioned model (a backbone with text_dim > 0)")
+        return [options.prompts[int(s) % len(options.prompts)] for s in seeds]
+    if options.class_label is not None:
+        if not 0 <= options.class_label < model.label_dim:
+            raise DiffscoreError(
+                f"class label {options.class_label} is out of range for a model with {model.label_dim} classes"
+            )
+        return torch.full((len(seeds),), options.class_label, dtype=torch.long, device=device)
+    if model.label_dim > 0:
+        return seeded_labels(generators, model.label_dim, device)
+    return None
+
+
+class SeedSampler(LightningModule):
+    """Trainer.predict over integer seeds: each batch of seeds [B] -> {"seeds": [B], "samples": [B, ...]}."""
+
+    def __init__(self, model: Sampleable, options: SamplingOptions | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.options = options or SamplingOptions()
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        samples = self.model.generate(batch.tolist(), self.options)
+        return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
+
+
+class ShardWriter(BasePredictionWriter):
+    """Keeps ``reduce(prediction)`` of every batch and saves the rank's part to ``parts_dir/rank<r>.pt``.
+
+    The default keeps seeds and samples; evaluation overrides ``reduce`` to keep features instead.
+    """
+
+    def __init__(self, parts_dir: Path) -> None:
+        super().__init__(write_interval="batch_and_epoch")
+        self.parts_dir = parts_dir
+        self.kept: list[dict[str, Tensor]] = []
+
+    def reduce(self, prediction: dict[str, Tensor], pl_module: LightningModule) -> dict[str, Tensor]:
+        return prediction
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        self.kept.append({k: v.cpu() for k, v in self.reduce(prediction, pl_module).items()})
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        part = {k: torch.cat([b[k] for b in self.kept]) for k in self.kept[0]} if self.kept else {}
+        torch.save(part, self.parts_dir / f"rank{trainer.global_rank}.pt")
+        self.kept = []
+
+
+def predict_over_seeds(
+    sampler: SeedSampler,
+    seeds: list[int],
+    writer: ShardWriter,
+    batch_size: int,
+    accelerator: str,
+    devices: int | str,
+    strategy: str,
+) -> dict[str, Tensor] | None:
+    """Run ``sampler`` over ``seeds`` on all devices; rank 0 gets the parts merged in seed order (checked: each
+    seed exactly once), other ranks None. The parts folder is removed whatever happens."""
+    trainer = Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        callbacks=[writer],
+    )
+    parts = writer.parts_dir
+    if trainer.is_global_zero:
+        shutil.rmtree(parts, ignore_errors=True)
+        parts.mkdir()
+    try:
+        trainer.strategy.barrier()
+        trainer.predict(sampler, datamodule=SeedDataModule(seeds, batch_size), return_predictions=False)
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:
+            return None
+        shards = [torch.load(p, weights_only=True) for p in sorted(parts.glob("rank*.pt"))]
+        shards = [s for s in shards if s]
+        merged = {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+        order = merged["seeds"].argsort()
+        merged = {k: v[order] for k, v in merged.items()}
+        if merged["seeds"].tolist() != sorted(seeds):
+            raise DiffscoreError(f"internal: gathered {len(merged['seeds'])} results for {len(seeds)} seeds")
+        return merged
+    finally:
+        if trainer.is_global_zero:
+            shutil.rmtree(parts, ignore_errors=True)
