@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,10 +37,6 @@ class SamplingOptions:
     guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model as trained)
     teleport_skip: int = 0  # replace this many leading steps by the Gaussian's closed-form flow
     teleport_gaussian: Any = None  # the GaussianDenoiser of the training data that teleportation uses
-
-    def with_defaults(self, **defaults: Any) -> SamplingOptions:
-        """A copy with every None field that ``defaults`` names filled in."""
-        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
 
 @runtime_checkable

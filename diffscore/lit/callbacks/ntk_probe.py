@@ -47,6 +47,7 @@ from diffscore.io import write_json
 from diffscore.lit.callbacks.run_log import append_jsonl
 from diffscore.lit.data.base import train_images
 from diffscore.lit.data.tensor import GMMDataModule
+from diffscore.lit.modules.regression import RegressionDiffusionModule
 from diffscore.lit.run_dir import run_dir
 
 SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
@@ -236,7 +237,7 @@ class NTKProbe(Callback):
         self._since_best = 0
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        regression_set = pl_module.regression_set() if hasattr(pl_module, "regression_set") else None
+        regression_set = pl_module.regression_set() if isinstance(pl_module, RegressionDiffusionModule) else None
         self.measurer = NTKMeasurer(
             trainer.datamodule,
             pl_module.denoiser.sigma_data,

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffscore.io import atomic_write
+from diffscore.lit.modules.diffusion import DiffusionModule
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,7 +41,7 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException) or trainer.state.fn != "fit":
             return
-        if getattr(pl_module, "has_nonfinite", lambda: False)():
+        if isinstance(pl_module, DiffusionModule) and pl_module.has_nonfinite():
             return
         ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)

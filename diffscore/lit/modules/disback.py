@@ -41,7 +41,7 @@ from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
-from diffscore.lit.checkpoint import load_model, read_checkpoint
+from diffscore.lit.checkpoint import is_edm_pickle, load_model, read_checkpoint
 from diffscore.lit.modules.one_step import OneStepSampling
 from diffscore.networks.backbone import config as backbone_config
 
@@ -97,7 +97,7 @@ class DisBackModule(OneStepSampling, LightningModule):
 
     def __init__(
         self,
-        teacher_ckpt: str | None = None,  # a `diffscore fit` checkpoint; its EMA weights are the teacher (required)
+        teacher_ckpt: str | None = None,  # a `diffscore fit` checkpoint or EDM network .pkl: the teacher (required)
         method: str = "disback",  # "disback" or "diffinstruct" (target = teacher, fake from teacher, no stage 1)
         stage: str = "both",  # "both": record then backtrack; "record": stage 1 only; "backtrack": stage 2 only
         path_dir: str | None = None,  # folder of the path nodes (default: <run folder>/disback_path)
@@ -151,7 +151,8 @@ class DisBackModule(OneStepSampling, LightningModule):
             )
         teacher = teacher_module.denoiser.eval().requires_grad_(False)
         self.teacher_backbone_config = backbone_config(teacher.backbone)
-        self.teacher_data_config = read_checkpoint(teacher_ckpt, trust_checkpoint).get("datamodule_hyper_parameters")
+        data = None if is_edm_pickle(teacher_ckpt) else read_checkpoint(teacher_ckpt, trust_checkpoint)
+        self.teacher_data_config = data.get("datamodule_hyper_parameters") if data else None  # pickles have none
         self.teacher_fingerprint = fingerprint(teacher)
         return teacher
 
