@@ -35,12 +35,13 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
     checkpoint = {
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "hyper_parameters": {"_class_path": "diffscore.lit.modules.DiffusionModule", **dict(model.hparams)},
+        "imported_from": dict(model.imported_from),
         "pytorch-lightning_version": lightning.__version__,
         "global_step": 0,
         "epoch": 0,
     }
     with atomic_write(out_path) as tmp:
         torch.save(checkpoint, tmp)
-    info = model.hparams["imported_from"]
+    info = model.imported_from
     print(f"diffscore: wrote {out_path}: {info['network']}; sampler heun, {model.hparams.num_steps} steps", flush=True)
     return out_path

@@ -99,6 +99,9 @@ def evaluate(
     trust_checkpoint: bool = False,
     prompts: str | None = None,
     guidance: float = 1.0,
+    precision: str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
 
@@ -125,6 +128,7 @@ def evaluate(
         prompts: text-conditioned models: "train", "val" or "test" conditions sample i on caption i (cycled) of
             that split of the checkpoint's data (MusicScore's text-to-image protocol); default: the empty caption.
         guidance: classifier-free guidance scale (1 = the conditional model as trained).
+        precision, compile, channels_last: the GPU speed switches of sampling (see `diffscore sample --help`).
     """
     check_counts(num_samples=num_samples, steps=steps, batch_size=batch_size)
     check_sampler(sampler)
@@ -136,7 +140,8 @@ def evaluate(
     model = load_model(ckpt_path, trust_checkpoint)
     wanted = wanted_metrics(metrics, model)
     dm = load_checkpoint_datamodule(ckpt_path, trust_checkpoint)
-    options = SamplingOptions(num_steps=steps, sampler=sampler, sampler_kwargs=sampler_kwargs, guidance=guidance)
+    speed = dict(precision=precision, compile=compile, channels_last=channels_last)
+    options = SamplingOptions(steps, sampler, sampler_kwargs, guidance=guidance, **speed)
     options.prompts = captions_of(model, dm, prompts)
     model.check(options)
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
@@ -158,11 +163,16 @@ def evaluate(
     summary = summarize(model, options, ckpt_path, wanted, protocol, runs)
     _print_table(summary)
     if out is not None:
-        write_json(out, summary)
-        if "memorization" in wanted:
-            _histogram(feats, Path(out).with_suffix(".nn_ratio.png"))
-        print(f"diffscore: wrote {out}", flush=True)
+        _write_outputs(Path(out), summary, feats)
     return summary
+
+
+def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Tensor]) -> None:
+    """The summary as JSON at ``out`` and, with memorization, the nearest-neighbour ratios' histogram beside it."""
+    write_json(out, summary)
+    if "memorization" in summary["metrics"]:
+        _histogram(feats, out.with_suffix(".nn_ratio.png"))
+    print(f"diffscore: wrote {out}", flush=True)
 
 
 def wanted_metrics(metrics: str, model) -> set[str]:

@@ -8,6 +8,7 @@ interrupted run leaves nothing.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,9 @@ def sample(
     trust_checkpoint: bool = False,
     prompt: str | None = None,
     guidance: float = 1.0,
+    precision: str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
 ) -> Path | None:
     """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
 
@@ -105,6 +109,9 @@ def sample(
         trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
         prompt: caption for every sample of a text-conditioned model (default: the empty caption).
         guidance: classifier-free guidance scale w (1 = the conditional model as trained; 4 = MusicScore's CFG).
+        precision: on a GPU, "bf16" (autocast) or "32" (default: as the checkpoint trained; EDM pickles: 32).
+        compile: on a GPU, torch.compile the denoiser (default: as the checkpoint trained).
+        channels_last: on a GPU, channels-last memory (default: as the checkpoint trained).
     """
     check_counts(num_samples=num_samples, steps=steps, batch_size=batch_size)
     check_sampler(sampler)
@@ -118,6 +125,9 @@ def sample(
         class_label=class_label,
         prompts=None if prompt is None else [prompt],
         guidance=guidance,
+        precision=precision,
+        compile=compile,
+        channels_last=channels_last,
     )
     if class_label is not None and not 0 <= class_label < model.label_dim:
         raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {model.label_dim} classes")
@@ -127,9 +137,15 @@ def sample(
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
     seeds = list(range(seed, seed + num_samples))
     writer = ShardWriter(out_path.with_name(f".{out_path.name}.parts"))
+    t0 = time.perf_counter()
     merged = predict_over_seeds(SeedSampler(model, options), seeds, writer, batch_size, accelerator, devices, strategy)
     if merged is None:
         return None
     _write(out_path, merged["seeds"], merged["samples"])
-    print(f"diffscore: wrote {num_samples} samples to {out_path}", flush=True)
+    rate = writer.rate()
+    after_first = f", {rate:.1f} img/s per device after the first batch" if rate else ""
+    print(
+        f"diffscore: wrote {num_samples} samples to {out_path} ({time.perf_counter() - t0:.1f} s{after_first})",
+        flush=True,
+    )
     return out_path

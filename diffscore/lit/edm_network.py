@@ -98,10 +98,11 @@ def load_edm_network(path: str | Path):
         sigma_data=sigma_data,
         precond=precond,
         precond_kwargs=precond_kwargs or None,
+        sampling_precision="32",  # EDM's reference precision; --precision bf16 to sample faster
         **sampler_defaults(model.class_name, resolution, label_dim),
     )
-    module.hparams["imported_from"] = {"file": str(path), "network": describe(net), "backbone": describe(model)}
+    module.imported_from = {"file": str(path), "network": describe(net), "backbone": describe(model)}
     dataset = data.get("dataset_kwargs")
-    if isinstance(dataset, dict) and dataset.get("path"):
-        module.hparams["imported_from"]["dataset_path"] = str(dataset["path"])
+    if isinstance(dataset, dict) and dataset.get("path"):  # named, never opened: the user passes --data
+        module.imported_from["dataset_path"] = str(dataset["path"])
     return module.eval()

@@ -11,6 +11,7 @@ devices (rank r takes seeds r, r + world, ...; no padding, no duplicates) and ga
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class SamplingOptions:
     guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model as trained)
     teleport_skip: int = 0  # replace this many leading steps by the Gaussian's closed-form flow
     teleport_gaussian: Any = None  # the GaussianDenoiser of the training data that teleportation uses
+    precision: str | None = None  # on CUDA: "bf16" (autocast) or "32" (None: as the model trained)
+    compile: bool | None = None  # on CUDA: torch.compile the denoiser (None: as the model trained)
+    channels_last: bool | None = None  # on CUDA: channels-last memory (None: as the model trained)
 
 
 @runtime_checkable
@@ -95,15 +99,23 @@ def condition(
 
 
 class SeedSampler(LightningModule):
-    """Trainer.predict over integer seeds: each batch of seeds [B] -> {"seeds": [B], "samples": [B, ...]}."""
+    """Trainer.predict over integer seeds: each batch of seeds [B] -> {"seeds": [B], "samples": [B, ...]}.
+
+    On a GPU a batch smaller than the first (the last one) is padded with throwaway seeds to the first's size, so a
+    compiled denoiser sees one shape and compiles once; the padding's samples are dropped."""
 
     def __init__(self, model: Sampleable, options: SamplingOptions | None = None) -> None:
         super().__init__()
         self.model = model
         self.options = options or SamplingOptions()
+        self._full = 0  # the largest batch seen
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        samples = self.model.generate(batch.tolist(), self.options)
+        seeds = batch.tolist()
+        self._full = max(self._full, len(seeds))
+        pad = self._full - len(seeds) if self.device.type == "cuda" else 0
+        padded = seeds + [max(seeds) + 1 + i for i in range(pad)]
+        samples = self.model.generate(padded, self.options)[: len(seeds)]
         return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
 
 
@@ -117,12 +129,22 @@ class ShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch_and_epoch")
         self.parts_dir = parts_dir
         self.kept: list[dict[str, Tensor]] = []
+        self.batch_ends: list[tuple[float, int]] = []  # (time, samples so far) after each batch, this rank
+
+    def rate(self) -> float | None:
+        """Samples per second on this rank after its first batch (start-up and compilation excluded)."""
+        if len(self.batch_ends) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.batch_ends[0], self.batch_ends[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
 
     def reduce(self, prediction: dict[str, Tensor], pl_module: LightningModule) -> dict[str, Tensor]:
         return prediction
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         self.kept.append({k: v.cpu() for k, v in self.reduce(prediction, pl_module).items()})
+        done = (self.batch_ends[-1][1] if self.batch_ends else 0) + len(prediction["seeds"])
+        self.batch_ends.append((time.perf_counter(), done))
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         part = {k: torch.cat([b[k] for b in self.kept]) for k in self.kept[0]} if self.kept else {}

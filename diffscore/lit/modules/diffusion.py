@@ -66,6 +66,8 @@ def _check_settings(hp: Any) -> None:
         raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
     if hp.nan_policy not in ("stop", "skip"):
         raise DiffscoreError(f"model.nan_policy must be 'stop' or 'skip', got {hp.nan_policy!r}")
+    if hp.sampling_precision not in (None, "bf16", "32"):
+        raise DiffscoreError(f"model.sampling_precision must be bf16, 32 or null, got {hp.sampling_precision!r}")
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -123,6 +125,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
         precond: str = "edm",  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm (EDM's baselines)
         precond_kwargs: dict | None = None,  # its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max
+        sampling_precision: str | None = None,  # on CUDA: "bf16" or "32" (None: set from the trainer's at fit)
     ) -> None:
         settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", *MODULE_ARGUMENTS)}
         super().__init__()
@@ -199,6 +202,10 @@ class DiffusionModule(DenoiserSampling, LightningModule):
             # after every step, a device->host read (a GPU sync per step); this one is read every N steps.
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
+
+    def on_fit_start(self) -> None:
+        if self.hparams.sampling_precision is None:  # sample as trained: bf16 if it trained in bf16
+            self.hparams.sampling_precision = "bf16" if "bf16" in str(self.trainer.precision) else "32"
 
     def setup(self, stage: str) -> None:
         if self.channels_last:
@@ -282,6 +289,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         state = super().__getstate__()
         state["optimizer_factory"] = None
         state["_compiled"] = None  # recompiled on first use
+        state.pop("_sampling_fns", None)
         return state
 
     # ----------------------------------------------------------------------------------------------------
