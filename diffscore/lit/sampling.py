@@ -167,6 +167,7 @@ def predict_over_seeds(
         accelerator=accelerator,
         devices=devices,
         strategy=strategy,
+        benchmark=True,  # cuDNN picks the fastest convolutions for the one batch shape (as the GPU configs train)
         logger=False,
         enable_checkpointing=False,
         use_distributed_sampler=False,
