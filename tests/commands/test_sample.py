@@ -71,6 +71,8 @@ def test_sample_uses_the_ema_weights(tiny_ckpt):
         (["--sampler", "nope"], "nope"),
         (["--out", "no/such/dir/out.npz"], "does not exist"),
         (["--class_label", "3"], "class_label"),
+        (["--precision", "16"], "--precision must be bf16 or 32"),
+        (["--sampler_kwargs", '{"s_churn": 1, "churn": 2}'], "not options of the heun sampler"),
     ],
 )
 def test_sample_bad_input(tiny_ckpt, tmp_path, monkeypatch, capsys, args, needle):

@@ -83,6 +83,8 @@ class DenoiserSampling:
             raise DiffscoreError(f"--teleport.skip must be in 0..{steps - 1} for {steps} steps")
         if options.teleport_skip and options.teleport_gaussian is None:
             raise DiffscoreError("teleportation needs the Gaussian of the training data (--teleport.gaussian)")
+        if options.precision not in (None, "bf16", "32"):
+            raise DiffscoreError(f"--precision must be bf16 or 32, got {options.precision!r}")
         if options.guidance != 1.0 and not self.conditional:
             raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is not")
 
@@ -97,10 +99,7 @@ class DenoiserSampling:
         say otherwise; the CPU samples eager in fp32."""
         if self.device.type != "cuda":
             return False, False, False
-        trained = self.hparams.get("sampling_precision") or "32"
-        precision = options.precision or trained
-        if precision not in ("bf16", "32"):
-            raise DiffscoreError(f"--precision must be bf16 or 32, got {precision!r}")
+        precision = options.precision or self.hparams.get("sampling_precision") or "32"
         channels_last = (
             self.hparams.get("channels_last", False) if options.channels_last is None else options.channels_last
         )

@@ -211,3 +211,16 @@ def test_compile_and_channels_last_keep_the_loss_and_the_checkpoint_keys(monkeyp
     assert len(compiled) == 1
     assert torch.allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     assert keys[0] == keys[1]
+
+
+def test_the_cpu_samples_eager_fp32_whatever_the_speed_switches():
+    """bf16 / channels-last / compile apply on CUDA only: on the CPU the sampler calls the plain denoiser, so a
+    checkpoint trained with them samples here exactly as one trained without."""
+    from diffscore.lit.sampling import SamplingOptions
+
+    net = UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    model = DiffusionModule(net, compile=True, channels_last=True, sampling_precision="bf16", num_steps=3)
+    options = SamplingOptions(precision="bf16", compile=True, channels_last=True)
+    assert model.speed_of(options) == (False, False, False)
+    assert model.sampling_denoiser(options) is model.denoiser
+    torch.testing.assert_close(model.generate([0, 1], options), model.generate([0, 1]), rtol=0, atol=0)
