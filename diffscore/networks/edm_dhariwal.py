@@ -26,13 +26,13 @@ ADMUNet kwargs, an ADMUNet state_dict, and a loaded ADMUNet. What differs, from 
 from __future__ import annotations
 
 import re
-from numbers import Integral, Real
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffscore.errors import DiffscoreError
 from diffscore.networks.adm import ADMUNet
+from diffscore.networks.edm_options import EDMOptions, meta_network
 
 REQUIRED = ("img_resolution", "in_channels", "out_channels")  # DhariwalUNet's arguments without a default
 EDM_DEFAULTS = dict(  # DhariwalUNet's defaults (EDM training/networks.py)
@@ -51,73 +51,33 @@ RESAMPLE_FILTER = re.compile(r"((?:enc\.\d+x\d+_down)|(?:dec\.\d+x\d+_up))\.(?:c
 BOX_FILTER = torch.full((1, 1, 2, 2), 0.25)  # EDM's [1, 1] filter: outer([1, 1], [1, 1]) / 4, as [1, 1, 2, 2]
 
 
-def _int(kwargs: dict, name: str, minimum: int) -> int:
-    value = kwargs[name]
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise DiffscoreError(f"DhariwalUNet {name}={value!r}: expected an integer >= {minimum}")
-    return int(value)
-
-
-def _int_list(kwargs: dict, name: str, minimum: int, nonempty: bool) -> list[int]:
-    value = kwargs[name]
-    ok = isinstance(value, (list, tuple)) and (len(value) > 0 or not nonempty)
-    if not ok or any(isinstance(v, bool) or not isinstance(v, Integral) or v < minimum for v in value):
-        raise DiffscoreError(f"DhariwalUNet {name}={value!r}: expected a list of integers >= {minimum}")
-    return [int(v) for v in value]
-
-
-def _probability(kwargs: dict, name: str) -> float:
-    value = kwargs[name]
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
-        raise DiffscoreError(f"DhariwalUNet {name}={value!r}: expected a probability in [0, 1]")
-    return float(value)
-
-
 def _meta_adm(adm_kwargs: dict) -> ADMUNet:
-    """An ADMUNet without storage (meta device): its parameter names, shapes, heads and norms, cheaply."""
-    try:
-        with torch.device("meta"):
-            net = ADMUNet(**adm_kwargs)
-    except ValueError as err:
-        raise DiffscoreError(f"DhariwalUNet kwargs give no ADMUNet: {err}") from err
-    for name, module in net.named_modules():
-        if isinstance(module, nn.GroupNorm) and module.num_groups != min(32, module.num_channels // 4):
-            raise DiffscoreError(
-                f"DhariwalUNet {name} normalises {module.num_channels} channels, which EDM's GroupNorm "
-                f"(min(32, C // 4) groups) cannot split; such a net does not run in EDM"
-            )
-    return net
+    return meta_network("DhariwalUNet", ADMUNet, adm_kwargs)
 
 
 def adm_kwargs_from_edm(init_kwargs: dict) -> dict:
     """ADMUNet kwargs for the DhariwalUNet that EDM built with ``init_kwargs`` (its defaults fill missing ones);
     raises DiffscoreError on an option ADMUNet cannot represent."""
-    unknown = [k for k in init_kwargs if k not in REQUIRED and k not in EDM_DEFAULTS]
-    if unknown:
-        raise DiffscoreError(f"DhariwalUNet option {unknown[0]}={init_kwargs[unknown[0]]!r} has no ADMUNet equivalent")
-    missing = [k for k in REQUIRED if k not in init_kwargs]
-    if missing:
-        raise DiffscoreError(f"DhariwalUNet kwargs lack {missing[0]!r}, which EDM's constructor requires")
-    kw = {**EDM_DEFAULTS, **init_kwargs}
-    resolution, in_channels = _int(kw, "img_resolution", 1), _int(kw, "in_channels", 1)
-    out_channels = _int(kw, "out_channels", 1)
-    model_channels = _int(kw, "model_channels", 2)
+    opts = EDMOptions("DhariwalUNet", init_kwargs, REQUIRED, EDM_DEFAULTS)
+    resolution, in_channels = opts.int("img_resolution", 1), opts.int("in_channels", 1)
+    out_channels = opts.int("out_channels", 1)
+    model_channels = opts.int("model_channels", 2)
     if model_channels % 2:
         raise DiffscoreError(f"DhariwalUNet model_channels={model_channels}: must be even (its noise embedding)")
-    channel_mult = _int_list(kw, "channel_mult", 1, nonempty=True)
+    channel_mult = opts.int_list("channel_mult", 1, 1)
     if resolution >> (len(channel_mult) - 1) < 1:
         raise DiffscoreError(f"DhariwalUNet channel_mult={channel_mult}: too many levels for {resolution}x{resolution}")
     adm_kwargs = dict(
         data_shape=[in_channels, resolution, resolution],
-        label_dim=_int(kw, "label_dim", 0),
-        augment_dim=_int(kw, "augment_dim", 0),
+        label_dim=opts.int("label_dim", 0),
+        augment_dim=opts.int("augment_dim", 0),
         model_channels=model_channels,
         channel_mult=channel_mult,
-        channel_mult_emb=_int(kw, "channel_mult_emb", 1),
-        num_blocks=_int(kw, "num_blocks", 0),
-        attn_resolutions=_int_list(kw, "attn_resolutions", 1, nonempty=False),
-        dropout=_probability(kw, "dropout"),
-        label_dropout=_probability(kw, "label_dropout"),
+        channel_mult_emb=opts.int("channel_mult_emb", 1),
+        num_blocks=opts.int("num_blocks", 0),
+        attn_resolutions=opts.int_list("attn_resolutions", 1, 0),
+        dropout=opts.probability("dropout"),
+        label_dropout=opts.probability("label_dropout"),
     )
     if out_channels != in_channels:  # the iDDPM baseline's learned variance: 2 * in_channels
         adm_kwargs["out_channels"] = out_channels

@@ -30,12 +30,12 @@ UNet kwargs, a UNet state_dict, and a loaded UNet. What differs, from EDM's ``tr
 from __future__ import annotations
 
 import re
-from numbers import Integral, Real
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffscore.errors import DiffscoreError
+from diffscore.networks.edm_options import EDMOptions, meta_network
 from diffscore.networks.unet import UNet
 
 REQUIRED = ("img_resolution", "in_channels", "out_channels")  # SongUNet's arguments without a default
@@ -67,96 +67,45 @@ RESAMPLE_FILTER = re.compile(
 AUX_RESIDUAL = re.compile(r"(enc\.\d+x\d+_aux_residual)\.0\.(weight|bias)")
 
 
-def _int(kwargs: dict, name: str, minimum: int) -> int:
-    value = kwargs[name]
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise DiffscoreError(f"SongUNet {name}={value!r}: expected an integer >= {minimum}")
-    return int(value)
-
-
-def _int_list(kwargs: dict, name: str, minimum: int, min_length: int) -> list[int]:
-    value = kwargs[name]
-    ok = isinstance(value, (list, tuple)) and len(value) >= min_length
-    if not ok or any(isinstance(v, bool) or not isinstance(v, Integral) or v < minimum for v in value):
-        raise DiffscoreError(f"SongUNet {name}={value!r}: expected a list of >= {min_length} integers >= {minimum}")
-    return [int(v) for v in value]
-
-
-def _probability(kwargs: dict, name: str) -> float:
-    value = kwargs[name]
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
-        raise DiffscoreError(f"SongUNet {name}={value!r}: expected a probability in [0, 1]")
-    return float(value)
-
-
-def _choice(kwargs: dict, name: str) -> str:
-    value = kwargs[name]
-    if value not in CHOICES[name]:
-        raise DiffscoreError(f"SongUNet {name}={value!r} has no diffscore UNet equivalent (it has {CHOICES[name]})")
-    return value
-
-
-def _options(init_kwargs: dict) -> dict:
-    """SongUNet's kwargs with EDM's defaults filled in; unknown and missing ones are a DiffscoreError."""
-    unknown = [k for k in init_kwargs if k not in REQUIRED and k not in EDM_DEFAULTS]
-    if unknown:
-        raise DiffscoreError(f"SongUNet option {unknown[0]}={init_kwargs[unknown[0]]!r} is not one of EDM's")
-    missing = [k for k in REQUIRED if k not in init_kwargs]
-    if missing:
-        raise DiffscoreError(f"SongUNet kwargs lack {missing[0]!r}, which EDM's constructor requires")
-    return {**EDM_DEFAULTS, **init_kwargs}
-
-
 def unet_kwargs_from_edm(init_kwargs: dict) -> dict:
     """UNet kwargs for the SongUNet that EDM built with ``init_kwargs`` (EDM's defaults fill missing ones);
     raises DiffscoreError, naming the option, on one UNet cannot represent."""
-    kw = _options(init_kwargs)
-    resolution, in_channels = _int(kw, "img_resolution", 1), _int(kw, "in_channels", 1)
+    opts = EDMOptions("SongUNet", init_kwargs, REQUIRED, EDM_DEFAULTS)
+    kw = opts.kw
+    resolution, in_channels = opts.int("img_resolution", 1), opts.int("in_channels", 1)
     if resolution < 4 or resolution & (resolution - 1):
         raise DiffscoreError(f"SongUNet img_resolution={resolution}: UNet takes powers of two >= 4")
     if kw["out_channels"] != in_channels:
         raise DiffscoreError(
             f"SongUNet out_channels={kw['out_channels']!r} with in_channels={in_channels}: UNet outputs in_channels"
         )
-    channel_mult = _int_list(kw, "channel_mult", 1, min_length=1)
+    channel_mult = opts.int_list("channel_mult", 1, 1)
     if resolution >> (len(channel_mult) - 1) < 1:
         raise DiffscoreError(f"SongUNet channel_mult={channel_mult}: too many levels for {resolution}x{resolution}")
-    model_channels, noise_mult = _int(kw, "model_channels", 1), _int(kw, "channel_mult_noise", 1)
+    model_channels, noise_mult = opts.int("model_channels", 1), opts.int("channel_mult_noise", 1)
     if model_channels * noise_mult % 2:
         raise DiffscoreError(f"SongUNet model_channels={model_channels}: its noise embedding needs an even width")
-    _choice(kw, "decoder_type")
+    opts.choice("decoder_type", CHOICES["decoder_type"])
     return dict(
         data_shape=[in_channels, resolution, resolution],
-        label_dim=_int(kw, "label_dim", 0),
-        augment_dim=_int(kw, "augment_dim", 0),
+        label_dim=opts.int("label_dim", 0),
+        augment_dim=opts.int("augment_dim", 0),
         model_channels=model_channels,
         channel_mult=channel_mult,
-        channel_mult_emb=_int(kw, "channel_mult_emb", 1),
-        num_blocks=_int(kw, "num_blocks", 0),
-        attn_resolutions=_int_list(kw, "attn_resolutions", 1, min_length=0),
-        dropout=_probability(kw, "dropout"),
-        label_dropout=_probability(kw, "label_dropout"),
-        embedding_type=_choice(kw, "embedding_type"),
+        channel_mult_emb=opts.int("channel_mult_emb", 1),
+        num_blocks=opts.int("num_blocks", 0),
+        attn_resolutions=opts.int_list("attn_resolutions", 1, 0),
+        dropout=opts.probability("dropout"),
+        label_dropout=opts.probability("label_dropout"),
+        embedding_type=opts.choice("embedding_type", CHOICES["embedding_type"]),
         channel_mult_noise=noise_mult,
-        encoder_type=_choice(kw, "encoder_type"),
-        resample_filter=_int_list(kw, "resample_filter", 1, min_length=2),
+        encoder_type=opts.choice("encoder_type", CHOICES["encoder_type"]),
+        resample_filter=opts.int_list("resample_filter", 1, 2),
     )
 
 
 def _meta_unet(unet_kwargs: dict) -> UNet:
-    """A UNet without storage (meta device): its parameter names, shapes and norms, cheaply."""
-    try:
-        with torch.device("meta"):
-            net = UNet(**unet_kwargs)
-    except ValueError as err:
-        raise DiffscoreError(f"SongUNet kwargs give no diffscore UNet: {err}") from err
-    for name, module in net.named_modules():
-        if isinstance(module, nn.GroupNorm) and module.num_groups != min(32, module.num_channels // 4):
-            raise DiffscoreError(
-                f"SongUNet {name} normalises {module.num_channels} channels, which EDM's GroupNorm "
-                "(min(32, C // 4) groups) cannot split; such a net does not run in EDM"
-            )
-    return net
+    return meta_network("SongUNet", UNet, unet_kwargs)
 
 
 def _edm_key(key: str, side: int) -> str:
