@@ -13,9 +13,11 @@ from diffscore.lit.checkpoint import is_edm_pickle, load_model
 
 
 def convert(src: str, out: str, overwrite: bool = False) -> Path:
-    """Write an NVlabs/edm network pickle (edm-*.pkl, baseline-*.pkl, network-snapshot-*.pkl) as a diffscore
-    checkpoint: the EMA weights, the preconditioning and EDM's sampler defaults for that model. The pickle is
-    read without running the code it embeds; the checkpoint holds tensors and plain data only.
+    """Write an NVlabs/edm network pickle as a diffscore checkpoint that loads with weights_only=True.
+
+    edm-*.pkl, baseline-*.pkl or network-snapshot-*.pkl: the checkpoint holds the EMA weights, the preconditioning
+    and EDM's sampler defaults for that model, as tensors and plain data; the pickle is read without running the
+    code it embeds.
 
     Args:
         src: the network pickle.

@@ -109,8 +109,10 @@ def probe_ntk(
     top_k: int = 5,
     data: str | None = None,
 ) -> dict[str, float]:
-    """NTK measurements of a checkpoint: score error against the exact score (per sigma), held-out loss, the
-    kernel's top eigenvalues and kernel-target alignment; with ``reference_ckpt`` (an earlier checkpoint of the
+    """NTK measurements of a checkpoint: score error, held-out loss, kernel spectrum, alignment, drift, twin.
+
+    The score error against the exact score (per sigma), held-out loss, the kernel's top eigenvalues and
+    kernel-target alignment; with ``reference_ckpt`` (an earlier checkpoint of the
     same run) also the kernel drift since then and, for full-batch plain SGD on a RegressionDiffusionModule, the
     kernel twin started at the reference against the network.
 
