@@ -63,6 +63,30 @@ class Sampleable(Protocol):
     def nfe(self, options: SamplingOptions | None = None) -> int: ...
 
 
+class BackboneFacts:
+    """The Sampleable properties a model reads off its backbone (``self.backbone``, a diffscore Backbone)."""
+
+    backbone: Any
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The backbone's data_shape: [C, H, W] for a U-Net, [D] for an MLP."""
+        return tuple(self.backbone.data_shape)
+
+    @property
+    def label_dim(self) -> int:
+        return self.backbone.label_dim
+
+    @property
+    def text_conditioned(self) -> bool:
+        return self.backbone.text_encoder is not None
+
+    @property
+    def conditional(self) -> bool:
+        """Conditioned on class labels (label_dim > 0) or on captions (a backbone with a text encoder)."""
+        return self.label_dim > 0 or self.text_conditioned
+
+
 def seed_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
     """One generator per seed on ``device``, seeded as generate.py seeds them (seed mod 2^32)."""
     return [torch.Generator(device=device).manual_seed(int(s) % (1 << 32)) for s in seeds]

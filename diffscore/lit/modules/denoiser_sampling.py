@@ -17,10 +17,10 @@ from diffscore.core.precond import Preconditioning
 from diffscore.core.samplers import get_sampler, nfe
 from diffscore.core.schedules import clip_sigma_range, karras_sigmas
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sampling import SamplingOptions, condition, seed_generators, seeded_noise
+from diffscore.lit.sampling import BackboneFacts, SamplingOptions, condition, seed_generators, seeded_noise
 
 
-class DenoiserSampling:
+class DenoiserSampling(BackboneFacts):
     """generate / nfe / check of a diffusion model: Karras et al.'s sampler grid over ``self.denoiser``."""
 
     denoiser: Preconditioning
@@ -31,25 +31,7 @@ class DenoiserSampling:
     def backbone(self) -> nn.Module:
         return self.denoiser.backbone
 
-    @property
-    def conditional(self) -> bool:
-        """Conditioned on class labels (label_dim > 0) or on captions (a backbone with a text encoder)."""
-        return self.label_dim > 0 or self.text_conditioned
-
     one_step = False
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        """The backbone's data_shape: [C, H, W] for a U-Net, [D] for an MLP."""
-        return tuple(self.backbone.data_shape)
-
-    @property
-    def label_dim(self) -> int:
-        return self.backbone.label_dim
-
-    @property
-    def text_conditioned(self) -> bool:
-        return self.backbone.text_encoder is not None
 
     def sampler_of(self, options: SamplingOptions | None = None) -> tuple[str, int, dict[str, Any]]:
         """(sampler name, steps, sampler options) that ``options`` choose, the model's own where they don't:

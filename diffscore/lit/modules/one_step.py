@@ -11,10 +11,10 @@ from torch import Tensor, nn
 from diffscore.core.distill import one_step_generate
 from diffscore.core.precond import EDMPrecond
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sampling import SamplingOptions, condition, seed_generators, seeded_noise
+from diffscore.lit.sampling import BackboneFacts, SamplingOptions, condition, seed_generators, seeded_noise
 
 
-class OneStepSampling:
+class OneStepSampling(BackboneFacts):
     """diffscore.lit.sampling.Sampleable for a module holding ``self.generator`` (an EDMPrecond) and
     ``self.sigma_init``: x = D_G(sigma_init z; sigma_init), z drawn per seed, NFE = 1."""
 
@@ -25,22 +25,6 @@ class OneStepSampling:
     @property
     def backbone(self) -> nn.Module:
         return self.generator.backbone
-
-    @property
-    def data_shape(self) -> tuple[int, ...]:
-        return tuple(self.backbone.data_shape)
-
-    @property
-    def label_dim(self) -> int:
-        return self.backbone.label_dim
-
-    @property
-    def text_conditioned(self) -> bool:
-        return self.backbone.text_encoder is not None
-
-    @property
-    def conditional(self) -> bool:
-        return self.label_dim > 0 or self.text_conditioned
 
     def check(self, options: SamplingOptions) -> None:
         """A one-step generator has no sampler, steps, teleportation or guidance to choose."""
