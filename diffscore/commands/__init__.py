@@ -69,6 +69,8 @@ def _dispatch(argv: list[str]) -> Callable[[], Any]:
         return lambda: _fail(f"unknown subcommand {argv[0]!r}\n{USAGE}")
     from jsonargparse import CLI
 
+    if argv[0] == "refstats" and any(a == "--config" or a.startswith("--config=") for a in argv):
+        return lambda: _fail("refstats takes the YAML whose data: section to use as --data_config X.yaml")
     if argv[0] == "report" and len(argv) > 1 and not argv[1].startswith("-"):  # `diffscore report RUN_DIR`
         argv = ["report", "--run_dir", *argv[1:]]
     return lambda: CLI(subcommands(), args=argv, as_positional=False, prog="diffscore")

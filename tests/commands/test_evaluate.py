@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -167,3 +168,15 @@ def test_scoreaug_digits_runs_check_leakage_by_default():
     assert auto_metrics((1, 8, 8), "nonleaky+scoreaug").endswith(",leakage")
     assert "leakage" not in auto_metrics((1, 8, 8), "none")
     assert auto_metrics((3, 32, 32), "scoreaug") == "fid,memorization"
+
+
+def test_refstats_reads_a_configs_data_section(tmp_path, capsys):
+    """`refstats --data_config X.yaml` (jsonargparse keeps `--config` for its own config files: told in one line)."""
+    from tests.conftest import QUICKSTART
+
+    out = tmp_path / "ref.npz"
+    assert run_cli(["refstats", "--data_config", QUICKSTART, "--features", "digits", "--out", out]) == 0
+    with np.load(out) as ref:
+        assert ref["mu"].shape == (ref["sigma"].shape[0],) and ref["sigma"].shape[0] > 1
+    assert run_cli(["refstats", "--config", QUICKSTART, "--out", out]) == 2
+    assert "--data_config" in capsys.readouterr().err
