@@ -326,6 +326,21 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         if gaps:
             self.log("gap/loss_mean", torch.stack(gaps).mean())
 
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """`diffscore test`: the test split's denoising loss at each of ``val_sigmas``, with validation's noise."""
+        self.validation_step(batch, batch_idx, dataloader_idx=0)
+
+    def on_test_epoch_end(self) -> None:
+        losses = []
+        for i, s in enumerate(self.val_sigmas):
+            metric = self.val_metrics[f"heldout_{i}"]
+            if metric.update_called:
+                losses.append(metric.compute())
+                self.log(f"test/loss_s{s:g}", losses[-1])
+                metric.reset()
+        if losses:
+            self.log("test/loss", torch.stack(losses).mean())
+
 
 def _augment_arm(
     arm: str, nonleaky: NonLeakyAugment | None, scoreaug: ScoreAugment | None, backbone: nn.Module

@@ -70,6 +70,25 @@ def test_validation_loss_is_deterministic_and_matches_the_exact_gmm_oracle(tmp_p
         assert a[f"heldout/loss_s{s:g}"] == pytest.approx(torch.cat(losses).mean().item(), rel=1e-5)
 
 
+def test_test_reports_the_test_splits_loss_per_sigma_against_the_gmm_oracle(tmp_path):
+    """`diffscore test` (Trainer.test): the same per-sigma EDM loss as validation, on the test split."""
+    dm = GMMDataModule(dim=2, num_components=4, num_train=512, num_test=256, batch_size=128)
+    model = DiffusionModule(MLP(data_shape=[2], width=8, depth=1), val_sigmas=[0.05, 0.5])
+    mixture = dm.mixture
+    model.denoiser.forward = lambda x, sigma, cond=None, aug_label=None: mixture(x, sigma).float()
+    result = trainer(tmp_path).test(model, dm, verbose=False)[0]
+    x_test, expected = dm.splits["test"][0], []
+    for s in (0.05, 0.5):
+        losses = []
+        for batch_idx, x0 in enumerate(x_test.split(128)):
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(batch_idx))
+            err = ((mixture(x0 + s * noise, torch.full((len(x0),), s)).float() - x0) ** 2).mean(1)
+            losses.append(err * (s**2 + 0.25) / (s * 0.5) ** 2)
+        expected.append(torch.cat(losses).mean().item())
+        assert result[f"test/loss_s{s:g}"] == pytest.approx(expected[-1], rel=1e-5)
+    assert result["test/loss"] == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
 class LrRecorder(Callback):
     """The learning rate each optimizer step uses (read just before the step)."""
 
