@@ -129,10 +129,6 @@ def sample(
         compile=compile,
         channels_last=channels_last,
     )
-    if class_label is not None and not 0 <= class_label < model.label_dim:
-        raise DiffscoreError(f"--class_label {class_label} is out of range for a model with {model.label_dim} classes")
-    if prompt is not None and not model.text_conditioned:
-        raise DiffscoreError("--prompt needs a text-conditioned checkpoint (a backbone with text_dim > 0)")
     model.check(options)
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
     seeds = list(range(seed, seed + num_samples))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffscore.core.gaussian import GaussianDenoiser, skip_for_sigma
 from diffscore.errors import DiffscoreError
-from diffscore.lit.checkpoint import load_checkpoint_datamodule, training_data
+from diffscore.lit.checkpoint import training_data
 from diffscore.lit.data.base import train_images
 from diffscore.lit.sampling import SamplingOptions
 
@@ -36,12 +36,8 @@ def gaussian_for_checkpoint(
         raise DiffscoreError("give --teleport.skip or --teleport.sigma, not both")
     if opts.gaussian and Path(opts.gaussian).is_file():
         return GaussianDenoiser.load(opts.gaussian)
-    if opts.data is None and load_checkpoint_datamodule(ckpt_path, trust) is None:
-        raise DiffscoreError(
-            f"{ckpt_path} names no training data: pass --teleport.gaussian FILE (a fitted Gaussian) or "
-            "--teleport.data PATH (an EDM dataset ZIP or folder to fit it to)"
-        )
-    train = train_images(training_data(ckpt_path, opts.data, trust, shape))
+    hint = "--teleport.gaussian FILE (a fitted Gaussian) or --teleport.data PATH (an EDM dataset ZIP or folder)"
+    train = train_images(training_data(ckpt_path, opts.data, trust, shape, what_to_pass=hint))
     gaussian = GaussianDenoiser.from_data(train, rank=opts.rank)
     if opts.gaussian:
         gaussian.save(opts.gaussian)

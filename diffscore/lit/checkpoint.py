@@ -148,8 +148,6 @@ def load_model(path: str | Path, trust: bool = False):
     if is_edm_pickle(path):
         from diffscore.lit.edm_network import load_edm_network
 
-        if not Path(path).is_file():
-            raise DiffscoreError(f"network pickle {path} does not exist")
         return load_edm_network(path)
     ckpt = read_checkpoint(path, trust)
     if "one_step_generator" in ckpt:
@@ -185,9 +183,16 @@ def _load_weights(module: torch.nn.Module, state: dict[str, Any], path: str | Pa
         raise DiffscoreError(f"{path}: {whose} weights do not fit the saved configuration ({str(e)[:200]})") from None
 
 
-def training_data(path: str | Path, data: str | None = None, trust: bool = False, shape: tuple | None = None):
+def training_data(
+    path: str | Path,
+    data: str | None = None,
+    trust: bool = False,
+    shape: tuple | None = None,
+    what_to_pass: str = "--data PATH (an EDM dataset ZIP or folder)",
+):
     """The training data of a model file: the data set at ``data`` (an EDM ZIP or folder of PNGs) if given, else
-    the DataModule its checkpoint names; checked against the model's data ``shape``. Raises if there is none."""
+    the DataModule its checkpoint names; checked against the model's data ``shape``. Raises if there is none,
+    saying to pass ``what_to_pass``."""
     if data is not None:
         from diffscore.lit.data.images import ImageDataModule
 
@@ -196,7 +201,7 @@ def training_data(path: str | Path, data: str | None = None, trust: bool = False
         dm = load_checkpoint_datamodule(path, trust)
     if dm is None:
         kind = "an NVlabs/edm network pickle never names" if is_edm_pickle(path) else "it does not name"
-        raise DiffscoreError(f"{path}: {kind} its training data; pass --data PATH (an EDM dataset ZIP or folder)")
+        raise DiffscoreError(f"{path}: {kind} its training data; pass {what_to_pass}")
     if shape is not None and tuple(dm.data_shape) != tuple(shape):
         raise DiffscoreError(f"the data are {list(dm.data_shape)} images but the model makes {list(shape)}")
     return dm

@@ -102,20 +102,25 @@ def seeded_labels(generators: Sequence[torch.Generator], label_dim: int, device:
     return torch.stack([torch.randint(label_dim, (), generator=g, device=device) for g in generators])
 
 
+def check_condition(model: Sampleable, options: SamplingOptions) -> None:
+    """Raise DiffscoreError, naming the option, for a class or captions the model cannot be conditioned on."""
+    if options.prompts is not None and not model.text_conditioned:
+        raise DiffscoreError("--prompt/--prompts need a text-conditioned checkpoint (a backbone with text_dim > 0)")
+    if options.class_label is not None and not 0 <= options.class_label < model.label_dim:
+        raise DiffscoreError(
+            f"--class_label {options.class_label} is out of range for a model with {model.label_dim} classes"
+        )
+
+
 def condition(
     model: Sampleable, seeds: Sequence[int], options: SamplingOptions, generators: Sequence[torch.Generator]
 ) -> Tensor | list[str] | None:
-    """The condition of each sample: the chosen class, one label per seed, the seeds' captions, or None."""
+    """The condition of each sample (options checked by ``check_condition``): the chosen class, one label per
+    seed, the seeds' captions, or None."""
     device = generators[0].device if generators else "cpu"
     if options.prompts is not None:
-        if not model.text_conditioned:
-            raise DiffscoreError("captions need a text-conditioned model (a backbone with text_dim > 0)")
         return [options.prompts[int(s) % len(options.prompts)] for s in seeds]
     if options.class_label is not None:
-        if not 0 <= options.class_label < model.label_dim:
-            raise DiffscoreError(
-                f"class label {options.class_label} is out of range for a model with {model.label_dim} classes"
-            )
         return torch.full((len(seeds),), options.class_label, dtype=torch.long, device=device)
     if model.label_dim > 0:
         return seeded_labels(generators, model.label_dim, device)

@@ -17,7 +17,14 @@ from diffscore.core.precond import Preconditioning
 from diffscore.core.samplers import get_sampler, nfe
 from diffscore.core.schedules import clip_sigma_range, karras_sigmas
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sampling import BackboneFacts, SamplingOptions, condition, seed_generators, seeded_noise
+from diffscore.lit.sampling import (
+    BackboneFacts,
+    SamplingOptions,
+    check_condition,
+    condition,
+    seed_generators,
+    seeded_noise,
+)
 
 
 class DenoiserSampling(BackboneFacts):
@@ -69,6 +76,7 @@ class DenoiserSampling(BackboneFacts):
             raise DiffscoreError(f"--precision must be bf16 or 32, got {options.precision!r}")
         if options.guidance != 1.0 and not self.conditional:
             raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is not")
+        check_condition(self, options)
 
     def nfe(self, options: SamplingOptions | None = None) -> int:
         """Denoiser evaluations per sample, teleported steps excluded."""

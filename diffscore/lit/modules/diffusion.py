@@ -139,8 +139,9 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         # record of how it was built (diffscore.networks.backbone), so a checkpoint rebuilds it without pickled code.
         self.save_hyperparameters(settings)
         self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        if backbone_config(backbone) is not None:  # else: a backbone built in Python from objects, not a config
-            self.hparams["backbone"] = backbone_config(backbone)
+        recorded = backbone_config(backbone)  # None: a backbone built in Python from objects, not from a config
+        if recorded is not None:
+            self.hparams["backbone"] = recorded
         _check_settings(self.hparams)
         self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
         self.denoiser = build_precond(precond, backbone, sigma_data, precond_kwargs)

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from diffscore.core.distill import one_step_generate
 from diffscore.core.precond import EDMPrecond
 from diffscore.errors import DiffscoreError
-from diffscore.lit.sampling import BackboneFacts, SamplingOptions, condition, seed_generators, seeded_noise
+from diffscore.lit.sampling import (
+    BackboneFacts,
+    SamplingOptions,
+    check_condition,
+    condition,
+    seed_generators,
+    seeded_noise,
+)
 
 
 class OneStepSampling(BackboneFacts):
@@ -34,6 +41,7 @@ class OneStepSampling(BackboneFacts):
                 "this checkpoint is a one-step generator (NFE = 1): leave out --steps, --sampler, --sampler_kwargs, "
                 "--teleport and --guidance"
             )
+        check_condition(self, options)
 
     def nfe(self, options: SamplingOptions | None = None) -> int:
         return 1
