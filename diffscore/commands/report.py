@@ -6,12 +6,18 @@ import re
 from pathlib import Path
 
 from diffscore.errors import DiffscoreError
-from diffscore.io import pyplot
+from diffscore.io import atomic_write, pyplot
 from diffscore.lit.callbacks.run_log import read_jsonl
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if key in r]
+    """(steps, values) of ``key``; a resume marker drops the points after its step that the killed start logged."""
+    pts: list[tuple[float, float]] = []
+    for r in records:
+        if "resumed_from" in r:
+            pts = [p for p in pts if p[0] <= r["step"]]
+        elif key in r and "step" in r:
+            pts.append((r["step"], r[key]))
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -29,6 +35,8 @@ def report(run_dir: str) -> list[Path]:
     records = read_jsonl(path)
     keys = sorted({k for r in records for k in r})
     out_dir = root / "report"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DiffscoreError(f"{out_dir} is a file, but the report is written into a folder of that name; move it away")
     out_dir.mkdir(exist_ok=True)
     written = []
 
@@ -64,7 +72,8 @@ def report(run_dir: str) -> list[Path]:
         ax.set_title(name.replace("_", " "))
         ax.legend(fontsize=6, ncol=2)
         file = out_dir / f"{name}.png"
-        fig.savefig(file, dpi=110, bbox_inches="tight")
+        with atomic_write(file) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(file)
     print("diffscore: wrote", *(str(p) for p in written), sep="\n  ", flush=True)

@@ -1,16 +1,21 @@
 """EDM's dataset format: a folder or an uncompressed ZIP of PNG/JPEG images, with optional labels.
 
 Labels live in ``dataset.json`` at the root: ``{"labels": [["00000/img00000000.png", 6], ...]}`` (or
-``"labels": null``). Images must be square with a power-of-two side, all of one size, with 1 (L) or 3 (RGB)
-channels; ``diffscore dataset`` converts anything else. Items are uint8 [C, H, W] tensors (the DataModule
-maps them to [-1, 1] on the device) and an int64 label (0 when unlabelled).
+``"labels": null``). Images must be square with a power-of-two side of at least ``MIN_SIDE`` (the smallest the
+U-Nets take), all of one size, with 1 (L) or 3 (RGB) channels; ``diffscore dataset`` converts anything else.
+A ZIP that repeats a member name, and an image over PIL's decompression-bomb pixel limit, are refused. Items are
+uint8 [C, H, W] tensors (the DataModule maps them to [-1, 1] on the device) and an int64 label (0 when unlabelled).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import warnings
 import zipfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,10 +27,43 @@ from diffscore.errors import DiffscoreError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CHANNELS = {"L": 1, "RGB": 3}
+MIN_SIDE = 4  # the U-Nets (diffscore/networks) take powers of two >= 4
+SIDE_RULE = f"square with a power-of-two side of at least {MIN_SIDE}"
 
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def is_valid_side(n: int) -> bool:
+    """Whether ``n`` x ``n`` images can be trained on (``SIDE_RULE``)."""
+    return n >= MIN_SIDE and is_power_of_two(n)
+
+
+def duplicate_name(names: Iterable[str]) -> str | None:
+    """The first name that occurs twice in ``names`` (a ZIP may hold two members of one name), else None."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+@contextmanager
+def reading_image(where: str) -> Iterator[None]:
+    """PIL's errors while reading the image ``where`` as one-line DiffscoreErrors; an image over PIL's
+    decompression-bomb pixel limit (its warning as well as its error) is refused before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DiffscoreError(
+            f"{where} is refused as a possible decompression bomb ({e}); remove or shrink it"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DiffscoreError(f"{where} is not a readable image ({e})") from None
 
 
 class ImageFolderDataset(Dataset):
@@ -47,14 +85,22 @@ class ImageFolderDataset(Dataset):
         if not self.names:
             raise DiffscoreError(f"dataset {self.path} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.xflip = xflip
-        self.shape = self._check_headers(self.names if verify else self.names[:1])  # (C, H, W)
+        self._num_checked = len(self.names) if verify else 1  # images past it: their header is read on first use
+        self.shape = self._check_headers(self.names[: self._num_checked])  # (C, H, W)
         self.labels = self._read_labels() if use_labels else None
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None else 0
 
     # ---------------------------------------------------------------------------------------------------------
     def _all_files(self) -> list[str]:
         if self._is_zip:
-            return [n for n in self._zipfile().namelist() if not n.endswith("/")]
+            names = [n for n in self._zipfile().namelist() if not n.endswith("/")]
+            dup = duplicate_name(names)
+            if dup is not None:
+                raise DiffscoreError(
+                    f"dataset {self.path} holds two members named {dup!r} (twice: only one could be read); "
+                    "rebuild the ZIP from the original images with unique names"
+                )
+            return names
         return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
 
     def _zipfile(self) -> zipfile.ZipFile:
@@ -75,25 +121,28 @@ class ImageFolderDataset(Dataset):
     def _where(self, name: str) -> str:
         return f"{self.path}:{name}" if self._is_zip else str(self.path / name)
 
+    def _header(self, name: str, data: bytes | None = None) -> tuple[int, int, str]:
+        """(width, height, mode) of an image from its header (the pixels are not decoded)."""
+        with reading_image(self._where(name)):
+            with io.BytesIO(data) if data is not None else self._open(name) as f, Image.open(f) as img:
+                (w, h), mode = img.size, img.mode
+        if w != h or not is_valid_side(w):
+            raise DiffscoreError(
+                f"{self._where(name)} is {w}x{h}; images must be {SIDE_RULE} "
+                "(convert with `diffscore dataset --resolution R --transform center-crop`)"
+            )
+        if mode not in CHANNELS:
+            raise DiffscoreError(
+                f"{self._where(name)} has mode {mode}; images must be L (1 channel) or RGB "
+                "(convert with `diffscore dataset`)"
+            )
+        return w, h, mode
+
     def _check_headers(self, names: list[str]) -> tuple[int, int, int]:
         """Read every image header (not the pixels): square, power-of-two side, one size, L or RGB."""
         shape = None
         for name in names:
-            try:
-                with self._open(name) as f, Image.open(f) as img:
-                    (w, h), mode = img.size, img.mode
-            except (UnidentifiedImageError, OSError, SyntaxError) as e:
-                raise DiffscoreError(f"{self._where(name)} is not a readable image ({e})") from None
-            if w != h or not is_power_of_two(w):
-                raise DiffscoreError(
-                    f"{self._where(name)} is {w}x{h}; images must be square with a power-of-two side "
-                    "(convert with `diffscore dataset --resolution R --transform center-crop`)"
-                )
-            if mode not in CHANNELS:
-                raise DiffscoreError(
-                    f"{self._where(name)} has mode {mode}; images must be L (1 channel) or RGB "
-                    "(convert with `diffscore dataset`)"
-                )
+            w, h, mode = self._header(name)
             this = (CHANNELS[mode], h, w)
             if shape is None:
                 shape = this
@@ -149,6 +198,10 @@ class ImageFolderDataset(Dataset):
         name = self.names[index]
         with self._open(name) as f:
             data = f.read()
+        if index >= self._num_checked:  # not verified at start-up: no decoder sees a bomb or a wrong size
+            w, h, mode = self._header(name, data)
+            if (CHANNELS[mode], h, w) != self.shape:
+                raise DiffscoreError(f"{self._where(name)} is {[CHANNELS[mode], h, w]}, expected {list(self.shape)}")
         try:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         except RuntimeError as e:

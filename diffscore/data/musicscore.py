@@ -8,9 +8,8 @@ Published layout (FACTS.md; both the current and the older folder names, misspel
 
 A split is a folder of loose images (``val/`` may also be called ``validation/``), or ``.tar.gz`` shards: the
 file ``<split>.tar.gz`` (``.tgz``/``.tar`` too), shards ``<split>-*.tar.gz``, or shards inside the split folder.
-Shards are extracted once into ``<scale folder>/.extracted/<shard name>/`` (or ``cache_dir``), safely: a member
-with an absolute path, a ``..`` component, a path resolving outside the destination, or of any type other than
-file and folder (links, devices) is refused, and ``tarfile``'s ``data`` filter is applied where Python has it.
+Shards are extracted once (again when they change) into ``<scale folder>/.extracted/<shard name>/`` (or
+``cache_dir``), safely: see diffscore/data/shards.py.
 
 Images are joined to metadata records by file name (the base name, or the stem when extensions differ). The
 metadata's exact keys are unverified (FACTS.md), so ``metadata.json`` may be a list of records, a mapping
@@ -26,10 +25,7 @@ into the square, white padding left/right (or below). ``"center"``: resize the s
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,10 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from diffscore.data.image_folder import reading_image
+from diffscore.data.shards import extract_shard
 from diffscore.errors import DiffscoreError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -107,55 +105,6 @@ def find_scale_dir(root: str | Path, scale: str | None = None) -> Path:
     )
 
 
-def check_member(member: tarfile.TarInfo, dest: Path, shard: Path) -> None:
-    """Raise DiffscoreError unless ``member`` is a plain file or folder whose path stays inside ``dest``."""
-    name = member.name
-    where = f"shard {shard}: member {name!r}"
-    if not (member.isfile() or member.isdir()):
-        kind = "link" if (member.issym() or member.islnk()) else "special file"
-        raise DiffscoreError(f"{where} is a {kind}; only files and folders are extracted. Refusing the shard")
-    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
-        raise DiffscoreError(f"{where} has an absolute path; refusing the shard")
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        raise DiffscoreError(f"{where} escapes the destination ('..'); refusing the shard")
-    target = (dest / name).resolve()
-    if target != dest.resolve() and dest.resolve() not in target.parents:
-        raise DiffscoreError(f"{where} resolves outside {dest}; refusing the shard")
-
-
-def extract_shard(shard: str | Path, dest: str | Path) -> Path:
-    """Extract a tar shard into ``dest`` after checking every member (``check_member``); done once.
-
-    Written to a temporary sibling and renamed when complete, so an interrupted extraction is redone, never
-    half-used. Returns ``dest``.
-    """
-    shard, dest = Path(shard), Path(dest)
-    if dest.is_dir():
-        return dest
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with tarfile.open(shard, "r:*") as tar:
-            members = tar.getmembers()
-            for m in members:
-                check_member(m, tmp, shard)
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.12 (and backports): a second, independent guard
-                tar.extractall(tmp, members=members, filter="data")
-            else:  # pragma: no cover - older Pythons; every member was checked above
-                tar.extractall(tmp, members=members)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not dest.is_dir():  # else another process (a DDP rank) finished the same extraction first
-                raise
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DiffscoreError(f"shard {shard} is not a readable tar archive ({type(e).__name__}: {e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
 def _is_shard(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES)
 
@@ -182,13 +131,13 @@ def split_sources(scale_dir: Path, split: str) -> tuple[list[Path], list[Path]]:
     return folders, shards
 
 
-def list_split_images(scale_dir: Path, split: str, cache_dir: Path | None = None) -> list[Path]:
+def list_split_images(scale_dir: Path, split: str, cache_dir: Path | None = None, extract: bool = True) -> list[Path]:
     """Image files of a split (loose images and extracted shards), sorted by file name then path."""
     folders, shards = split_sources(scale_dir, split)
     cache = cache_dir if cache_dir is not None else scale_dir / ".extracted"
     roots = list(folders)
     for shard in shards:
-        roots.append(extract_shard(shard, cache / _shard_stem(shard)))
+        roots.append(extract_shard(shard, cache / _shard_stem(shard), extract))
     images = {
         p
         for root in roots
@@ -332,12 +281,13 @@ def index_split(
     prefix: str = DEFAULT_PREFIX,
     require_metadata: bool = False,
     cache_dir: Path | None = None,
+    extract: bool = True,
 ) -> list[ScorePage]:
     """The pages of a split with their captions; an image without a record gets the bare prefix (or an error
     with ``require_metadata``)."""
     by_stem = {PurePosixPath(name).stem: rec for name, rec in metadata.items()}
     pages = []
-    for path in list_split_images(scale_dir, split, cache_dir):
+    for path in list_split_images(scale_dir, split, cache_dir, extract):
         fields = metadata.get(path.name)
         if fields is None:
             fields = by_stem.get(path.stem)
@@ -352,11 +302,8 @@ def index_split(
 
 
 def load_page(path: Path, resolution: int, policy: str = "top") -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return page_to_square(img, resolution, policy)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DiffscoreError(f"{path} is not a readable image ({e})") from None
+    with reading_image(str(path)), Image.open(path) as img:  # one-line errors; decompression bombs refused
+        return page_to_square(img, resolution, policy)
 
 
 class MusicScoreDataset(Dataset):

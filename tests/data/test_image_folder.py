@@ -128,3 +128,33 @@ def test_zip_handle_is_not_pickled(tmp_path):
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[1][0], ds[1][0])
     assert isinstance(ds._zip, zipfile.ZipFile) and clone._zip is not None
+
+
+@pytest.mark.parametrize("side", [1, 2])
+def test_images_too_small_for_the_networks_are_refused(tmp_path, side):
+    path = write_dataset(tmp_path / "d.zip", random_images(2, side), as_zip=True)
+    with pytest.raises(DiffscoreError, match=rf"img00000000\.png is {side}x{side}.*at least 4") as err:
+        ImageFolderDataset(path)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_duplicate_zip_members_are_refused(tmp_path):
+    path = tmp_path / "dup.zip"
+    with zipfile.ZipFile(path, "w") as zf, pytest.warns(UserWarning, match="Duplicate"):
+        for seed in (0, 1):
+            zf.writestr("00000/img00000000.png", png_bytes(random_images(1, 8, seed=seed)[0]))
+    with pytest.raises(DiffscoreError, match=r"00000/img00000000\.png.*twice"):
+        ImageFolderDataset(path)
+
+
+@pytest.mark.parametrize("side, verify", [(100_000, True), (10_000, True), (10_000, False)])
+def test_decompression_bomb_is_one_line(tmp_path, side, verify):
+    from tests.data.test_convert import bomb_png
+
+    d = tmp_path / "d"
+    d.mkdir()
+    write_dataset(d, random_images(2, 8))
+    (d / "00000/img00000001.png").write_bytes(bomb_png(side, side))
+    with pytest.raises(DiffscoreError, match=r"img00000001\.png .*decompression bomb") as err:
+        ImageFolderDataset(d, verify=verify)[1]
+    assert len(str(err.value).splitlines()) == 1

@@ -1,6 +1,4 @@
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -8,7 +6,6 @@ from PIL import Image
 
 from diffscore.data.musicscore import (
     MusicScoreDataset,
-    extract_shard,
     find_scale_dir,
     index_split,
     list_split_images,
@@ -110,49 +107,6 @@ def test_malformed_metadata_names_file_and_record(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(DiffscoreError, match=match):
         read_metadata(path)
-
-
-def _tar_with(path, name, data=b"x", kind=tarfile.REGTYPE, linkname=""):
-    with tarfile.open(path, "w:gz") as tar:
-        good = tarfile.TarInfo("train/ok.jpg")
-        good.size = 1
-        tar.addfile(good, io.BytesIO(b"y"))
-        info = tarfile.TarInfo(name)
-        info.type, info.linkname = kind, linkname
-        info.size = len(data) if kind == tarfile.REGTYPE else 0
-        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-
-
-@pytest.mark.parametrize(
-    "name, kind, linkname, match",
-    [
-        ("../evil.jpg", tarfile.REGTYPE, "", r"escapes the destination"),
-        ("train/../../evil.jpg", tarfile.REGTYPE, "", r"escapes the destination"),
-        ("/tmp/evil.jpg", tarfile.REGTYPE, "", r"absolute path"),
-        ("train/link.jpg", tarfile.SYMTYPE, "../../evil.jpg", r"is a link"),
-        ("train/hard.jpg", tarfile.LNKTYPE, "/etc/passwd", r"is a link"),
-    ],
-)
-def test_unsafe_shard_members_are_refused_and_nothing_is_written(tmp_path, name, kind, linkname, match):
-    shard = tmp_path / "data" / "train.tar.gz"
-    shard.parent.mkdir()
-    _tar_with(shard, name, kind=kind, linkname=linkname)
-    dest = tmp_path / "data" / "out" / "train"
-    with pytest.raises(DiffscoreError, match=match):
-        extract_shard(shard, dest)
-    assert not dest.exists()
-    assert not (tmp_path / "data" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
-    assert [p.name for p in (tmp_path / "data" / "out").iterdir()] == []  # the temporary folder is gone too
-
-
-def test_shard_is_extracted_once(tmp_path):
-    shard = tmp_path / "train.tar.gz"
-    _tar_with(shard, "train/b.jpg")
-    dest = extract_shard(shard, tmp_path / "x" / "train")
-    assert sorted(p.name for p in dest.rglob("*.jpg")) == ["b.jpg", "ok.jpg"]
-    (dest / "train" / "b.jpg").unlink()
-    extract_shard(shard, dest)  # already there: left alone
-    assert not (dest / "train" / "b.jpg").exists()
 
 
 def test_page_policies():

@@ -1,8 +1,10 @@
 import json
 
+import pytest
 from lightning.pytorch import Trainer
 
 from diffscore.commands.report import report
+from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks import RunLog, SampleQuality
 from diffscore.lit.data import DigitsDataModule
 from diffscore.lit.modules import DiffusionModule
@@ -46,3 +48,23 @@ def test_run_log_and_sample_quality_feed_the_report(tmp_path):
 def test_report_without_metrics_is_one_clear_error(tmp_path, capsys):
     assert run_cli(["report", str(tmp_path)]) != 0
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_read_jsonl_skips_a_truncated_last_line_once(tmp_path, capsys):
+    from diffscore.lit.callbacks.run_log import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "lr": 0.1}\n\n{"step": 2, "lr": 0.2}\n{"step": 3, "l')  # a kill mid-line
+    assert read_jsonl(path) == [{"step": 1, "lr": 0.1}, {"step": 2, "lr": 0.2}]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "line 4" in err and str(path) in err
+
+
+@pytest.mark.parametrize("text, line", [('{"step": 1}\n{"st\n{"step": 3}\n', 2), ('{"step": 1}\n[1, 2]\n', 2)])
+def test_read_jsonl_names_file_and_line_of_a_corrupt_record(tmp_path, text, line):
+    from diffscore.lit.callbacks.run_log import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(text)
+    with pytest.raises(DiffscoreError, match=rf"metrics\.jsonl line {line} "):
+        read_jsonl(path)
