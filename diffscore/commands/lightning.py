@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from diffscore.commands.config_checks import refuse_nonfinite
+from diffscore.commands.resume import continue_run, replaced_settings
 from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write
 from diffscore.lit.callbacks.sample_grid import SampleGrid
+from diffscore.lit.checkpoint import check_class_paths, flat_config, read_checkpoint, same_class
+from diffscore.lit.run_dir import run_dir
 
 _NOISE = (
     "Parser key",
@@ -47,6 +54,29 @@ class DiffscoreArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+class RunConfig(SaveConfigCallback):
+    """The run's own config in its folder: ``<run>/config.yaml``, then ``config.resume-<n>.yaml`` for the n-th
+    resume (``config.validate-<n>.yaml`` / ``config.test-<n>.yaml`` for those); LightningCLI wrote one
+    ``config.yaml`` per logger save_dir, shared by every run under it."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        fn = trainer.state.fn.value if trainer.state.fn is not None else "fit"  # "fit", "validate", "test"
+        kind = "resume" if fn == "fit" else fn  # a later fit of this run folder is a resume
+        path, n = folder / self.config_filename, 0
+        while path.exists():
+            n += 1
+            path = folder / f"config.{kind}-{n}.yaml"
+        with atomic_write(path) as tmp:
+            tmp.write_text(self.parser.dump(self.config, skip_none=False))
+
+
 class DiffscoreCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule named by ``class_path`` in the YAML."""
 
@@ -56,7 +86,7 @@ class DiffscoreCLI(LightningCLI):
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunConfig,
             parser_kwargs={"description": "diffscore: train and validate a model from a YAML (--config)."},
             parser_class=DiffscoreArgumentParser,
             args=args,
@@ -82,6 +112,56 @@ class DiffscoreCLI(LightningCLI):
             parser.link_arguments(
                 f"data.{source}", f"model.init_args.backbone.init_args.{target}", apply_on="instantiate"
             )
+
+    def _parse_ckpt_path(self) -> None:
+        """Resume/validate/test from --ckpt_path: the checkpoint's saved model settings are used (Lightning's rule);
+        say which given values they replace, and rebuild only classes diffscore allows from a file."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path:
+            return
+
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt.get("state_dict"), dict):
+            raise DiffscoreError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
+        hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
+        given = self.config[sub].model
+        saved_class = hp.pop("_class_path", None)
+        if saved_class and not same_class(saved_class, given.class_path):
+            raise DiffscoreError(
+                f"--ckpt_path {path} holds a {saved_class}, but the config's model is a {given.class_path}; "
+                "pass the config the checkpoint was trained with"
+            )
+        if not hp:
+            return
+        check_class_paths(hp, f"--ckpt_path {path}")
+        replaced = replaced_settings(flat_config(given.get("init_args")), flat_config(hp))
+        if replaced:
+            print(
+                f"diffscore: {path} keeps its saved model settings; not used: {', '.join(replaced)} "
+                "(to change them, start a new run from its weights with --init_from)",
+                flush=True,
+            )
+        update = {sub: {"model": {"class_path": given.class_path, "dict_kwargs": hp}}}
+        self.config = self.parser.parse_object(update, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        refuse_nonfinite(self.config[sub], "")
+        if self.config[sub].get("ckpt_path"):
+            continue_run(self.config[sub].trainer, Path(self.config[sub].ckpt_path))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except RuntimeError as e:  # the weights of another network: torch's 40-line key listing
+            if "Error(s) in loading state_dict" not in str(e) or isinstance(e, DiffscoreError):
+                raise
+            path = self.config[subcommand].get("ckpt_path")
+            raise DiffscoreError(
+                f"--ckpt_path {path}: its weights do not fit the configured model ({str(e).splitlines()[0][:160]}); "
+                "pass the config it was trained with"
+            ) from None
 
     def instantiate_classes(self) -> None:
         """Build the configured objects; a constructor's DiffscoreError is reported as itself."""

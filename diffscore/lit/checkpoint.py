@@ -12,6 +12,7 @@ import functools
 import importlib
 import inspect
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +83,41 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> dict[str, Any]:
     return _read_cached(path.resolve(), path.stat().st_mtime_ns, trust)
 
 
+def _check_torch_file(path: Path) -> None:
+    """Raise unless the file is one torch.save writes: a ZIP archive (torch >= 1.6), or a pickle (protocol >= 2)
+    of the legacy format."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    if head == b"PK":
+        raise DiffscoreError(f"{path} is a damaged or truncated checkpoint (an incomplete copy or write?)")
+    raise DiffscoreError(f"{path} is not a checkpoint (not a file torch.save writes); pass a .ckpt of `diffscore fit`")
+
+
 @functools.lru_cache(maxsize=1)
 def _read_cached(path: Path, mtime_ns: int, trust: bool) -> dict[str, Any]:
+    unreadable = f"{path} is not a readable checkpoint"
+    _check_torch_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if trust:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        else:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found is None:  # damaged, not merely holding objects
+            raise DiffscoreError(f"{unreadable} (damaged or truncated: {str(e).splitlines()[-1][:120]})") from None
+        if not trust:
             raise DiffscoreError(
-                f"{path} holds objects beyond tensors and plain data ({str(e).splitlines()[0][:120]}); loading it "
-                "could run code. If you trust the file, pass --trust_checkpoint true"
+                f"{path} holds objects beyond tensors and plain data ({found.group(1)}); loading it could run code. "
+                "If you trust the file, pass --trust_checkpoint true"
             ) from None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a trusted file may still be damaged
+            raise DiffscoreError(f"{unreadable} ({type(e).__name__}: {str(e)[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise DiffscoreError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise DiffscoreError(f"{unreadable} ({type(e).__name__}: {str(e)[:120]})") from None
     if not isinstance(ckpt, dict):
         raise DiffscoreError(f"{path} is not a diffscore checkpoint (it holds a {type(ckpt).__name__})")
     return ckpt
@@ -111,6 +133,55 @@ def resolve(class_path: str, role: str) -> type:
         )
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def flat_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} of a nested configuration (dicts or jsonargparse Namespaces; lists are leaves, tuples become
+    lists), for comparing two of them key by key."""
+    if hasattr(tree, "as_dict"):
+        tree = tree.as_dict()
+    if not isinstance(tree, dict):
+        return {prefix: list(tree) if isinstance(tree, tuple) else tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flat_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def same_class(a: str, b: str) -> bool:
+    """Two spellings of one class path (``diffscore.networks.UNet`` and ``diffscore.networks.unet.UNet``; the
+    LightningModules under ``diffscore.lit`` and ``diffscore.lit.modules``)."""
+    if a == b:
+        return True
+    targets = [{ALLOWED[r].get(p) for r in ALLOWED} - {None} for p in (a, b)]
+    if targets[0] & targets[1]:
+        return True
+    module_a, _, name_a = a.rpartition(".")
+    module_b, _, name_b = b.rpartition(".")
+    lit = ("diffscore.lit", "diffscore.lit.modules")
+    return name_a == name_b and module_a.startswith(lit) and module_b.startswith(lit)
+
+
+def _allowed_anywhere(class_path: str) -> bool:
+    if any(class_path in ALLOWED[role] for role in ALLOWED):
+        return True
+    module, _, name = class_path.rpartition(".")  # an optimizer or LR schedule torch ships
+    if module in ("torch.optim", "torch.optim.lr_scheduler"):
+        return isinstance(getattr(importlib.import_module(module), name, None), type)
+    return False
+
+
+def check_class_paths(tree: Any, where: str) -> None:
+    """Refuse a saved configuration that names a class diffscore does not build from a file (checked before
+    anything it names is imported)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key in ("class_path", "_class_path") and not (isinstance(value, str) and _allowed_anywhere(value)):
+                raise DiffscoreError(f"{where} names {value!r}, a class diffscore does not build from a file")
+            check_class_paths(value, where)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            check_class_paths(value, where)
 
 
 def build(config: dict[str, Any], role: str) -> Any:
@@ -134,7 +205,7 @@ def build(config: dict[str, Any], role: str) -> Any:
             raise DiffscoreError(f"{class_path} argument {key!r} is not plain data ({type(value).__name__})")
     try:
         return cls(**init)
-    except (TypeError, ValueError, RuntimeError, DiffscoreError) as e:
+    except Exception as e:  # any failure of the saved arguments (negative or unallocatable sizes) is one line
         raise DiffscoreError(f"{class_path} rejects the saved arguments ({str(e)[:200]})") from None
 
 
@@ -208,8 +279,26 @@ def training_data(
 
 
 def load_checkpoint_datamodule(path: str | Path, trust: bool = False):
-    """The DataModule a checkpoint was trained on (None if it does not say, as EDM's network pickles do not)."""
+    """The DataModule a checkpoint was trained on (None if it does not say, as EDM's network pickles do not).
+
+    Unless the file is trusted it is built so that it writes nothing (its class's ``WRITE_ARGS``: no synthetic
+    data, no shard extraction); the paths it reads are printed."""
     if is_edm_pickle(path):
         return None
     hp = read_checkpoint(path, trust).get("datamodule_hyper_parameters")
-    return build(dict(hp), "data") if hp and "_class_path" in hp else None
+    if not hp or "_class_path" not in hp:
+        return None
+    config = dict(hp)
+    if not trust:
+        for key, inert in getattr(resolve(config["_class_path"], "data"), "WRITE_ARGS", {}).items():
+            if key in config and config[key] != inert:
+                print(
+                    f"diffscore: not applying the checkpoint's data.{key}={config[key]!r} (it writes files; "
+                    "--trust_checkpoint true allows it)",
+                    flush=True,
+                )
+            config[key] = inert
+    named = {k: config[k] for k in ("path", "root", "cache_dir") if config.get(k)}
+    if named:
+        print(f"diffscore: the checkpoint's data: {config['_class_path'].rsplit('.', 1)[-1]} {named}", flush=True)
+    return build(config, "data")

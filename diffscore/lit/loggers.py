@@ -47,11 +47,15 @@ class WandbLogger(_LightningWandbLogger):
             )
         if offline is None:  # WANDB_MODE=disabled is left to wandb itself (offline=True would override it)
             offline = not wandb_online() and os.environ.get("WANDB_MODE", "").lower() != "disabled"
-        if os.environ.get("WANDB_MODE", "").lower() == "disabled" and "id" not in kwargs:
+        if os.environ.get("WANDB_MODE", "").lower() == "disabled" and not (kwargs.get("id") or kwargs.get("version")):
             # a disabled run has a fixed dummy id: give each run its own folder for checkpoints and grids
             kwargs["id"] = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        if kwargs.get("resume") is None:  # a config passes every option, None included: keep Lightning's "allow"
+            kwargs["resume"] = "allow"  # (a resumed fit continues its run id)
         os.makedirs(save_dir, exist_ok=True)
         super().__init__(project=project, name=name, save_dir=save_dir, offline=offline, log_model=log_model, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb warns that the setting has no effect
+            self._wandb_init.pop("anonymous", None)
 
     def finalize(self, status: str) -> None:
         super().finalize(status)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,34 @@ def test_ddp_on_cpu_with_two_processes(in_tmp):
     assert state["global_step"] == 5
     (dm_state,) = [v for k, v in state.items() if "DataModule" in k]
     assert dm_state == {"stream_consumed": 5 * 32}  # total batch 32: 3 steps on two devices, 2 on one
+
+
+def test_resume_continues_the_run_in_its_folder(in_tmp, capsys):
+    """--ckpt_path of a run continues that run: same folder (and wandb id), its own config record per start, no
+    'dataloader not resumable' warning, and a given model setting that the saved one replaces is named."""
+    import warnings
+
+    assert run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2"]) == 0
+    (run,) = (in_tmp / "runs" / "diffscore-quickstart").iterdir()
+    capsys.readouterr()
+    resume = [*TINY, "--trainer.max_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli(["fit", "--config", QUICKSTART, *resume, "--model.init_args.sigma_max=7"]) == 0
+    out = capsys.readouterr().out
+    assert "not used: model.sigma_max=7.0 (saved 80.0)" in out
+    assert not [w for w in caught if "resumable" in str(w.message) or "exists and is not empty" in str(w.message)]
+    assert [p.name for p in (in_tmp / "runs" / "diffscore-quickstart").iterdir()] == [run.name]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.resume-1.yaml", "config.yaml"]
+    assert not (in_tmp / "runs" / "config.yaml").exists()  # no record shared by every run under runs/
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+
+
+def test_validate_logs_into_the_checkpoint_s_run(in_tmp):
+    assert run_cli(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2"]) == 0
+    (run,) = (in_tmp / "runs" / "diffscore-quickstart").iterdir()
+    assert run_cli(["validate", "--config", QUICKSTART, *TINY, f"--ckpt_path={run / 'checkpoints/last.ckpt'}"]) == 0
+    assert [p.name for p in (in_tmp / "runs" / "diffscore-quickstart").iterdir()] == [run.name]
+    assert sorted(p.name for p in run.glob("config*.yaml")) == ["config.validate-1.yaml", "config.yaml"]

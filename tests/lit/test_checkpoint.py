@@ -56,3 +56,39 @@ def test_build_checks_argument_names_and_plain_values():
         build({**config, "init_args": {"width": -3}}, "backbone")
     with pytest.raises(DiffscoreError, match="not a data class"):
         build({"class_path": "diffscore.networks.MLP"}, "data")
+
+
+def _with_data(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "with_data.ckpt"
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": data}, path)
+    return path
+
+
+def test_data_named_by_an_untrusted_checkpoint_write_nothing(tmp_path, capsys):
+    """A crafted data section asks MusicScore to write synthetic pages under a folder of its choosing: built from
+    the file, it writes nothing and names the folder; with --trust_checkpoint the user allows it."""
+    planted = tmp_path / "planted"
+    data = {"_class_path": "diffscore.lit.data.MusicScoreDataModule", "root": str(planted), "synthetic_pages": 8}
+    path = _with_data(tmp_path, data)
+    with pytest.raises(DiffscoreError):
+        load_checkpoint_datamodule(path)
+    assert not planted.exists()
+    out = capsys.readouterr().out
+    assert "not applying the checkpoint's data.synthetic_pages=8" in out and str(planted) in out
+    dm = load_checkpoint_datamodule(path, trust=True)
+    assert planted.is_dir() and len(dm.dataset("train")) == 8
+
+
+def test_a_trusted_checkpoint_s_data_are_read_with_the_trust_flag(tiny_ckpt, tmp_path):
+    """evaluate --trust_checkpoint true passed the flag to the model loader only: the data loader refused it."""
+    import argparse
+
+    from tests.conftest import run_cli
+
+    ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
+    ckpt["note"] = argparse.Namespace(why="an object beyond plain data")  # needs full unpickling
+    path = tmp_path / "trusted.ckpt"
+    torch.save(ckpt, path)
+    args = ["evaluate", "--ckpt_path", path, "--num_samples", "4", "--steps", "1", "--metrics", "memorization"]
+    assert run_cli(args) == 2
+    assert run_cli([*args, "--trust_checkpoint", "true"]) == 0

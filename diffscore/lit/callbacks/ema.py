@@ -9,6 +9,7 @@ steps still holds 40% of the random initial weights.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -32,9 +33,9 @@ class EDMEMA(WeightAveraging):
         rampup_ratio: float | None = 0.05,  # half-life <= this * images seen so far; None = no ramp-up
         device: str | None = None,  # keep the average on another device (e.g. "cpu") to save GPU memory
     ) -> None:
-        if halflife_images <= 0:
-            raise DiffscoreError(f"EDMEMA.halflife_images must be positive, got {halflife_images}")
-        if rampup_ratio is not None and rampup_ratio <= 0:
+        if not 0 < halflife_images < math.inf:  # (NaN fails every comparison)
+            raise DiffscoreError(f"EDMEMA.halflife_images must be a positive finite number, got {halflife_images}")
+        if rampup_ratio is not None and not 0 < rampup_ratio < math.inf:
             raise DiffscoreError(f"EDMEMA.rampup_ratio must be positive or null, got {rampup_ratio}")
         super().__init__(device=device, use_buffers=False, multi_avg_fn=self._lerp)
         self.halflife_images = halflife_images

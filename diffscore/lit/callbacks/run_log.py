@@ -4,6 +4,8 @@ and the logger (wandb charts): losses, held-out/gap per sigma, learning rate, th
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.callbacks.status import say
 from diffscore.lit.data.base import train_images
 from diffscore.lit.data.tensor import heldout_images
 from diffscore.lit.run_dir import run_dir
@@ -32,8 +35,12 @@ def append_jsonl(trainer: Trainer, record: dict[str, Any]) -> None:
         return
     path = run_dir(trainer) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as f:
+        cut = False
+        if f.seek(0, os.SEEK_END) > 0:  # a kill mid-line left the last record cut: start a fresh line
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((("\n" if cut else "") + json.dumps(record) + "\n").encode())
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -56,6 +63,10 @@ class RunLog(Callback):
         self._t0: float | None = None
         self._step0 = 0
         self._images_per_step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path:  # records after this step that an earlier, killed start wrote are superseded
+            append_jsonl(trainer, {"step": trainer.global_step, "resumed_from": str(trainer.ckpt_path)})
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         x0 = batch[0]
@@ -165,6 +176,8 @@ class SampleQuality(Callback):
         if not self.wanted:
             return None
         module = ema_module(trainer, pl_module)
+        what = ", ".join(sorted(self.wanted))
+        say(trainer, f"step {trainer.global_step}: sample quality of {self.num_samples} EMA samples ({what})")
         feats: dict[str, list] = {"seeds": []}
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
@@ -183,4 +196,22 @@ class SampleQuality(Callback):
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``. A last line cut short (no newline: a kill mid-write) is skipped with
+    one warning; any other line that is not a JSON object is an error naming the file and the line."""
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines) and not text.endswith("\n"):
+            print(f"diffscore: warning: {path} line {number} is cut short (a killed run?); skipped", file=sys.stderr)
+        else:
+            raise DiffscoreError(f"{path} line {number} is not a JSON record ({line[:40]!r}); repair or delete it")
+    return records

@@ -9,7 +9,7 @@ Images may travel as uint8 and are mapped to [-1, 1] on the device (4x less host
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -53,6 +53,21 @@ class StreamSampler(DistributedSampler):
         pass
 
 
+class StreamLoader(DataLoader):
+    """The training loader. Its state is the stream position, kept by the DataModule (``stream_consumed``: samples
+    all devices consumed, from the global step), so Lightning knows a run resumed mid-epoch continues exactly."""
+
+    def __init__(self, *args, datamodule: BaseDataModule, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict:
+        return {"stream_consumed": BaseDataModule.state_dict(self.datamodule)["stream_consumed"]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.sampler.next_position = int(state_dict["stream_consumed"]) // self.sampler.world_size
+
+
 def split_batch(total: int, batch_gpu: int | None, world_size: int) -> tuple[int, int]:
     """(per-device batch, accumulation steps) with total = per-device * accumulation * world_size (EDM)."""
     if total % world_size:
@@ -70,6 +85,10 @@ def split_batch(total: int, batch_gpu: int | None, world_size: int) -> tuple[int
 
 class BaseDataModule(LightningDataModule):
     """Loaders over ``dataset(split)`` for split in train/val/test; subclasses provide the datasets."""
+
+    # Constructor arguments that make the module write files, with the value that writes nothing: a data section
+    # read from an untrusted checkpoint is built with these (diffscore.lit.checkpoint.load_checkpoint_datamodule).
+    WRITE_ARGS: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -135,7 +154,8 @@ class BaseDataModule(LightningDataModule):
             per_rank = (self.epoch_size or len(dataset)) // world
             sampler = StreamSampler(len(dataset), max(batch, per_rank // batch * batch), self.shuffle_seed, rank, world)
             sampler.next_position = self._resume_consumed // world  # rank r reads stream positions p * world + r
-        return DataLoader(
+        loader, extra = (StreamLoader, {"datamodule": self}) if train else (DataLoader, {})
+        return loader(
             dataset,
             batch_size=batch,
             shuffle=False,
@@ -145,6 +165,7 @@ class BaseDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -33,6 +33,8 @@ from diffscore.networks.text_encoder import find_text_encoder
 class MusicScoreDataModule(BaseDataModule):
     """MusicScore pages (one scale) as grayscale squares with captions built from their metadata."""
 
+    WRITE_ARGS = {"synthetic_pages": None, "extract": False}
+
     def __init__(
         self,
         root: str = "datasets/musicscore",  # a scale folder (with metadata.json) or the folder holding them
@@ -45,6 +47,7 @@ class MusicScoreDataModule(BaseDataModule):
         cache_dir: str | None = None,  # where .tar.gz shards are extracted (default <scale folder>/.extracted)
         in_memory: bool = False,  # decode and resize every page once at start-up (small scales)
         synthetic_pages: int | None = None,  # root has no data: write this many synthetic training pages there
+        extract: bool = True,  # extract .tar.gz shards into cache_dir when needed (False: a missing one is an error)
         batch_size: int = 64,  # total training batch (over all devices)
         batch_gpu: int | None = None,  # most images per device at once; the rest is gradient accumulation
         eval_batch_size: int | None = None,  # validation/test batch per device (default: the training one)
@@ -71,7 +74,9 @@ class MusicScoreDataModule(BaseDataModule):
         cache = Path(cache_dir) if cache_dir is not None else None
         self.datasets: dict[str, MusicScoreDataset] = {}
         for split in ("train", "val", "test"):
-            pages = index_split(self.scale_dir, split, metadata, self.template, caption_prefix, require_metadata, cache)
+            pages = index_split(
+                self.scale_dir, split, metadata, self.template, caption_prefix, require_metadata, cache, extract
+            )
             self.datasets[split] = MusicScoreDataset(pages, resolution, page_policy, in_memory)
         if not len(self.datasets["train"]):
             raise DiffscoreError(f"{self.scale_dir} has no training images (train/ folder or train*.tar.gz)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,11 +52,13 @@ def build_precond(name: str, backbone: nn.Module, sigma_data: float, kwargs: dic
 
 def _check_settings(hp: Any) -> None:
     """Raise DiffscoreError, naming the option, for settings a DiffusionModule cannot train or sample with."""
+    if not math.isfinite(hp.P_mean) or not 0 < hp.P_std < math.inf:
+        raise DiffscoreError(f"model: need a finite P_mean and P_std > 0; got P_mean={hp.P_mean}, P_std={hp.P_std}")
     if hp.lr_rampup_images < 0:
         raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {hp.lr_rampup_images}")
-    if any(s <= 0 for s in hp.val_sigmas):
+    if not all(0 < s < math.inf for s in hp.val_sigmas):
         raise DiffscoreError(f"model.val_sigmas must be positive, got {hp.val_sigmas}")
-    if not 0 < hp.sigma_min < hp.sigma_max or hp.rho <= 0 or hp.sigma_data <= 0:
+    if not 0 < hp.sigma_min < hp.sigma_max < math.inf or not 0 < hp.rho < math.inf or not 0 < hp.sigma_data < math.inf:
         raise DiffscoreError(
             f"model: need 0 < sigma_min < sigma_max, rho > 0 and sigma_data > 0; got sigma_min={hp.sigma_min}, "
             f"sigma_max={hp.sigma_max}, rho={hp.rho}, sigma_data={hp.sigma_data}"
@@ -306,6 +309,8 @@ class DiffusionModule(DenoiserSampling, LightningModule):
             self.val_metrics[f"{split}_{i}"].update(loss)
 
     def on_validation_epoch_end(self) -> None:
+        # The MeanMetrics already reduce over ranks; sync_dist=True averages equal values (and keeps Lightning from
+        # warning once per key under DDP).
         heldout, gaps = [], []
         for i, s in enumerate(self.val_sigmas):
             h = self.val_metrics[f"heldout_{i}"]
@@ -313,19 +318,19 @@ class DiffusionModule(DenoiserSampling, LightningModule):
             if not h.update_called:  # a sanity check over loader 0 only, or no validation data
                 continue
             h_val = h.compute()
-            self.log(f"heldout/loss_s{s:g}", h_val)
+            self.log(f"heldout/loss_s{s:g}", h_val, sync_dist=True)
             heldout.append(h_val)
             if t.update_called:
                 t_val = t.compute()
-                self.log(f"train_eval/loss_s{s:g}", t_val)
-                self.log(f"gap/loss_s{s:g}", h_val - t_val)
+                self.log(f"train_eval/loss_s{s:g}", t_val, sync_dist=True)
+                self.log(f"gap/loss_s{s:g}", h_val - t_val, sync_dist=True)
                 gaps.append(h_val - t_val)
             h.reset()
             t.reset()
         if heldout:
-            self.log("val/loss", torch.stack(heldout).mean(), prog_bar=True)
+            self.log("val/loss", torch.stack(heldout).mean(), prog_bar=True, sync_dist=True)
         if gaps:
-            self.log("gap/loss_mean", torch.stack(gaps).mean())
+            self.log("gap/loss_mean", torch.stack(gaps).mean(), sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """`diffscore test`: the test split's denoising loss at each of ``val_sigmas``, with validation's noise."""
@@ -337,10 +342,10 @@ class DiffusionModule(DenoiserSampling, LightningModule):
             metric = self.val_metrics[f"heldout_{i}"]
             if metric.update_called:
                 losses.append(metric.compute())
-                self.log(f"test/loss_s{s:g}", losses[-1])
+                self.log(f"test/loss_s{s:g}", losses[-1], sync_dist=True)
                 metric.reset()
         if losses:
-            self.log("test/loss", torch.stack(losses).mean())
+            self.log("test/loss", torch.stack(losses).mean(), sync_dist=True)
 
 
 def _augment_arm(

@@ -3,6 +3,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks import EDMEMA
 from diffscore.lit.data import GMMDataModule
 from diffscore.lit.modules import DiffusionModule
@@ -85,3 +86,10 @@ def test_ema_update_never_reads_its_count_on_the_host():
     ema = EDMEMA(halflife_images=200)
     cpu_trainer(max_steps=3, callbacks=[ema, GuardCount(ema)], enable_checkpointing=False).fit(model, dm)
     assert int(ema._average_model.n_averaged.as_subclass(torch.Tensor)) == 3
+
+
+@pytest.mark.parametrize("halflife", [float("nan"), float("inf"), 0.0, -5.0])
+def test_a_non_finite_or_non_positive_halflife_is_refused(halflife):
+    """A NaN half-life (YAML's .nan) trained and sampled 100% NaN with exit code 0."""
+    with pytest.raises(DiffscoreError, match="halflife_images"):
+        EDMEMA(halflife_images=halflife)
