@@ -15,3 +15,11 @@ class DiffscoreError(RuntimeError):
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
         DiffscoreError.last = self
+
+
+class Stopped(SystemExit):
+    """A command stopped, between two batches, because the user asked: Ctrl-C (exit 130) or SIGTERM (exit 143)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(130 if signal_name == "Ctrl-C" else 143)
+        self.signal_name = signal_name

@@ -57,6 +57,68 @@ def foreign_checkpoint(tmp):
     return p
 
 
+def garbage(tmp, name="garbage.ckpt"):
+    p = tmp / name
+    p.write_bytes(bytes(range(7, 250)) * 40)
+    return p
+
+
+def truncated(tmp, ckpt):
+    p = tmp / "half.ckpt"
+    data = ckpt.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    return p
+
+
+def edited(tmp, ckpt, edit):
+    """A copy of the tiny checkpoint with ``edit(checkpoint_dict)`` applied."""
+    c = torch.load(ckpt, map_location="cpu", weights_only=False)
+    edit(c)
+    p = tmp / "edited.ckpt"
+    torch.save(c, p)
+    return p
+
+
+def drop_a_weight(c):
+    c["state_dict"].pop(next(iter(c["state_dict"])))
+
+
+def name_a_command(c):
+    c["hyper_parameters"]["optimizer"] = {"class_path": "os.system", "init_args": {}}
+
+
+def negative_channels(c):
+    c["hyper_parameters"]["backbone"]["init_args"]["model_channels"] = -4
+
+
+def yaml_file(tmp, text):
+    p = tmp / "override.yaml"
+    p.write_text(text)
+    return p
+
+
+def not_samples(tmp):
+    d = tmp / "mine"
+    d.mkdir()
+    (d / "keep.txt").write_text("a user's file")
+    return d
+
+
+def another_network(tmp):
+    """A checkpoint of a different U-Net (as `fit` saves it: EMA weights + hyper-parameters)."""
+    from diffscore.lit.modules.diffusion import DiffusionModule
+    from diffscore.networks.unet import UNet
+
+    net = UNet(data_shape=[1, 8, 8], model_channels=4, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    model = DiffusionModule(net)
+    p = tmp / "other_net.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "global_step": 0}, p)
+    return p
+
+
+FIT = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2"]
+PROBE_NTK = ["probe", "ntk", "--num_points", "2", "--num_kernel_points", "4", "--num_projections", "1"]
+
 CASES = {
     "missing data set": (lambda t, c: ffhq_fit(t / "none.zip"), "does not exist"),
     "empty data set": (lambda t, c: ffhq_fit(dataset(t, "empty")), "contains no images"),
@@ -104,6 +166,74 @@ CASES = {
         lambda t, c: ["evaluate", "--ckpt_path", c, "--metrics", "fid", "--num_samples", "4", "--steps", "1"],
         "weights-inception-2015-12-05",
     ),
+    "garbage checkpoint": (
+        lambda t, c: ["sample", "--ckpt_path", garbage(t), "--out", t / "o.npz"],
+        "garbage.ckpt is not a checkpoint",
+    ),
+    "trusted garbage checkpoint": (
+        lambda t, c: ["sample", "--ckpt_path", garbage(t), "--out", t / "o.npz", "--trust_checkpoint", "true"],
+        "garbage.ckpt is not a checkpoint",
+    ),
+    "truncated checkpoint to resume": (lambda t, c: [*FIT, "--ckpt_path", truncated(t, c)], "damaged or truncated"),
+    "garbage checkpoint to resume": (lambda t, c: [*FIT, "--ckpt_path", garbage(t)], "is not a checkpoint"),
+    "resume from another model's checkpoint": (
+        lambda t, c: [*FIT, "--ckpt_path", foreign_checkpoint(t)],
+        "holds a some.other.Model",
+    ),
+    "resume with weights of another network": (
+        lambda t, c: [*FIT, "--ckpt_path", edited(t, c, drop_a_weight)],
+        "its weights do not fit the configured model",
+    ),
+    "checkpoint naming a function to build": (
+        lambda t, c: [*FIT, "--ckpt_path", edited(t, c, name_a_command)],
+        "'os.system', a class diffscore does not build from a file",
+    ),
+    "saved backbone arguments that fail": (
+        lambda t, c: ["sample", "--ckpt_path", edited(t, c, negative_channels), "--out", t / "o.npz"],
+        "rejects the saved arguments",
+    ),
+    "YAML infinity": (
+        lambda t, c: [*FIT, "--config", yaml_file(t, "model:\n  init_args:\n    sigma_max: .inf\n")],
+        "model.init_args.sigma_max = inf is not a finite number",
+    ),
+    "YAML NaN": (
+        lambda t, c: [*FIT, "--config", yaml_file(t, "model:\n  init_args:\n    P_std: .nan\n")],
+        "model.init_args.P_std = nan is not a finite number",
+    ),
+    "binary garbage as the config": (
+        lambda t, c: ["fit", "--config", garbage(t, "config.yaml")],
+        "is not a text (UTF-8) YAML file",
+    ),
+    "negative max_steps": (lambda t, c: [*FIT, "--trainer.max_steps=-2"], "max_steps"),
+    "no logger for a LearningRateMonitor": (
+        lambda t, c: [*ffhq_fit(dataset(t, "ok")), "--trainer.logger=false"],
+        "LearningRateMonitor",
+    ),
+    "sample into the working folder": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", ".", "--overwrite", "true"],
+        "is the working folder",
+    ),
+    "overwrite a folder sample did not write": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", not_samples(t), "--overwrite", "true"],
+        "was not written by `diffscore sample`",
+    ),
+    "evaluate into an existing folder": (
+        lambda t, c: ["evaluate", "--ckpt_path", c, "--out", t, "--num_samples", "4"],
+        "is a folder",
+    ),
+    "evaluate with batch size 0": (lambda t, c: ["evaluate", "--ckpt_path", c, "--batch_size", "0"], "batch_size"),
+    "seed beyond 64 bits": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--seed", str(2**64)],
+        "must lie in 0..2**63-1",
+    ),
+    "more samples than memory": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--num_samples", str(10**13)],
+        "GiB is free",
+    ),
+    "NTK reference of another network": (
+        lambda t, c: [*PROBE_NTK, "--ckpt_path", c, "--reference_ckpt", another_network(t)],
+        "holds another network",
+    ),
     "missing CIFAR-10": (
         lambda t, c: ["fit", "--config", REPO / "experiments" / "cifar10.yaml", f"--data.init_args.root={t}"],
         "cifar-10-python.tar.gz",
@@ -126,3 +256,47 @@ def test_bad_input(case, tiny_ckpt, tmp_path, monkeypatch, capsys):
     assert needle in err[-1], err[-1]
     created = {p for p in tmp_path.rglob("*")} - before
     assert not [p for p in created if p.suffix in (".ckpt", ".npz", ".png", ".json") or ".tmp" in p.name], created
+
+
+def test_overwrite_leaves_a_folder_it_did_not_write(tiny_ckpt, tmp_path):
+    mine = not_samples(tmp_path)
+    assert run_cli(["sample", "--ckpt_path", tiny_ckpt, "--out", mine, "--overwrite", "true"]) == 2
+    assert (mine / "keep.txt").read_text() == "a user's file"
+    # its own output it may replace
+    ours = tmp_path / "ours"
+    args = ["sample", "--ckpt_path", tiny_ckpt, "--out", ours, "--num_samples", "2", "--steps", "1"]
+    assert run_cli(args) == 0
+    assert run_cli([*args, "--overwrite", "true", "--num_samples", "3"]) == 0
+    assert len(list(ours.glob("*.png"))) == 3
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o.npz"))
+
+    monkeypatch.setattr("diffscore.commands.sample.np.savez", full)
+    args = ["sample", "--ckpt_path", tiny_ckpt, "--out", tmp_path / "o.npz", "--num_samples", "2", "--steps", "1"]
+    assert run_cli(args) == 2
+    assert "no space left on the device" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(in_tmp, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    assert run_cli([*FIT, "--trainer.max_steps=2"]) == 0
+    (ckpt,) = in_tmp.glob("runs/**/last.ckpt")
+    before = ckpt.read_bytes()
+
+    def full(obj, f, *args, **kwargs):  # the disk fills half-way through the write
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    assert run_cli([*FIT, "--trainer.max_steps=4", "--ckpt_path", ckpt]) == 2
+    assert "no space left on the device" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert ckpt.read_bytes() == before
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]  # no temporary file left

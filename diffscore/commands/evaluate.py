@@ -11,7 +11,6 @@ ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffscore.commands.sample import check_counts, check_sampler
+from diffscore.commands.sample import check_counts, check_sampler, check_seeds
 from diffscore.commands.teleport import TeleportOptions, with_teleport
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot, write_json
 from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_model
 from diffscore.lit.data.base import Captioned, train_images
 from diffscore.lit.data.tensor import heldout_images
-from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, predict_over_seeds
+from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, parts_folder, predict_over_seeds
 from diffscore.metrics.frechet import feature_statistics, save_statistics
 from diffscore.metrics.memorization import COPY_RATIO
 from diffscore.metrics.suite import (
@@ -81,7 +80,7 @@ def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
 def evaluate(
     ckpt_path: str,
     metrics: str = "auto",
-    num_samples: int = 50000,
+    num_samples: int | None = None,
     seeds: str | None = None,
     protocol: str = "single",
     ref: str | None = None,
@@ -110,7 +109,9 @@ def evaluate(
         metrics: comma-separated subset of fid, kid, is, fid_k, fd_digits, memorization, leakage; "auto" picks
             fd_digits,memorization for 8x8 digits (and leakage for ScoreAug runs) and fid,memorization for other
             images.
-        num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds).
+        num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds). Default: for 8x8 digits
+            the size of the held-out split (360), the N at which the FD-digits floor is measured; else 50,000
+            (EDM's FID protocol).
         seeds: an inclusive range like 0-49999 (overrides num_samples).
         protocol: "single", or "edm": three consecutive seed ranges; min, mean and std reported.
         ref: reference statistics .npz from `diffscore refstats` (or EDM's); default: computed from the
@@ -135,8 +136,7 @@ def evaluate(
     devices_of = (accelerator, devices, strategy)
     if protocol not in ("single", "edm"):
         raise DiffscoreError(f"--protocol must be 'single' or 'edm', got {protocol!r}")
-    if out is not None and not Path(out).parent.is_dir():
-        raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
+    _check_out(out)
     model = load_model(ckpt_path, trust_checkpoint)
     wanted = wanted_metrics(metrics, model)
     dm = load_checkpoint_datamodule(ckpt_path, trust_checkpoint)
@@ -146,11 +146,8 @@ def evaluate(
     model.check(options)
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
     features = FeatureSet(wanted, dm, ref, inception_weights)
-    base = _parse_seeds(seeds, num_samples)
-    ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
-    # every rank must name the same folder: derive it from the arguments, not from a clock or a pid
-    key = hashlib.sha1(f"{Path(ckpt_path).resolve()}|{seeds}|{num_samples}|{protocol}".encode()).hexdigest()[:12]
-    parts = Path(out).with_name(f".{Path(out).name}.parts") if out else Path(f".diffscore-eval-{key}.parts")
+    ranges = seed_ranges(seeds, num_samples or default_count(model, dm), protocol)
+    parts = parts_folder(Path(out) if out else Path(".diffscore-evaluate"))
     sampling = SeedSampler(model, options)
     runs, feats = [], None
     for seed_range in ranges:
@@ -165,6 +162,29 @@ def evaluate(
     if out is not None:
         _write_outputs(Path(out), summary, feats)
     return summary
+
+
+def _check_out(out: str | None) -> None:
+    if out is not None and not Path(out).parent.is_dir():
+        raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
+    if out is not None and (Path(out).is_dir() or Path(out).name in ("", ".", "..")):
+        raise DiffscoreError(f"--out {out} is a folder; --out names the results file, e.g. {Path(out) / 'eval.json'}")
+
+
+def seed_ranges(seeds: str | None, num_samples: int, protocol: str) -> list[list[int]]:
+    """The seed range(s) to evaluate: one, or EDM's three consecutive ones (0.., N.., 2N..)."""
+    base = _parse_seeds(seeds, num_samples)
+    check_seeds(base[0], len(base) * (1 if protocol == "single" else 3))
+    ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
+    print(f"diffscore: evaluate: {len(base)} samples per seed range, {len(ranges)} range(s)", flush=True)
+    return ranges
+
+
+def default_count(model, dm) -> int:
+    """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
+    FD-digits and its floor are at the same N), else EDM's 50,000."""
+    held = heldout_images(dm) if tuple(model.data_shape) == (1, 8, 8) else None
+    return len(held) if held is not None else 50_000
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Tensor]) -> None:

@@ -23,7 +23,7 @@ from diffscore.lit.callbacks.gaussian_probe import (
     plot_table,
 )
 from diffscore.lit.callbacks.ntk_probe import KERNEL_MODES, SIGMAS, BackboneOutput, NTKMeasurer, split_data
-from diffscore.lit.checkpoint import load_model, read_checkpoint, training_data
+from diffscore.lit.checkpoint import flat_config, load_model, read_checkpoint, training_data
 from diffscore.lit.data.base import train_images
 from diffscore.lit.modules.regression import draw_regression_set
 
@@ -69,11 +69,24 @@ def _regression_set_of(ckpt_path: str, dm: LightningDataModule):
     return draw_regression_set(split_data(dm, "train"), int(hp.get("noise_seed", 0)), law), hp
 
 
-def _since_reference(m, K, f_probe, f_kernel, ckpt_path, reference_ckpt, regression_set, hp) -> dict[str, float]:
+def _reference_model(reference_ckpt: str, ckpt_path: str, hp: dict):
+    """The earlier checkpoint's model, refused unless it is the same network (class and arguments)."""
+    ref = load_model(reference_ckpt).eval()
+    mine, theirs = hp.get("backbone") or {}, {} if ref.one_step else ref.hparams.get("backbone") or {}
+    if theirs != mine:
+        a, b = flat_config(theirs), flat_config(mine)
+        differ = [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise DiffscoreError(
+            f"--reference_ckpt {reference_ckpt} holds another network than {ckpt_path} ({'; '.join(differ[:4])}); "
+            "pass an earlier checkpoint of the same run"
+        )
+    return ref
+
+
+def _since_reference(m, K, f_probe, f_kernel, ckpt_path, reference_ckpt, ref, regression_set, hp) -> dict:
     """Kernel drift since an earlier checkpoint and, for full-batch plain SGD on a regression set, the kernel twin
     started there against the network."""
     result = {}
-    ref = load_model(reference_ckpt).eval()
     ref_view = BackboneOutput(ref.denoiser)
     result["ntk/drift"] = ntk_drift(K, m.gram(ref_view, *m.kernel_set[:2]))
     steps = int(read_checkpoint(ckpt_path).get("global_step", 0)) - int(
@@ -133,6 +146,7 @@ def probe_ntk(
     model = load_model(ckpt_path).eval()
     dm = training_data(ckpt_path, data, shape=model.data_shape)
     regression_set, hp = _regression_set_of(ckpt_path, dm)
+    ref = None if reference_ckpt is None else _reference_model(reference_ckpt, ckpt_path, hp)
     m = NTKMeasurer(
         dm,
         model.denoiser.sigma_data,
@@ -149,8 +163,8 @@ def probe_ntk(
     result = m.score_errors(f_probe)
     K = m.gram(view, *m.kernel_set[:2])
     result.update(m.kernel_scalars(K, None))
-    if reference_ckpt is not None:
-        result.update(_since_reference(m, K, f_probe, f_kernel, ckpt_path, reference_ckpt, regression_set, hp))
+    if ref is not None:
+        result.update(_since_reference(m, K, f_probe, f_kernel, ckpt_path, reference_ckpt, ref, regression_set, hp))
     width = max(len(k) for k in result)
     print(f"exact score: {m.exact_name}; kernel: {m.kernel}")
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))

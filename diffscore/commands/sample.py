@@ -7,6 +7,7 @@ interrupted run leaves nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from diffscore.core.samplers import SAMPLERS
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
 from diffscore.lit.checkpoint import load_model
-from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, predict_over_seeds
+from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, parts_folder, predict_over_seeds
 
 
 def check_counts(**counts: int | None) -> None:
@@ -30,23 +31,62 @@ def check_counts(**counts: int | None) -> None:
             raise DiffscoreError(f"--{name} must be >= 1, got {value}")
 
 
+def check_seeds(first: int, count: int) -> None:
+    """Seeds first .. first + count - 1 must fit torch's 64-bit generator seeds."""
+    if first < 0 or first + count > 2**63:
+        raise DiffscoreError(f"seeds {first}..{first + count - 1} must lie in 0..2**63-1; choose a smaller --seed")
+
+
+def check_memory(count: int, shape: tuple[int, ...], factor: int = 2) -> None:
+    """Refuse a sample count whose float32 results (kept per batch, then merged: ``factor`` copies) cannot fit in
+    the memory available now."""
+    need = count * math.prod(shape) * 4 * factor
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    if free is not None and need > free:
+        raise DiffscoreError(
+            f"--num_samples {count} needs about {need / 2**30:.1f} GiB for the samples but {free / 2**30:.1f} GiB is "
+            "free; draw them in parts (--seed S --num_samples N for consecutive ranges)"
+        )
+
+
 def check_sampler(sampler: str | None) -> None:
     if sampler is not None and sampler not in SAMPLERS:
         raise DiffscoreError(f"--sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
 
 
+MARKER = ".diffscore-samples"  # in every PNG folder `diffscore sample` writes: --overwrite may replace only these
+
+
+def _written_by_sample(out: Path) -> bool:
+    if out.is_dir():
+        return (out / MARKER).is_file()
+    try:
+        with np.load(out) as data:
+            return {"seeds", "samples"} <= set(data.files)
+    except (OSError, ValueError):
+        return False
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
+    if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise DiffscoreError(f"--out {out} is the working folder or above it; name a new folder or FILE.npz")
     if not out.parent.is_dir():
         raise DiffscoreError(
             f"output folder {out.parent} does not exist (or is not a folder); create it or choose another --out"
         )
     if not os.access(out.parent, os.W_OK):
         raise DiffscoreError(f"output folder {out.parent} is not writable; choose another --out")
-    if out.exists():
-        if not overwrite and (out.is_file() or any(out.iterdir())):
-            raise DiffscoreError(f"{out} already exists; remove it, choose another --out, or pass --overwrite true")
-        if out.is_file() != (out.suffix == ".npz"):
-            raise DiffscoreError(f"{out} exists and is not a {'file' if out.suffix == '.npz' else 'folder'}")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if out.is_file() != (out.suffix == ".npz"):
+        raise DiffscoreError(f"{out} exists and is not a {'file' if out.suffix == '.npz' else 'folder'}")
+    if not overwrite:
+        raise DiffscoreError(f"{out} already exists; remove it, choose another --out, or pass --overwrite true")
+    if not _written_by_sample(out):
+        raise DiffscoreError(
+            f"{out} was not written by `diffscore sample` (no {MARKER} marker / seeds+samples arrays): "
+            "--overwrite replaces only diffscore's own samples; remove it yourself or choose another --out"
+        )
 
 
 def _write(out: Path, seeds: torch.Tensor, samples: torch.Tensor) -> None:
@@ -60,6 +100,7 @@ def _write(out: Path, seeds: torch.Tensor, samples: torch.Tensor) -> None:
     from torchvision.utils import save_image
 
     with atomic_write(out, directory=True) as tmp:
+        (tmp / MARKER).write_text("samples written by `diffscore sample`; --overwrite may replace this folder\n")
         for s, img in zip(seeds.tolist(), samples):
             save_image((img.clamp(-1, 1) + 1) / 2, tmp / f"{s:06d}.png", format="png")
 
@@ -115,9 +156,11 @@ def sample(
     """
     check_counts(num_samples=num_samples, steps=steps, batch_size=batch_size)
     check_sampler(sampler)
+    check_seeds(seed, num_samples)
     out_path = Path(out)
     _check_out(out_path, overwrite)
     model = load_model(ckpt_path, trust_checkpoint)
+    check_memory(num_samples, tuple(model.data_shape))
     options = SamplingOptions(
         num_steps=steps,
         sampler=sampler,
@@ -128,11 +171,12 @@ def sample(
         precision=precision,
         compile=compile,
         channels_last=channels_last,
+        progress=True,
     )
     model.check(options)
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
     seeds = list(range(seed, seed + num_samples))
-    writer = ShardWriter(out_path.with_name(f".{out_path.name}.parts"))
+    writer = ShardWriter(parts_folder(out_path))
     t0 = time.perf_counter()
     merged = predict_over_seeds(SeedSampler(model, options), seeds, writer, batch_size, accelerator, devices, strategy)
     if merged is None:

@@ -10,10 +10,14 @@ devices (rank r takes seeds r, r + world, ...; no padding, no duplicates) and ga
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,7 +26,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from diffscore.errors import DiffscoreError
+from diffscore.errors import DiffscoreError, Stopped
 from diffscore.lit.data.seeds import SeedDataModule
 
 
@@ -38,6 +42,7 @@ class SamplingOptions:
     guidance: float = 1.0  # classifier-free guidance scale (1: the conditional model as trained)
     teleport_skip: int = 0  # replace this many leading steps by the Gaussian's closed-form flow
     teleport_gaussian: Any = None  # the GaussianDenoiser of the training data that teleportation uses
+    progress: bool = False  # a bar over the network evaluations of each batch (on rank 0)
     precision: str | None = None  # on CUDA: "bf16" (autocast) or "32" (None: as the model trained)
     compile: bool | None = None  # on CUDA: torch.compile the denoiser (None: as the model trained)
     channels_last: bool | None = None  # on CUDA: channels-last memory (None: as the model trained)
@@ -144,7 +149,10 @@ class SeedSampler(LightningModule):
         self._full = max(self._full, len(seeds))
         pad = self._full - len(seeds) if self.device.type == "cuda" else 0
         padded = seeds + [max(seeds) + 1 + i for i in range(pad)]
-        samples = self.model.generate(padded, self.options)[: len(seeds)]
+        options = self.options
+        if options.progress and not self.trainer.is_global_zero:
+            options = replace(options, progress=False)
+        samples = self.model.generate(padded, options)[: len(seeds)]
         return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
 
 
@@ -159,6 +167,7 @@ class ShardWriter(BasePredictionWriter):
         self.parts_dir = parts_dir
         self.kept: list[dict[str, Tensor]] = []
         self.batch_ends: list[tuple[float, int]] = []  # (time, samples so far) after each batch, this rank
+        self.interrupted = False  # set by Ctrl-C (predict_over_seeds); checked after every batch
 
     def rate(self) -> float | None:
         """Samples per second on this rank after its first batch (start-up and compilation excluded)."""
@@ -174,6 +183,8 @@ class ShardWriter(BasePredictionWriter):
         self.kept.append({k: v.cpu() for k, v in self.reduce(prediction, pl_module).items()})
         done = (self.batch_ends[-1][1] if self.batch_ends else 0) + len(prediction["seeds"])
         self.batch_ends.append((time.perf_counter(), done))
+        if self.interrupted or trainer.received_sigterm:  # (Lightning's prediction loop never checks SIGTERM)
+            raise Stopped("Ctrl-C" if self.interrupted else "SIGTERM")
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         part = {k: torch.cat([b[k] for b in self.kept]) for k in self.kept[0]} if self.kept else {}
@@ -203,6 +214,7 @@ def predict_over_seeds(
         callbacks=[writer],
     )
     parts = writer.parts_dir
+    previous = _stop_on_ctrl_c(writer)
     if trainer.is_global_zero:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir()
@@ -221,5 +233,27 @@ def predict_over_seeds(
             raise DiffscoreError(f"internal: gathered {len(merged['seeds'])} results for {len(seeds)} seeds")
         return merged
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         if trainer.is_global_zero:
             shutil.rmtree(parts, ignore_errors=True)
+
+
+def _stop_on_ctrl_c(writer: ShardWriter):
+    """Ctrl-C stops the prediction after the batch in flight (a second one at once); returns the handler it
+    replaced (None off the main thread, where signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_sigint(signum, frame) -> None:
+        writer.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return signal.signal(signal.SIGINT, on_sigint)
+
+
+def parts_folder(out: Path) -> Path:
+    """A temporary folder beside ``out`` for the ranks' parts, unique to this command (two identical commands in
+    one folder do not collide) and the same on every rank (DDP ranks inherit the launcher's environment)."""
+    token = os.environ.setdefault("DIFFSCORE_RUN_TOKEN", secrets.token_hex(4))
+    return out.with_name(f".{out.name}.parts-{token}")

@@ -2,7 +2,8 @@
 
 The classifier's weights ship with the package (``digits_classifier.pt``); ``python -m
 diffscore.metrics.digits_classifier`` retrains them deterministically on the digits training split (seed 0,
-the DigitsDataModule's default split) and prints their test accuracy and the FD floor. This is *not* FID:
+the DigitsDataModule's default split), writes them to ``--out`` (``./digits_classifier.pt``; over the shipped file
+only with ``--replace_shipped``) and prints their test accuracy and the FD floor. This is *not* FID:
 the features come from this network, not from Inception, and numbers are comparable only with each other.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffscore.errors import DiffscoreError
+from diffscore.io import atomic_write
 from diffscore.metrics.frechet import feature_statistics, frechet_distance
 
 WEIGHTS = Path(__file__).with_name("digits_classifier.pt")
@@ -99,15 +101,22 @@ def train_classifier(epochs: int = 30, seed: int = 0) -> tuple[DigitsClassifier,
     return model, {"test_accuracy": acc, "fd_floor_heldout_vs_train": floor, "heldout_size": len(held)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Retrain; the weights go to ``--out`` (the working folder by default), the shipped ones only when asked."""
     ap = argparse.ArgumentParser(description="Retrain the FD-digits classifier deterministically.")
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--out", type=str, default=str(WEIGHTS))
-    args = ap.parse_args()
+    ap.add_argument("--out", type=str, default="digits_classifier.pt", help="where to write the weights")
+    ap.add_argument(
+        "--replace_shipped", action="store_true", help=f"write over the weights inside the package ({WEIGHTS})"
+    )
+    args = ap.parse_args(argv)
+    if args.replace_shipped:
+        args.out = str(WEIGHTS)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)  # bitwise reproducible on CPU
     model, report = train_classifier(args.epochs)
-    torch.save(model.state_dict(), args.out)
+    with atomic_write(args.out) as tmp:
+        torch.save(model.state_dict(), tmp)
     print(
         f"wrote {args.out}: test accuracy {report['test_accuracy']:.4f}, FD-digits floor (held-out "
         f"{report['heldout_size']} vs train) {report['fd_floor_heldout_vs_train']:.3f}"

@@ -83,6 +83,7 @@ def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[
         stats = feature_statistics(feats["digits"].numpy())
         result["fd_digits"] = frechet_distance(*stats, ref["digits_mu"], ref["digits_sigma"])
         result["fd_digits_floor"] = ref["digits_floor"]
+        result["fd_digits_floor_n"] = ref["digits_floor_n"]  # FD grows as N shrinks: compare at equal N
     if "memorization" in wanted:
         ratio = feats["d1"] / feats["d2"].clamp_min(1e-12)
         result["memorized_fraction"] = float((ratio < COPY_RATIO).float().mean())
@@ -124,6 +125,7 @@ def reference_statistics(
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
     if "fd_digits" in wanted:  # images and classifier may sit on different devices (GPU training, CPU splits)
         ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits_features(train, digits))
+        ref["digits_floor_n"] = len(held) if held is not None else 0
         ref["digits_floor"] = (
             frechet_distance(*feature_statistics(digits_features(held, digits)), ref["digits_mu"], ref["digits_sigma"])
             if held is not None

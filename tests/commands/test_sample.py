@@ -47,7 +47,7 @@ def test_samples_do_not_depend_on_the_batch_size(tiny_ckpt, tmp_path, sampler_kw
 def test_sample_png_folder(tiny_ckpt, tmp_path):
     out = tmp_path / "pngs"
     assert sample_npz(tiny_ckpt, out, "--num_samples", "4", "--steps", "2") == 0
-    assert sorted(p.name for p in out.iterdir()) == [f"{i:06d}.png" for i in range(4)]
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
 
 
 def test_sample_uses_the_ema_weights(tiny_ckpt):
@@ -133,3 +133,40 @@ def test_sample_on_two_ddp_processes_matches_one(tiny_ckpt, tmp_path):
     a, b = np.load(one), np.load(two)
     assert b["seeds"].tolist() == list(range(5))
     np.testing.assert_allclose(a["samples"], b["samples"], atol=1e-5)
+
+
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_sample_stops_after_the_batch_in_flight_on_ctrl_c_or_sigterm(
+    tiny_ckpt, tmp_path, monkeypatch, capsys, sig, code
+):
+    """The signal arrives during the first batch: the command stops after it, writes nothing, leaves no parts."""
+    import os
+    import signal
+
+    from diffscore.lit.sampling import SeedSampler
+
+    calls = []
+    step = SeedSampler.predict_step
+
+    def signalled(self, batch, *args):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            os.kill(os.getpid(), getattr(signal, sig))
+        return step(self, batch, *args)
+
+    monkeypatch.setattr(SeedSampler, "predict_step", signalled)
+    handler = signal.getsignal(signal.SIGINT)
+    out = tmp_path / "o.npz"
+    assert sample_npz(tiny_ckpt, out, "--num_samples", "40", "--batch_size", "4", "--steps", "1") == code
+    assert len(calls) == 1  # 10 batches asked for
+    assert f"stopped by {'Ctrl-C' if sig == 'SIGINT' else 'SIGTERM'}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is handler  # the handler is given back
+
+
+def test_two_identical_commands_use_their_own_temporary_parts(tmp_path):
+    code = "from pathlib import Path; from diffscore.lit.sampling import parts_folder; print(parts_folder(Path('o')))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DIFFSCORE_RUN_TOKEN"}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for _ in range(2)]
+    names = [r.stdout.strip() for r in runs]
+    assert names[0].startswith(".o.parts-") and names[0] != names[1], names

@@ -27,3 +27,15 @@ def test_training_is_deterministic():
     finally:
         torch.use_deterministic_algorithms(False)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_retraining_writes_to_the_working_folder_not_into_the_package(tmp_path, monkeypatch):
+    import diffscore.metrics.digits_classifier as dc
+
+    shipped = dc.WEIGHTS.read_bytes()
+    report = {"test_accuracy": 0.5, "heldout_size": 3, "fd_floor_heldout_vs_train": 1.0}
+    monkeypatch.setattr(dc, "train_classifier", lambda epochs: (dc.DigitsClassifier(), report))
+    monkeypatch.chdir(tmp_path)
+    dc.main(["--epochs", "1"])
+    assert (tmp_path / "digits_classifier.pt").is_file()
+    assert dc.WEIGHTS.read_bytes() == shipped

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffscore.io import atomic_write, pyplot
 from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.callbacks.status import say
 from diffscore.lit.data.tensor import TensorDataModule
 from diffscore.lit.run_dir import run_dir
 from diffscore.lit.sampling import SamplingOptions
@@ -80,7 +81,12 @@ class SampleGrid(Callback):
             return None
         module = ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
-        samples = module.generate(seeds, SamplingOptions(num_steps=self.num_steps, sampler=self.sampler))
+        options = SamplingOptions(num_steps=self.num_steps, sampler=self.sampler)
+        say(
+            trainer,
+            f"step {step}: sampling the {self.num_samples}-sample grid ({module.nfe(options)} evaluations each)",
+        )
+        samples = module.generate(seeds, options)
         samples = samples.float().cpu()
         path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:

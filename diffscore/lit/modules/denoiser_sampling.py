@@ -141,9 +141,28 @@ class DenoiserSampling(BackboneFacts):
             extra["round_sigma"] = self.denoiser.round_sigma
         fast = self.sampling_denoiser(options)
         denoiser = fast if options.guidance == 1.0 else guided_denoiser(fast, options.guidance)
+        bar = None
+        if options.progress:  # one tick per network evaluation (host-side only: no sync)
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.nfe(options), desc="sampler", unit="eval", leave=False, dynamic_ncols=True)
+            denoiser = _ticking(denoiser, bar)
         was_training = self.training
         self.eval()
         try:
             return get_sampler(name)(denoiser, x, sigmas, cond, **extra)
         finally:
             self.train(was_training)
+            if bar is not None:
+                bar.close()
+
+
+def _ticking(denoiser, bar):
+    """``denoiser`` that advances ``bar`` by one after each call."""
+
+    def counted(*args, **kwargs):
+        out = denoiser(*args, **kwargs)
+        bar.update()
+        return out
+
+    return counted

@@ -59,7 +59,7 @@ def test_synthetic_demo_fits_and_samples_with_a_prompt(in_tmp):
     out = in_tmp / "samples"
     args = ["sample", "--ckpt_path", ckpt, "--num_samples", 2, "--steps", 2, "--accelerator", "cpu"]
     assert run_cli([*args, "--out", out, "--prompt", "a music score, instrumentation is cello", "--guidance", 4]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png"]
 
 
 def test_real_config_without_data_says_where_to_put_it(in_tmp, capsys):
