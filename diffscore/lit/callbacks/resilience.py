@@ -46,6 +46,8 @@ class PreemptionCheckpoint(Callback):
         ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
         folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
+        if ckpt is not None:  # saved as ModelCheckpoint's own last.ckpt: a resumed run overwrites it (not last-v1)
+            ckpt.last_model_path = str(path)
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
             print(

@@ -34,9 +34,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     (straight,) = last_ckpts(tmp_path)
     fit(tmp_path, "--trainer.max_steps=4")
     half = [p for p in last_ckpts(tmp_path) if p != straight][0]
-    fit(tmp_path, "--trainer.max_steps=8", f"--ckpt_path={half}")
-    resumed = [p for p in last_ckpts(tmp_path) if p not in (straight, half)][0]
-    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (straight, resumed))
+    fit(tmp_path, "--trainer.max_steps=8", f"--ckpt_path={half}")  # continues in half's run folder
+    assert last_ckpts(tmp_path) == [straight, half]
+    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (straight, half))
     assert a["global_step"] == b["global_step"] == 8
     for key in ("state_dict", "current_model_state"):
         for name in a[key]:
@@ -79,7 +79,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
         timeout=300,
     )
     assert code.returncode == 0, code.stderr[-2000:]
-    final = last_ckpts(tmp_path)[-1]
+    (final,) = last_ckpts(tmp_path)  # the same run, continued in its folder
     assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == step + 5
 
 
