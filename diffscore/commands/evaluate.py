@@ -22,7 +22,7 @@ from diffscore.commands.sample import check_counts, check_sampler, check_seeds
 from diffscore.commands.teleport import TeleportOptions, with_teleport
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot, write_json
-from diffscore.lit.checkpoint import build, load_checkpoint_datamodule, load_model
+from diffscore.lit.checkpoint import config_datamodule, load_checkpoint_datamodule, load_model
 from diffscore.lit.data.base import Captioned, train_images
 from diffscore.lit.data.tensor import heldout_images
 from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, parts_folder, predict_over_seeds
@@ -314,19 +314,12 @@ def refstats(
         max_images: use at most this many images.
         batch_size: images per forward pass.
     """
-    import yaml
-
     if (ckpt_path is None) == (data_config is None):
         raise DiffscoreError("give exactly one of --ckpt_path and --data_config")
     if not Path(out).parent.is_dir():
         raise DiffscoreError(f"output folder {Path(out).parent} does not exist")
     if data_config is not None:
-        if not Path(data_config).is_file():
-            raise DiffscoreError(f"config {data_config} does not exist")
-        data = (yaml.safe_load(Path(data_config).read_text()) or {}).get("data")
-        if not isinstance(data, dict):
-            raise DiffscoreError(f"{data_config} has no data: section")
-        dm = build(data, "data")
+        dm = config_datamodule(data_config)
     else:
         if not Path(ckpt_path).is_file():
             raise DiffscoreError(f"checkpoint {ckpt_path} does not exist")

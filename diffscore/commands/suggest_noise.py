@@ -40,19 +40,12 @@ EV_SIGMAS = tuple(float(s) for s in torch.logspace(-2, math.log10(80.0), 22, dty
 
 def _data_module(data_config: str | None, data: str | None, ckpt_path: str | None):
     """The data module whose training split is read, and a name for it."""
-    from diffscore.lit.checkpoint import build, training_data
+    from diffscore.lit.checkpoint import config_datamodule, training_data
 
     if data_config is not None and data is not None:
         raise DiffscoreError("give --config X.yaml or --data PATH, not both")
     if data_config is not None:
-        import yaml
-
-        if not Path(data_config).is_file():
-            raise DiffscoreError(f"--config {data_config} does not exist; pass a YAML with a data: section")
-        section = (yaml.safe_load(Path(data_config).read_text()) or {}).get("data")
-        if not isinstance(section, dict):
-            raise DiffscoreError(f"--config {data_config} has no data: section; pass a training config")
-        return build(section, "data"), Path(data_config).stem
+        return config_datamodule(data_config, "--config"), Path(data_config).stem
     if data is not None:
         if not Path(data).exists():
             raise DiffscoreError(f"--data {data} does not exist; pass an EDM dataset ZIP or folder of PNGs")

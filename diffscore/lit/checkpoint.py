@@ -278,6 +278,22 @@ def training_data(
     return dm
 
 
+def config_datamodule(path: str | Path, option: str = "--data_config"):
+    """The DataModule the ``data:`` section of a training YAML names (an allowed class, plain arguments)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiffscoreError(f"{option} {path} does not exist; pass a YAML with a data: section")
+    try:
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data")
+    except (UnicodeDecodeError, yaml.YAMLError, AttributeError) as e:
+        raise DiffscoreError(f"{option} {path} is not a YAML mapping ({type(e).__name__})") from None
+    if not isinstance(section, dict):
+        raise DiffscoreError(f"{option} {path} has no data: section; pass a training config")
+    return build(section, "data")
+
+
 def load_checkpoint_datamodule(path: str | Path, trust: bool = False):
     """The DataModule a checkpoint was trained on (None if it does not say, as EDM's network pickles do not).
 
