@@ -102,9 +102,13 @@ def quiet_console() -> None:
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-    )
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _no_tip not in logger.filters:  # main() runs many times in one process (tests)
+        logger.addFilter(_no_tip)
+
+
+def _no_tip(record) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
 def main(args: list[str] | None = None) -> None:
