@@ -146,7 +146,7 @@ def evaluate(
     model.check(options)
     options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
     features = FeatureSet(wanted, dm, ref, inception_weights)
-    ranges = seed_ranges(seeds, num_samples or default_count(model, dm), protocol)
+    ranges = seed_ranges(seeds, num_samples or default_count(model, features.held), protocol)
     parts = parts_folder(Path(out) if out else Path(".diffscore-evaluate"))
     sampling = SeedSampler(model, options)
     runs, feats = [], None
@@ -180,11 +180,10 @@ def seed_ranges(seeds: str | None, num_samples: int, protocol: str) -> list[list
     return ranges
 
 
-def default_count(model, dm) -> int:
+def default_count(model, held: torch.Tensor | None) -> int:
     """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
     FD-digits and its floor are at the same N), else EDM's 50,000."""
-    held = heldout_images(dm) if tuple(model.data_shape) == (1, 8, 8) else None
-    return len(held) if held is not None else 50_000
+    return len(held) if held is not None and tuple(model.data_shape) == (1, 8, 8) else 50_000
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Tensor]) -> None:
@@ -233,7 +232,7 @@ class FeatureSet:
             from diffscore.metrics.digits_classifier import load_classifier
 
             self.digits = load_classifier()
-        held = heldout_images(dm)
+        held = self.held = heldout_images(dm)  # (its count is the default sample count for digits)
         self.reference = reference_statistics(wanted, ref, train, held, self.inception, self.digits)
         self.train = train if "memorization" in wanted else None
         self.leak = "leakage" in wanted

@@ -214,10 +214,10 @@ def predict_over_seeds(
         callbacks=[writer],
     )
     parts = writer.parts_dir
-    previous = _stop_on_ctrl_c(writer)
     if trainer.is_global_zero:
         shutil.rmtree(parts, ignore_errors=True)
         parts.mkdir()
+    previous = _stop_on_ctrl_c(writer)  # installed right before the try whose finally gives it back
     try:
         trainer.strategy.barrier()
         trainer.predict(sampler, datamodule=SeedDataModule(seeds, batch_size), return_predictions=False)
