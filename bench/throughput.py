@@ -29,6 +29,7 @@ from diffscore.core.precond import EDMPrecond
 from diffscore.core.samplers import heun, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
 from diffscore.networks import UNet
+from diffscore.networks.group_norm import set_fused_norm
 
 CONFIGS = {
     "cifar10-32": dict(
@@ -40,6 +41,10 @@ MODES = {
     "fp32": dict(dtype=None, channels_last=False, compile=False, fused=False),
     "bf16": dict(dtype=torch.bfloat16, channels_last=False, compile=False, fused=True),
     "bf16+cl+compile": dict(dtype=torch.bfloat16, channels_last=True, compile=True, fused=True),
+    # the group norms as inductor compiles them (no Triton group-norm kernels): the GPU configs before issue 20
+    "bf16+cl+compile-unfused": dict(
+        dtype=torch.bfloat16, channels_last=True, compile=True, fused=True, fused_norm=False
+    ),
     # CUDA graphs of the compiled forward and backward (cudagraph trees): no launch gaps, static buffers
     "bf16+cl+compile-ro": dict(
         dtype=torch.bfloat16, channels_last=True, compile=True, fused=True, compile_mode="reduce-overhead"
@@ -65,6 +70,7 @@ def timed(fn, repeats: int, inner: int) -> float:
 
 
 KERNEL_KINDS = (  # (category, substrings of a CUDA kernel's name), first match wins
+    ("group norm (Triton)", ("group_norm_act",)),
     ("attention", ("flash", "fmha", "attention")),
     ("optimizer", ("adam", "foreach", "multi_tensor")),
     ("inductor reduction", ("triton_red", "triton_per")),
@@ -100,9 +106,10 @@ def profile(step, steps: int, top: int = 25) -> dict:
     print(f"\nCUDA time per step {total / steps / 1e3:.1f} ms over {steps} steps")
     for kind, (us, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
         print(f"  {kind:<20}{us / steps / 1e3:>8.2f} ms {100 * us / total:>5.1f}%  {count // steps:>5} launches/step")
-    print(f"  top {top} kernels (ms/step, launches/step):")
+    print(f"  top {top} kernels (ms/step, launches/step, us/launch):")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"    {e.self_device_time_total / steps / 1e3:>7.2f} {e.count // steps:>4}  {e.key[:110]}")
+        ms, per_launch = e.self_device_time_total / steps / 1e3, e.self_device_time_total / e.count
+        print(f"    {ms:>7.2f} {e.count // steps:>4} {per_launch:>8.1f}  {e.key[:150]}")
     return {kind: round(us / steps / 1e3, 3) for kind, (us, _) in by_kind.items()} | {"total_ms": total / steps / 1e3}
 
 
@@ -115,6 +122,7 @@ def run(
     probe_steps: int = 3,
     batch: int | None = None,
     profile_steps: int = 0,
+    profile_top: int = 25,
     sample: bool = True,
 ) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -124,6 +132,7 @@ def run(
     net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=cfg["dropout"]).cuda()
     mem = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     net = net.to(memory_format=mem)
+    set_fused_norm(net, opts.get("fused_norm", True))
     denoiser = EDMPrecond(net)
     graphs = opts.get("compile_mode") == "reduce-overhead"
     fwd = torch.compile(denoiser, mode=opts.get("compile_mode")) if opts["compile"] else denoiser
@@ -151,7 +160,7 @@ def run(
     sec = timed(step, repeats=3, inner=5)
     peak = torch.cuda.max_memory_allocated() / 2**30
     train = B / sec
-    kernels = profile(step, profile_steps) if profile_steps else None
+    kernels = profile(step, profile_steps, profile_top) if profile_steps else None
     row = {
         "config": name,
         "mode": mode,
@@ -211,6 +220,33 @@ def find_max_batch(config: str, mode: str, start: int, extra: list[str], step: i
     raise RuntimeError(f"not even batch {start % step or step} fits")
 
 
+def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
+    """How far the Triton group norms move the bf16 loss and gradients, against the size of bf16 itself: one
+    batch, the same weights, eager; each bf16 arm against the float32 network (unfused, contiguous)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
+    torch.manual_seed(0)
+    net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=0.0).cuda()
+    x0 = torch.rand(batch, *cfg["data_shape"], device="cuda") * 2 - 1
+    sigma, noise = LogNormalSigma()(batch, device="cuda"), torch.randn_like(x0)
+
+    def loss_and_grads(fused: bool, bf16: bool) -> tuple[float, torch.Tensor]:
+        mem = torch.channels_last if bf16 else torch.contiguous_format
+        net.to(memory_format=mem).zero_grad(set_to_none=True)
+        set_fused_norm(net, fused)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss = edm_loss(EDMPrecond(net), x0.contiguous(memory_format=mem), sigma, noise).mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
+
+    ref_loss, ref_grad = loss_and_grads(False, False)
+    row = {"config": name, "check": "fused norm vs fp32", "batch": batch, "loss_fp32": ref_loss}
+    for label, fused in (("fused", True), ("unfused", False)):
+        loss, grad = loss_and_grads(fused, True)
+        row[f"loss_{label}"] = loss
+        row[f"grad_rel_err_{label}"] = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
@@ -220,10 +256,16 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=3, help="Heun steps timed for the 35-NFE sampling rate")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: the config's)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS", help="print where STEPS steps' time goes")
+    ap.add_argument("--profile-top", type=int, default=25, metavar="N", help="kernels listed by --profile")
+    ap.add_argument("--check-fused", action="store_true", help="Triton group norms' bf16 error vs the fp32 network")
     ap.add_argument("--no-sample", dest="sample", action="store_false", help="time training only")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", help="torch._inductor.config")
     ap.add_argument("--max-batch", type=int, default=0, metavar="START", help="largest training batch: START, -128..")
     args = ap.parse_args()
+    if args.check_fused:
+        for name in args.configs:
+            print(json.dumps(check_fused_norm(name, CONFIGS[name])), flush=True)
+        return
     if args.max_batch:
         for name in args.configs:
             for mode in args.modes:
@@ -247,6 +289,7 @@ def main() -> None:
         probe_steps=args.probe_steps,
         batch=args.batch,
         profile_steps=args.profile,
+        profile_top=args.profile_top,
         sample=args.sample,
     )
     for name in args.configs:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffscore.networks.backbone import Backbone
 from diffscore.networks.embedding import ConditionEmbedding
+from diffscore.networks.group_norm import group_norm
 from diffscore.networks.init import init_weights
-from diffscore.networks.unet import UNetBlock, check_image_shape, group_norm
+from diffscore.networks.unet import UNetBlock, check_image_shape
 
 INIT = dict(mode="kaiming_uniform", scale=math.sqrt(1 / 3), bias_scale=math.sqrt(1 / 3))
 INIT_ZERO = dict(mode="kaiming_uniform", scale=0.0)
@@ -157,4 +157,4 @@ class ADMUNet(Backbone):
             if x.shape[1] != layer.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = layer(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return self.out_conv(self.out_norm(x, silu=True))

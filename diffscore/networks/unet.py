@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from diffscore.networks.backbone import Backbone
 from diffscore.networks.embedding import ConditionEmbedding
+from diffscore.networks.group_norm import group_norm
 from diffscore.networks.init import init_weights
 from diffscore.networks.resample import ConvDown, Resample
 from diffscore.networks.text_encoder import TextEncoder
@@ -56,43 +57,6 @@ def check_unet_options(
     if encoder_type not in ("standard", "residual"):
         raise ValueError(f"encoder_type must be 'standard' or 'residual', got {encoder_type!r}")
     return in_channels, resolution
-
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm (same parameters, same function) that keeps a channels-last input channels-last.
-
-    The stock group norm views its input as [B, G, C/G * H * W], which a channels-last tensor is not: under
-    torch.compile that costs a layout copy before and after every norm (a third of the H100 training step, issue
-    10). Here the statistics are reduced per channel over H, W (contiguous across channels in channels-last
-    memory, so the reads coalesce) and then combined per group exactly, as the pooled variance of equal-sized
-    parts: var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2). The normalisation is elementwise, so the output
-    keeps the input's layout. Computed in float32; returned in float32 under autocast (CUDA autocast's policy for
-    group norm), else in the input's dtype."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.ndim != 4 or x.is_contiguous():  # the stock kernel: one fused pass (the CPU quickstart's path)
-            return super().forward(x)
-        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        B, C = x.shape[:2]
-        x32 = x.float()
-        var_c, mean_c = torch.var_mean(x32, dim=(2, 3), correction=0)  # [B, C] each
-        var_c, mean_c = var_c.view(B, self.num_groups, -1), mean_c.view(B, self.num_groups, -1)  # [B, G, C/G]
-        mean_g = mean_c.mean(2, keepdim=True)  # [B, G, 1]
-        var_g = var_c.mean(2, keepdim=True) + (mean_c - mean_g).square().mean(2, keepdim=True)
-        scale = torch.rsqrt(var_g + self.eps).expand(-1, -1, C // self.num_groups).reshape(B, C, 1, 1)
-        mean = mean_g.expand(-1, -1, C // self.num_groups).reshape(B, C, 1, 1)
-        y = (x32 - mean) * scale  # [B, C, H, W], x's layout
-        if self.affine:
-            y = y * self.weight.view(C, 1, 1) + self.bias.view(C, 1, 1)
-        return y.to(out_dtype)
-
-
-def group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
-    """GroupNorm with at most 32 groups and at least 4 channels per group (EDM's choice), groups dividing C."""
-    groups = max(1, min(32, channels // 4))
-    while channels % groups:
-        groups -= 1
-    return GroupNorm(groups, channels, eps=eps)
 
 
 def pixels_to_heads(x: Tensor, parts: int, heads: int) -> Tensor:
@@ -192,16 +156,15 @@ class UNetBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, text: tuple[Tensor, Tensor] | None = None) -> Tensor:
         orig = x
-        h = F.silu(self.norm0(x))
+        h = self.norm0(x, silu=True)
         if self.resample is not None:  # resample before the conv, as EDM does (cheaper going down)
             h, orig = self.resample(h), self.resample(orig)
-        h = self.conv0(h)
-        params = self.affine(emb)[:, :, None, None]  # [B, C or 2C, 1, 1]
         if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
-        else:
-            h = F.silu(self.norm1(h + params))
+            scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)  # [B, C, 1, 1] each
+            h = F.silu(torch.addcmul(shift, self.norm1(self.conv0(h)), scale + 1))
+        else:  # conv0's bias joins the embedding's shift [B, C] inside the norm, so conv0 + bias is never stored
+            h = self.conv0._conv_forward(h, self.conv0.weight, None)
+            h = self.norm1(h, self.affine(emb) + self.conv0.bias, silu=True)
         h = self.conv1(self.dropout(h))
         x = (h + (self.skip(orig) if self.skip is not None else orig)) * self.skip_scale
         if self.num_heads:
@@ -360,7 +323,7 @@ class UNet(Backbone):
             if x.shape[1] != layer.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = layer(x, emb, text)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return self.out_conv(self.out_norm(x, silu=True))
 
     def _text_tokens(self, cond: Tensor | list[str] | tuple[str, ...] | None, batch: int) -> Tensor:
         """Token ids [B, L] of the captions; "" (the null caption) for cond None and, in training, for a

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffscore.networks import MLP, UNet
+from diffscore.networks.group_norm import GroupNorm
 from diffscore.networks.resample import ConvDown, Resample, upsample_nearest
-from diffscore.networks.unet import GroupNorm, UNetBlock
+from diffscore.networks.unet import UNetBlock
 
 
 def count(net, resolution, channels=3):
@@ -105,35 +105,6 @@ def test_attention_equals_a_slow_einsum_implementation(memory_format):
     a = torch.einsum("bhij,bhcj->bhci", w, v).reshape(2, 16, 4, 4)
     ref = (block.proj(a) + y) * math.sqrt(0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("offset", [1.0, 100.0])  # a large mean against a small spread: no cancellation
-def test_group_norm_keeps_channels_last_and_is_as_accurate_as_the_stock_norm(offset):
-    torch.manual_seed(0)
-    norm = GroupNorm(4, 16, eps=1e-6)
-    norm.weight.data.normal_(1, 0.3), norm.bias.data.normal_(0, 0.3)
-    x = torch.randn(3, 16, 5, 5) * 2 + offset + torch.arange(16.0)[:, None, None] / 8  # channel means differ
-    x = x.contiguous(memory_format=torch.channels_last)
-    g = torch.randn(x.shape, dtype=torch.float64)
-
-    def value_and_grads(fn, dtype):  # fn(x, weight, bias) and its gradients against g, in dtype
-        args = [t.detach().to(dtype).requires_grad_() for t in (x, norm.weight, norm.bias)]
-        out = fn(*args)
-        return [out, *torch.autograd.grad(out, args, g.to(dtype))]
-
-    ours = value_and_grads(lambda x, w, b: functional_call(norm, {"weight": w, "bias": b}, (x,)), torch.float32)
-    stock = value_and_grads(lambda x, w, b: F.group_norm(x.contiguous(), 4, w, b, 1e-6), torch.float32)
-    exact = value_and_grads(lambda x, w, b: F.group_norm(x, 4, w, b, 1e-6), torch.float64)
-    assert ours[0].is_contiguous(memory_format=torch.channels_last) and not ours[0].is_contiguous()
-    # value, d/dx, d/dweight, d/dbias as accurate as the stock float32 kernel's against float64 (a one-pass
-    # E[x^2] - E[x]^2 is 100x worse at offset 100)
-    for a, b, e in zip(ours, stock, exact, strict=True):
-        assert (a.double() - e).abs().max() <= 2 * (b.double() - e).abs().max() + 1e-6 * e.abs().max()
-    plain = GroupNorm(4, 16, eps=1e-6, affine=False)  # without weight and bias as well
-    torch.testing.assert_close(plain(x), F.group_norm(x.contiguous(), 4, eps=1e-6), rtol=1e-5, atol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast, CUDA autocast's group-norm policy
-        assert norm(x.bfloat16()).dtype == torch.float32
-    assert norm(x.bfloat16()).dtype == torch.bfloat16 == norm(x.bfloat16().contiguous()).dtype  # else the input's
 
 
 def test_upsample_nearest_channels_last_equals_interpolate_in_value_and_gradient():

@@ -21,6 +21,7 @@ from diffscore.errors import DiffscoreError
 from diffscore.lit.modules.denoiser_sampling import DenoiserSampling
 from diffscore.networks.backbone import Backbone
 from diffscore.networks.backbone import config as backbone_config
+from diffscore.networks.group_norm import set_fused_norm
 
 # A config's `optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}` becomes such a callable.
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -126,6 +127,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
         compile: bool = False,  # torch.compile the denoiser for training and validation on CUDA (GPU configs: on)
         channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
+        fused_norm: bool = True,  # on CUDA, channels-last: group norm (+ shift, SiLU) as Triton kernels
         precond: str = "edm",  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm (EDM's baselines)
         precond_kwargs: dict | None = None,  # its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max
         sampling_precision: str | None = None,  # on CUDA: "bf16" or "32" (None: set from the trainer's at fit)
@@ -148,6 +150,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         _check_settings(self.hparams)
         self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
         self.denoiser = build_precond(precond, backbone, sigma_data, precond_kwargs)
+        set_fused_norm(backbone, fused_norm)
         self._compile, self.channels_last = compile, channels_last  # (nn.Module has a .compile method)
         self._compiled = None  # the compiled denoiser: a plain attribute, so state_dict keys stay unchanged
         self.sigma_law = LogNormalSigma(P_mean, P_std)
