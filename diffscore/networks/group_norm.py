@@ -14,8 +14,8 @@ class GroupNorm(nn.GroupNorm):
 
     Three paths, one function:
     - contiguous input (the CPU quickstart): the stock kernel, then the activation.
-    - channels-last on CUDA with ``fused`` (the GPU configs): ``group_norm_triton``, one kernel each way for the
-      shift, the norm and the SiLU (issue 20: the compiled step's norms ran far below memory bandwidth).
+    - channels-last on CUDA with ``fused`` (opt-in, experimental): ``group_norm_triton``, the shift, the norm and
+      the SiLU in tiled Triton kernels (issue 20: the compiled step's norms ran far below memory bandwidth).
     - other channels-last input: the stock group norm views its input as [B, G, C/G * H * W], which a
       channels-last tensor is not (under torch.compile a layout copy before and after every norm, issue 10), so
       the statistics are reduced per channel over H, W and combined per group exactly, as the pooled variance of
@@ -23,7 +23,7 @@ class GroupNorm(nn.GroupNorm):
     Computed in float32. The output is x's dtype on the fused path, else float32 under autocast (CUDA autocast's
     policy for group norm), else x's dtype."""
 
-    fused: bool = True  # use the Triton kernels where they apply (DiffusionModule's fused_norm sets it)
+    fused: bool = False  # the Triton kernels where they apply (DiffusionModule's fused_norm; experimental, off)
 
     def forward(self, x: Tensor, shift: Tensor | None = None, silu: bool = False) -> Tensor:
         # x [B, C, H, W] (or any shape nn.GroupNorm takes); shift [B, C] or [B, C, 1, 1]
@@ -62,7 +62,7 @@ def group_norm(channels: int, eps: float = 1e-6) -> GroupNorm:
 
 
 def set_fused_norm(module: nn.Module, fused: bool) -> None:
-    """Turn the Triton group norm on or off in every GroupNorm of ``module`` (e.g. ``--model.fused_norm=false``)."""
+    """Turn the Triton group norm on or off in every GroupNorm of ``module`` (``--model.init_args.fused_norm true``)."""
     for layer in module.modules():
         if isinstance(layer, GroupNorm):
             layer.fused = fused

@@ -1,22 +1,24 @@
 """Group norm with a per-sample channel shift before it and an optional SiLU after it, on channels-last CUDA
-tensors: two Triton kernels (forward, backward) behind one torch custom op that torch.compile keeps whole.
+tensors: Triton kernels over [H*W, C] tiles behind one torch custom op that torch.compile keeps whole.
 
     y = act((x + shift - mean_g) * rstd_g * weight + bias),  rstd_g = 1 / sqrt(var_g + eps)
 
 over the groups g of Wu & He (2018), eq. (1)-(3), with the statistics of x + shift. ``shift`` [B, C] carries
 what the U-Net adds before its second norm (the preceding conv's bias plus the noise embedding's projection), so
 that sum is never written out. Why (issue 20): under torch.compile the channels-last group norm became reductions
-over a strided axis that ran at a fifth of the memory bandwidth and stored float32 intermediates for the backward.
+over a strided axis that ran far below the memory bandwidth and stored float32 intermediates for the backward.
 
-One program normalises ``GPB`` whole groups of one sample: it reads its [H*W, GPB*C/G] slice of x once for the
-statistics (per channel, merged chunk by chunk with Chan et al.'s parallel update, then pooled per group as in
-``GroupNorm``) and once more to write y. The backward recomputes z = x_hat * weight + bias from the saved
-statistics (nothing but x and two [B, C] vectors is kept) and applies the group norm's gradient,
+Every kernel handles one [BLOCK_HW, BLOCK_C] tile of one sample and loops over nothing, so many tiles are in
+flight per multiprocessor (a first design that looped over H*W in one program per group ran latency-bound at a
+third of the bandwidth). The statistics are merged outside the kernels on [B, tiles, C] partials:
 
-    dx = rstd * (dx_hat - mean_g(dx_hat) - x_hat * mean_g(dx_hat * x_hat)),  dx_hat = weight * dy * act'(z),
-
-with the per-channel sums of dy * act'(z) and of that times x_hat giving the bias and weight gradients (summed
-over the batch outside the kernel) and the per-channel sums of dx the shift's gradient.
+- forward: per tile and channel, the sum and the squared deviations from the tile's mean; merged exactly
+  (Chan et al.'s pairwise update, then the pooled variance of each group's channels, as ``GroupNorm``); then
+  y = act(x * scale + offset) with per-(sample, channel) scale and offset.
+- backward, from x and the saved statistics (z = x_hat * weight + bias recomputed):
+  dx = rstd * (dx_hat - mean_g(dx_hat) - x_hat * mean_g(dx_hat * x_hat)),  dx_hat = weight * dy * act'(z);
+  one pass for the per-tile sums of dL/dz and dL/dz * x_hat (which also give the bias and weight gradients),
+  one for dx and its per-tile sums (the shift's gradient).
 """
 
 import torch
@@ -25,193 +27,183 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-
-@triton.jit
-def _slice_index(HW, C, CPG, GPB, BLOCK_C: tl.constexpr):
-    """(sample, first element of its [H*W, C] slab, channels [BLOCK_C], channel mask, group id per lane)."""
-    b = tl.program_id(0)
-    lanes = tl.arange(0, BLOCK_C)
-    c = tl.program_id(1) * GPB * CPG + lanes
-    cmask = (lanes < GPB * CPG) & (c < C)
-    return b, b.to(tl.int64) * HW * C, c, cmask, lanes // CPG
+BLOCK_HW = 64  # rows (pixels) per tile
+BLOCK_C = 64  # channels per tile
+NUM_WARPS = 4
 
 
 @triton.jit
-def _group_sum(values, gid):
-    """Per lane, the sum of ``values`` over the lanes of its group: [BLOCK_C] -> [BLOCK_C]."""
-    same = gid[:, None] == gid[None, :]  # [BLOCK_C, BLOCK_C]
-    return tl.sum(tl.where(same, values[None, :], 0.0), axis=1)
+def _tile(HW, C, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(offsets [BLOCK_HW, BLOCK_C] into a [B, H*W, C] tensor, mask, channels [BLOCK_C], channel mask, offset of
+    this tile's row in a [B, tiles, C] partial tensor, sample) of program (sample, channel block, row block)."""
+    b, t = tl.program_id(0), tl.program_id(2)
+    rows = t * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (rows < HW)[:, None] & cmask[None, :]
+    offsets = b.to(tl.int64) * HW * C + rows[:, None] * C + c[None, :]
+    return offsets, mask, c, cmask, (b * tl.num_programs(2) + t) * C, b
 
 
 @triton.jit
-def _act_grad(dy, z, SILU: tl.constexpr):
-    """dy * act'(z): SiLU's derivative s * (1 + z * (1 - s)), s = sigmoid(z); the identity's is 1."""
+def _tile_stats_kernel(
+    x_ptr, shift_ptr, sum_ptr, m2_ptr, HW, C,
+    HAS_SHIFT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Per channel of one tile of x + shift: the sum and the sum of squared deviations from the tile's mean."""
+    offsets, mask, c, cmask, part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
+    xv = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        xv += tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    n = tl.minimum(HW - tl.program_id(2) * BLOCK_HW, BLOCK_HW).to(tl.float32)
+    total = tl.sum(tl.where(mask, xv, 0.0), axis=0)  # [BLOCK_C]
+    dev = tl.where(mask, xv - (total / n)[None, :], 0.0)
+    tl.store(sum_ptr + part + c, total, mask=cmask)
+    tl.store(m2_ptr + part + c, tl.sum(dev * dev, axis=0), mask=cmask)
+
+
+@triton.jit
+def _tile_apply_kernel(
+    x_ptr, scale_ptr, offset_ptr, y_ptr, HW, C,
+    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """y = act(x * scale + offset) on one tile; scale and offset [B, C]."""
+    offsets, mask, c, cmask, _part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
+    scale = tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    offset = tl.load(offset_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * scale + offset
     if SILU:
-        s = tl.sigmoid(z)
-        dy = dy * s * (1.0 + z * (1.0 - s))
-    return dy
+        z = z * tl.sigmoid(z)
+    tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _group_norm_act_fwd_kernel(
-    x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,  # x, y [B, H*W, C] (channels-last); rest per C
-    HW, C, CPG, GPB, eps,
-    HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+def _x_hat_and_dz(
+    x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C,
+    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    b, base, c, cmask, gid = _slice_index(HW, C, CPG, GPB, BLOCK_C)
-    rows = tl.arange(0, BLOCK_HW)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
-    # Welford's update per (row lane, channel), no reduction inside the loop; the lanes merged after it (Chan)
-    count = tl.zeros([BLOCK_HW, 1], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # sum of squared deviations from mean
-    for start in tl.range(0, HW, BLOCK_HW, num_stages=NUM_STAGES):
-        rmask = ((start + rows) < HW)[:, None]
-        m = rmask & cmask[None, :]
-        offsets = base + (start + rows)[:, None] * C + c[None, :]
-        xv = tl.load(x_ptr + offsets, mask=m, other=0.0).to(tl.float32) + shift[None, :]
-        count += rmask.to(tl.float32)
-        delta = tl.where(m, xv - mean, 0.0)
-        mean += delta * (1.0 / tl.maximum(count, 1.0))
-        m2 += delta * tl.where(m, xv - mean, 0.0)
-    mean_c = tl.sum(mean * count, axis=0) / HW  # [BLOCK_C]
-    dev = mean - mean_c[None, :]
-    m2_c = tl.sum(m2 + count * dev * dev, axis=0)
-    mean_g = _group_sum(mean_c, gid) / CPG
-    dev_c = mean_c - mean_g
-    rstd = tl.rsqrt(_group_sum(m2_c + HW * dev_c * dev_c, gid) / (HW * CPG) + eps)
-    tl.store(mean_ptr + b * C + c, mean_g, mask=cmask)
-    tl.store(rstd_ptr + b * C + c, rstd, mask=cmask)
-    scale = rstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    offset = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32) + (shift - mean_g) * scale
-    for start in tl.range(0, HW, BLOCK_HW, num_stages=NUM_STAGES):
-        m = ((start + rows) < HW)[:, None] & cmask[None, :]
-        offsets = base + (start + rows)[:, None] * C + c[None, :]
-        z = tl.load(x_ptr + offsets, mask=m, other=0.0).to(tl.float32) * scale[None, :] + offset[None, :]
-        if SILU:
-            z = z * tl.sigmoid(z)
-        tl.store(y_ptr + offsets, z.to(y_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _x_hat_and_dz(x_ptr, dy_ptr, offsets, m, shift, mean, rstd, w, bias, SILU: tl.constexpr):
-    """(x_hat, dL/dz) of one [BLOCK_HW, BLOCK_C] tile, zero outside the mask m."""
-    xhat = (tl.load(x_ptr + offsets, mask=m, other=0.0).to(tl.float32) + shift - mean) * rstd
-    dy = tl.load(dy_ptr + offsets, mask=m, other=0.0).to(tl.float32)
-    return xhat, tl.where(m, _act_grad(dy, xhat * w + bias, SILU), 0.0)
-
-
-@triton.jit
-def _group_norm_act_bwd_kernel(
-    dy_ptr, x_ptr, shift_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,  # dy, x [B, H*W, C]; mean, rstd [B, C]
-    dx_ptr, dshift_ptr, dw_ptr, db_ptr,  # dx [B, H*W, C]; the others [B, C] (summed over B outside)
-    HW, C, CPG, GPB,
-    HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-):  # fmt: skip
-    b, base, c, cmask, gid = _slice_index(HW, C, CPG, GPB, BLOCK_C)
-    rows = tl.arange(0, BLOCK_HW)
-    shift = tl.zeros([1, BLOCK_C], dtype=tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    mean = tl.load(mean_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    """(x_hat, dL/dz (zero outside the tile), offsets, mask, c, cmask, partial offset, sample) of one tile;
+    x_hat = x * rstd + base, base = (shift - mean) * rstd, z = x_hat * weight + bias."""
+    offsets, mask, c, cmask, part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
     rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
-    w_c = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-    w = w_c[None, :]
-    bias = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    acc_dz = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # sums over H*W of dL/dz, reduced after the loop
-    acc_dz_xhat = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # ... of dL/dz * x_hat
-    for start in tl.range(0, HW, BLOCK_HW, num_stages=NUM_STAGES):
-        m = ((start + rows) < HW)[:, None] & cmask[None, :]
-        offsets = base + (start + rows)[:, None] * C + c[None, :]
-        xhat, dz = _x_hat_and_dz(x_ptr, dy_ptr, offsets, m, shift, mean, rstd, w, bias, SILU)
-        acc_dz += dz
-        acc_dz_xhat += dz * xhat
-    sum_dz, sum_dz_xhat = tl.sum(acc_dz, axis=0), tl.sum(acc_dz_xhat, axis=0)  # [BLOCK_C]
-    n = HW * CPG
-    mean_dxhat = (_group_sum(sum_dz * w_c, gid) / n)[None, :]
-    mean_dxhat_xhat = (_group_sum(sum_dz_xhat * w_c, gid) / n)[None, :]
-    acc_dx = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)
-    for start in tl.range(0, HW, BLOCK_HW, num_stages=NUM_STAGES):
-        m = ((start + rows) < HW)[:, None] & cmask[None, :]
-        offsets = base + (start + rows)[:, None] * C + c[None, :]
-        xhat, dz = _x_hat_and_dz(x_ptr, dy_ptr, offsets, m, shift, mean, rstd, w, bias, SILU)
-        dx = tl.where(m, rstd * (dz * w - mean_dxhat - xhat * mean_dxhat_xhat), 0.0)
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=m)
-        acc_dx += dx
-    tl.store(dw_ptr + b * C + c, sum_dz_xhat, mask=cmask)
-    tl.store(db_ptr + b * C + c, sum_dz, mask=cmask)
-    if HAS_SHIFT:
-        tl.store(dshift_ptr + b * C + c, tl.sum(acc_dx, axis=0), mask=cmask)
+    base = tl.load(base_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    xhat = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * rstd + base
+    dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if SILU:  # SiLU's derivative: s * (1 + z * (1 - s)), s = sigmoid(z)
+        z = xhat * w + bias
+        s = tl.sigmoid(z)
+        dz = dz * s * (1.0 + z * (1.0 - s))
+    return xhat, tl.where(mask, dz, 0.0), offsets, mask, c, cmask, part, b
 
 
-def launch_shape(batch: int, channels: int, groups: int) -> tuple[tuple[int, int], int, int]:
-    """(grid, groups per program, BLOCK_C): whole groups per program, at most 64 lanes, enough programs to fill the
-    GPU (>= ~4 per multiprocessor) where narrower programs allow it."""
-    cpg = channels // groups
-    block_c = 64
-    while block_c > 16 and block_c // 2 >= cpg and batch * triton.cdiv(channels, block_c) < 512:
-        block_c //= 2
-    block_c = max(block_c, triton.next_power_of_2(cpg))
-    gpb = max(1, block_c // cpg)
-    return (batch, triton.cdiv(groups, gpb)), gpb, block_c
+@triton.jit
+def _tile_grad_sums_kernel(
+    dy_ptr, x_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, sum_dz_ptr, sum_dz_xhat_ptr, HW, C,
+    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Per channel of one tile: the sums of dL/dz and of dL/dz * x_hat."""
+    xhat, dz, _o, _m, c, cmask, part, _b = _x_hat_and_dz(
+        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C, SILU, BLOCK_HW, BLOCK_C
+    )
+    tl.store(sum_dz_ptr + part + c, tl.sum(dz, axis=0), mask=cmask)
+    tl.store(sum_dz_xhat_ptr + part + c, tl.sum(dz * xhat, axis=0), mask=cmask)
 
 
-BLOCK_HW = 64
-NUM_WARPS = 8
-NUM_STAGES = 3  # tiles of x (and dy) loaded ahead inside the H*W loops
+@triton.jit
+def _tile_grad_apply_kernel(
+    dy_ptr, x_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, k1_ptr, k2_ptr, dx_ptr, sum_dx_ptr, HW, C,
+    SILU: tl.constexpr, SUM_DX: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx = rstd * (dz * weight - k1 - x_hat * k2) on one tile (k1, k2 [B, C]: the group means of dx_hat and of
+    dx_hat * x_hat), and, with SUM_DX, dx's per-channel sums."""
+    xhat, dz, offsets, mask, c, cmask, part, b = _x_hat_and_dz(
+        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C, SILU, BLOCK_HW, BLOCK_C
+    )
+    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    k1 = tl.load(k1_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    k2 = tl.load(k2_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    dx = tl.where(mask, rstd * (dz * w - k1 - xhat * k2), 0.0)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if SUM_DX:
+        tl.store(sum_dx_ptr + part + c, tl.sum(dx, axis=0), mask=cmask)
+
+
+def _grid(x: Tensor) -> tuple[int, int, int]:
+    B, C, H, W = x.shape
+    return B, triton.cdiv(C, BLOCK_C), triton.cdiv(H * W, BLOCK_HW)
+
+
+def _group_mean(per_channel: Tensor, groups: int) -> Tensor:
+    """[B, C] -> [B, C]: each channel's value replaced by the mean over its group's channels."""
+    B, C = per_channel.shape
+    return per_channel.view(B, groups, C // groups).mean(2, keepdim=True).expand(B, groups, C // groups).reshape(B, C)
+
+
+def merge_tile_stats(sums: Tensor, m2s: Tensor, hw: int, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) [B, C] of each channel's group from per-tile sums and squared deviations [B, T, C] (tiles of
+    BLOCK_HW rows, the last one partial): Chan et al.'s exact merge per channel, then the groups' pooled variance
+    var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2) (equal-sized channels)."""
+    counts = (hw - BLOCK_HW * torch.arange(sums.shape[1], device=sums.device)).clamp(max=BLOCK_HW).float()[:, None]
+    mean_c = sums.sum(1) / hw  # [B, C]
+    var_c = (m2s + counts * (sums / counts - mean_c[:, None]).square()).sum(1) / hw
+    mean_g = _group_mean(mean_c, groups)
+    var_g = _group_mean(var_c + (mean_c - mean_g).square(), groups)
+    return mean_g, torch.rsqrt(var_g + eps)
 
 
 @triton_op("diffscore::group_norm_act", mutates_args=())
 def _group_norm_act(
-    x: Tensor,
-    shift: Tensor | None,
-    weight: Tensor,
-    bias: Tensor,
-    groups: int,
-    eps: float,
-    silu: bool,
+    x: Tensor, shift: Tensor | None, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd): y like x (channels-last, x's dtype); mean and rstd [B, C] float32 (per channel, its
-    group's)."""
+    """(y, mean, rstd): y like x (channels-last, x's dtype); mean (of x + shift) and rstd [B, C] float32, per
+    channel its group's."""
     B, C, H, W = x.shape
+    grid = _grid(x)
+    sums = torch.empty(B, grid[2], C, device=x.device, dtype=torch.float32)
+    m2s = torch.empty_like(sums)
+    wrap_triton(_tile_stats_kernel)[grid](
+        x, x if shift is None else shift, sums, m2s, H * W, C,
+        HAS_SHIFT=shift is not None, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    mean, rstd = merge_tile_stats(sums, m2s, H * W, groups, eps)
+    scale = rstd * weight.float()
+    offset = bias.float() + ((0.0 if shift is None else shift.float()) - mean) * scale
     y = torch.empty_like(x)
-    mean = torch.empty(B, C, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
-    grid, gpb, block_c = launch_shape(B, C, groups)
-    wrap_triton(_group_norm_act_fwd_kernel)[grid](
-        x, x if shift is None else shift, weight, bias, y, mean, rstd,
-        H * W, C, C // groups, gpb, eps,
-        HAS_SHIFT=shift is not None, SILU=silu,
-        BLOCK_HW=BLOCK_HW, BLOCK_C=block_c, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
+    wrap_triton(_tile_apply_kernel)[grid](
+        x, scale.contiguous(), offset.contiguous(), y, H * W, C,
+        SILU=silu, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )  # fmt: skip
     return y, mean, rstd
 
 
 @triton_op("diffscore::group_norm_act_backward", mutates_args=())
 def _group_norm_act_backward(
-    dy: Tensor, x: Tensor, shift: Tensor | None, weight: Tensor,
-    bias: Tensor, mean: Tensor, rstd: Tensor,
+    dy: Tensor, x: Tensor, shift: Tensor | None, weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor,
     groups: int, silu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dshift [B, C] (empty without a shift), dweight [C], dbias [C])."""
     B, C, H, W = x.shape
+    grid = _grid(x)
     dy = dy.contiguous(memory_format=torch.channels_last)
+    base = (((0.0 if shift is None else shift.float()) - mean) * rstd).contiguous()  # x_hat = x * rstd + base
+    partial = torch.empty(3, B, grid[2], C, device=x.device, dtype=torch.float32)  # dz, dz * x_hat, dx per tile
+    args = (dy, x, rstd, base, weight, bias)
+    wrap_triton(_tile_grad_sums_kernel)[grid](
+        *args, partial[0], partial[1], H * W, C, SILU=silu, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS
+    )
+    sum_dz, sum_dz_xhat = partial[0].sum(1), partial[1].sum(1)  # [B, C]
+    k1 = _group_mean(sum_dz * weight.float(), groups) / (H * W)  # the group mean of dx_hat
+    k2 = _group_mean(sum_dz_xhat * weight.float(), groups) / (H * W)  # ... of dx_hat * x_hat
     dx = torch.empty_like(x)
-    partial = torch.empty(3, B, C, device=x.device, dtype=torch.float32)  # dweight, dbias, dshift per sample
-    grid, gpb, block_c = launch_shape(B, C, groups)
-    wrap_triton(_group_norm_act_bwd_kernel)[grid](
-        dy, x, x if shift is None else shift, weight, bias, mean, rstd,
-        dx, partial[2], partial[0], partial[1],
-        H * W, C, C // groups, gpb,
-        HAS_SHIFT=shift is not None, SILU=silu,
-        BLOCK_HW=BLOCK_HW, BLOCK_C=block_c, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS,
+    wrap_triton(_tile_grad_apply_kernel)[grid](
+        *args, k1.contiguous(), k2.contiguous(), dx, partial[2], H * W, C,
+        SILU=silu, SUM_DX=shift is not None, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )  # fmt: skip
-    dshift = partial[2].to(shift.dtype) if shift is not None else partial.new_empty(0)
-    return dx, dshift, partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(bias.dtype)
+    dshift = partial[2].sum(1).to(shift.dtype) if shift is not None else partial.new_empty(0)
+    return dx, dshift, sum_dz_xhat.sum(0).to(weight.dtype), sum_dz.sum(0).to(bias.dtype)
 
 
 def _setup_context(ctx, inputs, output) -> None:

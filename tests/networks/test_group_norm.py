@@ -67,9 +67,9 @@ def test_shift_and_silu_are_the_same_function_on_both_cpu_paths(layout):
 def test_set_fused_norm_reaches_every_group_norm():
     net = UNet(data_shape=[3, 8, 8], model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
     norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
-    assert len(norms) > 5 and all(m.fused for m in norms)  # on by default (it applies on CUDA, channels-last)
-    set_fused_norm(net, False)
-    assert not any(m.fused for m in norms)
+    assert len(norms) > 5 and not any(m.fused for m in norms)  # off by default (experimental)
+    set_fused_norm(net, True)
+    assert all(m.fused for m in norms)
 
 
 def test_triton_kernels_match_float64_group_norm_under_the_interpreter():

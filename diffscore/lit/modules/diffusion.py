@@ -127,7 +127,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
         compile: bool = False,  # torch.compile the denoiser for training and validation on CUDA (GPU configs: on)
         channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
-        fused_norm: bool = True,  # on CUDA, channels-last: group norm (+ shift, SiLU) as Triton kernels
+        fused_norm: bool = False,  # on CUDA, channels-last: group norm (+ shift, SiLU) as Triton kernels (experimental)
         precond: str = "edm",  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm (EDM's baselines)
         precond_kwargs: dict | None = None,  # its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max
         sampling_precision: str | None = None,  # on CUDA: "bf16" or "32" (None: set from the trainer's at fit)
@@ -157,9 +157,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         self.optimizer_factory: Callable = optimizer
         self.lr_rampup_images = lr_rampup_images
         self.val_sigmas = list(val_sigmas)
-        self.nan_check_every = nan_check_every
-        self.nan_policy = nan_policy
-        self.max_bad_steps = max_bad_steps
+        self.nan_check_every, self.nan_policy, self.max_bad_steps = nan_check_every, nan_policy, max_bad_steps
         self._bad_steps = 0
         self.val_metrics = nn.ModuleDict(
             {f"{split}_{i}": MeanMetric() for split in ("heldout", "train_eval") for i in range(len(val_sigmas))}
