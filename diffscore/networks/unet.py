@@ -162,7 +162,7 @@ class UNetBlock(nn.Module):
         if self.adaptive_scale:
             scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)  # [B, C, 1, 1] each
             h = F.silu(torch.addcmul(shift, self.norm1(self.conv0(h)), scale + 1))
-        else:  # conv0's bias joins the embedding's shift [B, C] inside the norm, so conv0 + bias is never stored
+        else:  # conv0's bias joins the embedding's shift [B, C], added inside the norm (no pass of its own when fused)
             h = self.conv0._conv_forward(h, self.conv0.weight, None)
             h = self.norm1(h, self.affine(emb) + self.conv0.bias, silu=True)
         h = self.conv1(self.dropout(h))

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from diffscore.lit.modules.diffusion import DiffusionModule
 from diffscore.networks.group_norm import GroupNorm, group_norm, set_fused_norm
 from diffscore.networks.unet import UNet
 
@@ -70,12 +71,15 @@ def test_set_fused_norm_reaches_every_group_norm():
     assert len(norms) > 5 and not any(m.fused for m in norms)  # off by default (experimental)
     set_fused_norm(net, True)
     assert all(m.fused for m in norms)
+    DiffusionModule(net)  # the module's option (default off) reaches them too
+    assert not any(m.fused for m in norms)
 
 
 def test_triton_kernels_match_float64_group_norm_under_the_interpreter():
     """The forward and backward kernels, run by Triton's CPU interpreter in a fresh process (it is chosen when
-    the kernels are defined): shapes with several H*W chunks and a partial one, 12 channels per group (not a power
-    of two), several groups per program, with and without shift and SiLU, float32 and bfloat16."""
+    the kernels are defined): several 64-pixel tiles and a partial one, channel counts that are not a multiple of
+    the 64-channel tile, 12 channels per group (not a power of two), with and without shift and SiLU, float32 and
+    bfloat16."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
@@ -84,10 +88,10 @@ def test_triton_kernels_match_float64_group_norm_under_the_interpreter():
 
 
 KERNEL_CASES = [  # (B, C, side, groups, shift, silu, dtype)
-    (2, 32, 9, 8, True, True, torch.float32),  # 81 pixels: a full 64-row chunk and a partial one
-    (3, 48, 4, 12, False, False, torch.float32),  # 12 groups of 4 in one 64-lane program
-    (2, 384, 3, 32, True, True, torch.float32),  # 12 channels per group: 5 groups per program, lanes masked
-    (2, 96, 11, 8, True, False, torch.bfloat16),  # bfloat16 in and out, 121 pixels
+    (2, 32, 9, 8, True, True, torch.float32),  # 81 pixels: a full 64-pixel tile and a partial one
+    (3, 48, 4, 12, False, False, torch.float32),  # 48 channels: one part-filled 64-channel tile
+    (2, 384, 3, 32, True, True, torch.float32),  # 12 channels per group, 6 channel tiles
+    (2, 96, 11, 8, True, False, torch.bfloat16),  # bfloat16 in and out; 96 channels: 1.5 channel tiles
 ]
 
 
