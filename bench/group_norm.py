@@ -73,6 +73,7 @@ def case(name: str, B: int, C: int, side: int, copy_gbs: float) -> list[dict]:
         fwd = gpu_time(lambda: forward(x, shift))
         rows.append(row(name, f"triton {block_hw}x{block_c}x{warps}", fwd, gpu_time(both(forward)), nbytes, copy_gbs))
     norm.fused = False
+    torch._dynamo.reset()  # two compiles per shape (with and without grad): stay inside dynamo's recompile limit
     compiled = torch.compile(forward)
     fwd = gpu_time(lambda: compiled(x, shift))
     rows.append(row(name, "inductor", fwd, gpu_time(both(compiled)), nbytes, copy_gbs))

@@ -222,26 +222,28 @@ def find_max_batch(config: str, mode: str, start: int, extra: list[str], step: i
 
 def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
     """How far the Triton group norms move the bf16 loss and gradients, against the size of bf16 itself: one
-    batch, the same weights, eager; each bf16 arm against the float32 network (unfused, contiguous)."""
+    batch, the same weights, eager and (fused) compiled as training runs it; each bf16 arm against the float32
+    network (unfused, contiguous, eager)."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
     torch.manual_seed(0)
     net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=0.0).cuda()
     x0 = torch.rand(batch, *cfg["data_shape"], device="cuda") * 2 - 1
     sigma, noise = LogNormalSigma()(batch, device="cuda"), torch.randn_like(x0)
 
-    def loss_and_grads(fused: bool, bf16: bool) -> tuple[float, torch.Tensor]:
+    def loss_and_grads(fused: bool, bf16: bool, compiled: bool = False) -> tuple[float, torch.Tensor]:
         mem = torch.channels_last if bf16 else torch.contiguous_format
         net.to(memory_format=mem).zero_grad(set_to_none=True)
         set_fused_norm(net, fused)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = edm_loss(EDMPrecond(net), x0.contiguous(memory_format=mem), sigma, noise).mean()
+            denoiser = torch.compile(EDMPrecond(net)) if compiled else EDMPrecond(net)
+            loss = edm_loss(denoiser, x0.contiguous(memory_format=mem), sigma, noise).mean()
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
 
     ref_loss, ref_grad = loss_and_grads(False, False)
     row = {"config": name, "check": "fused norm vs fp32", "batch": batch, "loss_fp32": ref_loss}
-    for label, fused in (("fused", True), ("unfused", False)):
-        loss, grad = loss_and_grads(fused, True)
+    for label, fused, compiled in (("fused", True, False), ("unfused", False, False), ("fused_compiled", True, True)):
+        loss, grad = loss_and_grads(fused, True, compiled)
         row[f"loss_{label}"] = loss
         row[f"grad_rel_err_{label}"] = ((grad - ref_grad).norm() / ref_grad.norm()).item()
     return row

@@ -79,23 +79,22 @@ def _tile_apply_kernel(
 
 @triton.jit
 def _x_hat_and_dz(
-    x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C,
-    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, offsets, mask, bc, c, cmask, SILU: tl.constexpr
 ):  # fmt: skip
-    """(x_hat, dL/dz (zero outside the tile), offsets, mask, c, cmask, partial offset, sample) of one tile;
-    x_hat = x * rstd + base, base = (shift - mean) * rstd, z = x_hat * weight + bias."""
-    offsets, mask, c, cmask, part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
-    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
-    base = tl.load(base_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    """(x_hat, dL/dz (zero outside the tile), rstd, weight) of the tile at offsets (from ``_tile``; bc = b * C + c);
+    x_hat = x * rstd + base, base = (shift - mean) * rstd, z = x_hat * weight + bias. Only loads: a store's
+    address must not derive from a call that takes pointers, or torch.compile's analysis of the kernel counts
+    every pointer as written (and copies into the parameters)."""
+    rstd = tl.load(rstd_ptr + bc, mask=cmask, other=0.0)[None, :]
+    base = tl.load(base_ptr + bc, mask=cmask, other=0.0)[None, :]
     w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    bias = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     xhat = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * rstd + base
     dz = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if SILU:  # SiLU's derivative: s * (1 + z * (1 - s)), s = sigmoid(z)
-        z = xhat * w + bias
+        z = xhat * w + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
         s = tl.sigmoid(z)
         dz = dz * s * (1.0 + z * (1.0 - s))
-    return xhat, tl.where(mask, dz, 0.0), offsets, mask, c, cmask, part, b
+    return xhat, tl.where(mask, dz, 0.0), rstd, w
 
 
 @triton.jit
@@ -104,8 +103,9 @@ def _tile_grad_sums_kernel(
     SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Per channel of one tile: the sums of dL/dz and of dL/dz * x_hat."""
-    xhat, dz, _o, _m, c, cmask, part, _b = _x_hat_and_dz(
-        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C, SILU, BLOCK_HW, BLOCK_C
+    offsets, mask, c, cmask, part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
+    xhat, dz, _rstd, _w = _x_hat_and_dz(
+        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, offsets, mask, b * C + c, c, cmask, SILU
     )
     tl.store(sum_dz_ptr + part + c, tl.sum(dz, axis=0), mask=cmask)
     tl.store(sum_dz_xhat_ptr + part + c, tl.sum(dz * xhat, axis=0), mask=cmask)
@@ -118,11 +118,10 @@ def _tile_grad_apply_kernel(
 ):  # fmt: skip
     """dx = rstd * (dz * weight - k1 - x_hat * k2) on one tile (k1, k2 [B, C]: the group means of dx_hat and of
     dx_hat * x_hat), and, with SUM_DX, dx's per-channel sums."""
-    xhat, dz, offsets, mask, c, cmask, part, b = _x_hat_and_dz(
-        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, HW, C, SILU, BLOCK_HW, BLOCK_C
+    offsets, mask, c, cmask, part, b = _tile(HW, C, BLOCK_HW, BLOCK_C)
+    xhat, dz, rstd, w = _x_hat_and_dz(
+        x_ptr, dy_ptr, rstd_ptr, base_ptr, w_ptr, bias_ptr, offsets, mask, b * C + c, c, cmask, SILU
     )
-    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
-    w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     k1 = tl.load(k1_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
     k2 = tl.load(k2_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
     dx = tl.where(mask, rstd * (dz * w - k1 - xhat * k2), 0.0)
@@ -189,20 +188,22 @@ def _group_norm_act_backward(
     grid = _grid(x)
     dy = dy.contiguous(memory_format=torch.channels_last)
     base = (((0.0 if shift is None else shift.float()) - mean) * rstd).contiguous()  # x_hat = x * rstd + base
-    partial = torch.empty(3, B, grid[2], C, device=x.device, dtype=torch.float32)  # dz, dz * x_hat, dx per tile
+    # per-tile sums of dz, dz * x_hat and dx [B, tiles, C]: three allocations, not views of one, as torch.compile
+    # may clone a view a kernel writes into a buffer without the view's storage offset
+    tile_dz, tile_dz_xhat, tile_dx = (x.new_empty(B, grid[2], C, dtype=torch.float32) for _ in range(3))
     args = (dy, x, rstd, base, weight, bias)
     wrap_triton(_tile_grad_sums_kernel)[grid](
-        *args, partial[0], partial[1], H * W, C, SILU=silu, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS
+        *args, tile_dz, tile_dz_xhat, H * W, C, SILU=silu, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS
     )
-    sum_dz, sum_dz_xhat = partial[0].sum(1), partial[1].sum(1)  # [B, C]
+    sum_dz, sum_dz_xhat = tile_dz.sum(1), tile_dz_xhat.sum(1)  # [B, C]
     k1 = _group_mean(sum_dz * weight.float(), groups) / (H * W)  # the group mean of dx_hat
     k2 = _group_mean(sum_dz_xhat * weight.float(), groups) / (H * W)  # ... of dx_hat * x_hat
     dx = torch.empty_like(x)
     wrap_triton(_tile_grad_apply_kernel)[grid](
-        *args, k1.contiguous(), k2.contiguous(), dx, partial[2], H * W, C,
+        *args, k1.contiguous(), k2.contiguous(), dx, tile_dx, H * W, C,
         SILU=silu, SUM_DX=shift is not None, BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS,
     )  # fmt: skip
-    dshift = partial[2].sum(1).to(shift.dtype) if shift is not None else partial.new_empty(0)
+    dshift = tile_dx.sum(1).to(shift.dtype) if shift is not None else tile_dx.new_empty(0)
     return dx, dshift, sum_dz_xhat.sum(0).to(weight.dtype), sum_dz.sum(0).to(bias.dtype)
 
 

@@ -87,6 +87,41 @@ def test_triton_kernels_match_float64_group_norm_under_the_interpreter():
     assert proc.stdout.count("ok") == len(KERNEL_CASES), proc.stdout
 
 
+def test_torch_compile_sees_each_kernel_write_only_its_outputs(monkeypatch):
+    """torch.compile reads which pointers a user kernel writes from its TTIR; where that analysis fails it takes
+    every pointer as written, and the compiled backward copies into the weight and bias ("a leaf Variable that
+    requires grad is being used in an in-place operation", as a v4 kernel did on the GPU). The analysis runs
+    here for a Hopper target, without a GPU."""
+    triton = pytest.importorskip("triton")
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from diffscore.networks import group_norm_triton as gnt
+
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(driver, "_active", Hopper())
+    x, bc, part, c = torch.randn(2, 64, 8, 8), torch.randn(2, 64), torch.randn(2, 1, 64), torch.randn(64)
+    size = dict(HW=64, C=64, BLOCK_HW=64, BLOCK_C=64)
+    stats = dict(x_ptr=x, shift_ptr=bc, sum_ptr=part, m2_ptr=part.clone(), HAS_SHIFT=True)
+    apply = dict(x_ptr=x, scale_ptr=bc, offset_ptr=bc.clone(), y_ptr=x.clone(), SILU=True)
+    inputs = dict(dy_ptr=x, x_ptr=x.clone(), rstd_ptr=bc, base_ptr=bc.clone(), w_ptr=c, bias_ptr=c.clone(), SILU=True)
+    sums = dict(inputs, sum_dz_ptr=part, sum_dz_xhat_ptr=part.clone())
+    grad = dict(inputs, k1_ptr=bc.clone(), k2_ptr=bc.clone(), dx_ptr=x.clone(), sum_dx_ptr=part.clone(), SUM_DX=True)
+    for kernel, kwargs, written in [
+        (gnt._tile_stats_kernel, stats, {"sum_ptr", "m2_ptr"}),
+        (gnt._tile_apply_kernel, apply, {"y_ptr"}),
+        (gnt._tile_grad_sums_kernel, sums, {"sum_dz_ptr", "sum_dz_xhat_ptr"}),
+        (gnt._tile_grad_apply_kernel, grad, {"dx_ptr", "sum_dx_ptr"}),
+    ]:
+        assert isinstance(kernel, triton.runtime.jit.JITFunction)
+        writes = identify_accessed_tensors(kernel, {**kwargs, **size}, {}).read_writes.writes
+        assert {dep.name for dep in writes} == written, kernel.fn.__name__
+
+
 KERNEL_CASES = [  # (B, C, side, groups, shift, silu, dtype)
     (2, 32, 9, 8, True, True, torch.float32),  # 81 pixels: a full 64-pixel tile and a partial one
     (3, 48, 4, 12, False, False, torch.float32),  # 48 channels: one part-filled 64-channel tile
@@ -105,16 +140,19 @@ def check_kernels(device: str = "cpu") -> None:  # cpu: under TRITON_INTERPRET=1
         shift = torch.randn(B, C, device=device, requires_grad=True) if with_shift else None
         weight, bias = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
         leaves = [x, weight, bias] + ([shift] if with_shift else [])
-        y = group_norm_act(x, groups, weight, bias, 1e-5, shift, silu)
-        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-        dy = torch.randn(y.shape, dtype=torch.float64, device=device)
-        grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+        dy = torch.randn(x.shape, dtype=torch.float64, device=device)
         ref = exact(x, groups, weight, bias, 1e-5, shift, silu)
         ref_grads = torch.autograd.grad(ref, leaves, dy)
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output's own rounding (2^-8)
-        for name, got, want in zip(["y", "dx", "dweight", "dbias", "dshift"], [y, *grads], [ref, *ref_grads]):
-            err = ((got.double() - want).abs().max() / want.abs().max()).item()
-            assert err < tol, f"{(B, C, side, groups, with_shift, silu, dtype)}: {name} relative error {err:.2e}"
+        for compiled in [False, True] if device == "cuda" else [False]:  # compiled: as in training
+            fn = torch.compile(group_norm_act, fullgraph=True) if compiled else group_norm_act
+            y = fn(x, groups, weight, bias, 1e-5, shift, silu)
+            assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+            grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+            for name, got, want in zip(["y", "dx", "dweight", "dbias", "dshift"], [y, *grads], [ref, *ref_grads]):
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                case = (B, C, side, groups, with_shift, silu, dtype, "compiled" if compiled else "eager")
+                assert err < tol, f"{case}: {name} relative error {err:.2e}"
         print("ok", (B, C, side, groups, with_shift, silu, dtype), flush=True)
 
 
