@@ -1,5 +1,6 @@
 """GPU throughput of the DDPM++ denoiser: training and Heun-35 sampling, fp32 / bf16 / bf16 + channels-last +
-torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) configurations.
+torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) configurations, and on request
+(``--configs imagenet-64``) EDM's class-conditional ImageNet-64 ADM (296M parameters, batch 128).
 
     python bench/throughput.py                      # one GPU, a few minutes; JSON lines, then a table
     python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --profile 5   # where the step's time goes
@@ -28,19 +29,27 @@ from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.samplers import heun, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
-from diffscore.networks import UNet
+from diffscore.networks import ADMUNet, UNet
 from diffscore.networks.group_norm import set_fused_norm
 
-CONFIGS = {
+CONFIGS = {  # net: the backbone class and its kwargs; the rest: batches
     "cifar10-32": dict(
-        data_shape=[3, 32, 32], channel_mult=[2, 2, 2], dropout=0.13, train_batch=256, sample_batch=1024
+        net=UNet, data_shape=[3, 32, 32], channel_mult=[2, 2, 2], dropout=0.13, train_batch=256, sample_batch=1024
     ),
-    "ffhq-64": dict(data_shape=[3, 64, 64], channel_mult=[1, 2, 2, 2], dropout=0.05, train_batch=128, sample_batch=256),
+    "ffhq-64": dict(
+        net=UNet, data_shape=[3, 64, 64], channel_mult=[1, 2, 2, 2], dropout=0.05, train_batch=128, sample_batch=256
+    ),
+    # EDM's ImageNet-64 (ADM's defaults, 1,000 classes, dropout 0.10): batch 4,096 on 32 GPUs, 128 per GPU
+    "imagenet-64": dict(net=ADMUNet, data_shape=[3, 64, 64], label_dim=1000, train_batch=128, sample_batch=256),
 }
+DEFAULT_CONFIGS = ["cifar10-32", "ffhq-64"]
 MODES = {
     "fp32": dict(dtype=None, channels_last=False, compile=False, fused=False),
     "bf16": dict(dtype=torch.bfloat16, channels_last=False, compile=False, fused=True),
     "bf16+cl+compile": dict(dtype=torch.bfloat16, channels_last=True, compile=True, fused=True),
+    # the way NVlabs/edm's --fp16 runs a network (fp16 convolutions, eager, contiguous), on diffscore's network:
+    # a stand-in for EDM's own code where that is not on the machine, not a measurement of it
+    "fp16": dict(dtype=torch.float16, channels_last=False, compile=False, fused=True),
     # the group norms (+ shift, SiLU) as diffscore's Triton kernels instead of inductor's (model.fused_norm)
     "bf16+cl+compile-fusednorm": dict(
         dtype=torch.bfloat16, channels_last=True, compile=True, fused=True, fused_norm=True
@@ -54,6 +63,16 @@ MODES = {
         dtype=torch.bfloat16, channels_last=True, compile=True, fused=True, compile_mode="max-autotune-no-cudagraphs"
     ),
 }
+
+
+def build_net(cfg: dict) -> torch.nn.Module:
+    """The config's backbone (on the CPU), from its ``net`` class and kwargs."""
+    return cfg["net"](**{k: v for k, v in cfg.items() if k not in ("net", "train_batch", "sample_batch")})
+
+
+def labels(net: torch.nn.Module, n: int) -> torch.Tensor | None:
+    """n random class labels [n] on the GPU for a class-conditional backbone, else None."""
+    return torch.randint(net.label_dim, (n,), device="cuda") if net.label_dim else None
 
 
 def timed(fn, repeats: int, inner: int) -> float:
@@ -129,7 +148,7 @@ def run(
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.manual_seed(0)
-    net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=cfg["dropout"]).cuda()
+    net = build_net(cfg).cuda()
     mem = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     net = net.to(memory_format=mem)
     set_fused_norm(net, opts.get("fused_norm", False))
@@ -138,18 +157,18 @@ def run(
     fwd = torch.compile(denoiser, mode=opts.get("compile_mode")) if opts["compile"] else denoiser
     params = sum(p.numel() for p in net.parameters())
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        denoiser(torch.randn(1, *cfg["data_shape"], device="cuda"), torch.ones(1, device="cuda"))
+        denoiser(torch.randn(1, *cfg["data_shape"], device="cuda"), torch.ones(1, device="cuda"), labels(net, 1))
     gflop = fc.get_total_flops() / 1e9
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=opts["fused"])
     B = batch or cfg["train_batch"]
     x0 = (torch.rand(B, *cfg["data_shape"], device="cuda") * 2 - 1).contiguous(memory_format=mem)
-    law = LogNormalSigma()
+    law, cond = LogNormalSigma(), labels(net, B)
 
     def step():
         if graphs:  # a new training step: the graphs' static outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=opts["dtype"] or torch.float32, enabled=opts["dtype"] is not None):
-            loss = edm_loss(fwd, x0, law(B, device="cuda"), torch.randn_like(x0)).mean()
+            loss = edm_loss(fwd, x0, law(B, device="cuda"), torch.randn_like(x0), cond).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,7 +202,7 @@ def run(
     noise = torch.randn(S, *cfg["data_shape"], device="cuda").contiguous(memory_format=mem) * 80
     sigmas = torch.cat([karras_sigmas(18)[: probe_steps + 1], torch.zeros(1, dtype=torch.float64)])
     net.eval()
-    call = fwd
+    call, cond = fwd, labels(net, S)
     if graphs:  # each call replays into the same static output: the sampler keeps a copy, as it keeps results
 
         def call(x, sigma, cond=None):
@@ -195,7 +214,7 @@ def run(
             torch.inference_mode(),
             torch.autocast("cuda", dtype=opts["dtype"] or torch.float32, enabled=opts["dtype"] is not None),
         ):
-            heun(call, noise, sigmas)
+            heun(call, noise, sigmas, cond)
 
     sample()
     per_eval = timed(sample, repeats=3, inner=1) / nfe("heun", probe_steps + 1)  # 2 per step, 1 for the last
@@ -226,9 +245,9 @@ def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
     network (unfused, contiguous, eager)."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
     torch.manual_seed(0)
-    net = UNet(data_shape=cfg["data_shape"], channel_mult=cfg["channel_mult"], dropout=0.0).cuda()
+    net = build_net(cfg | {"dropout": 0.0}).cuda()
     x0 = torch.rand(batch, *cfg["data_shape"], device="cuda") * 2 - 1
-    sigma, noise = LogNormalSigma()(batch, device="cuda"), torch.randn_like(x0)
+    sigma, noise, cond = LogNormalSigma()(batch, device="cuda"), torch.randn_like(x0), labels(net, batch)
 
     def loss_and_grads(fused: bool, bf16: bool, compiled: bool = False) -> tuple[float, torch.Tensor]:
         mem = torch.channels_last if bf16 else torch.contiguous_format
@@ -236,7 +255,7 @@ def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
         set_fused_norm(net, fused)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             denoiser = torch.compile(EDMPrecond(net)) if compiled else EDMPrecond(net)
-            loss = edm_loss(denoiser, x0.contiguous(memory_format=mem), sigma, noise).mean()
+            loss = edm_loss(denoiser, x0.contiguous(memory_format=mem), sigma, noise, cond).mean()
         loss.backward()
         return loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
 
@@ -251,7 +270,7 @@ def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
@@ -302,10 +321,10 @@ def main() -> None:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(rows[-1]) + "\n")
             torch.cuda.empty_cache()
-    print(f"\n{'config':<12}{'mode':<20}{'train img/s':>12}{'TFLOP/s':>9}{'MiB/img':>9}{'Heun-35 img/s':>15}")
+    print(f"\n{'config':<12}{'mode':<27}{'train img/s':>12}{'TFLOP/s':>9}{'MiB/img':>9}{'Heun-35 img/s':>15}")
     for r in rows:
         print(
-            f"{r['config']:<12}{r['mode']:<20}{r['train_img_s']:>12.0f}{r['train_tflop_s']:>9.0f}"
+            f"{r['config']:<12}{r['mode']:<27}{r['train_img_s']:>12.0f}{r['train_tflop_s']:>9.0f}"
             f"{r['peak_mem_mib_per_img']:>9.1f}{r.get('sample_img_s_heun35', float('nan')):>15.1f}"
         )
 
