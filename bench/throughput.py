@@ -64,6 +64,8 @@ MODES = {
     ),
 }
 
+DEFAULT_MODES = ["fp32", "bf16", "bf16+cl+compile"]  # the others on request (max-autotune alone compiles for minutes)
+
 
 def build_net(cfg: dict) -> torch.nn.Module:
     """The config's backbone (on the CPU), from its ``net`` class and kwargs."""
@@ -271,7 +273,7 @@ def check_fused_norm(name: str, cfg: dict, batch: int = 32) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
-    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=DEFAULT_MODES)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
     ap.add_argument("--probe-steps", type=int, default=3, help="Heun steps timed for the 35-NFE sampling rate")
