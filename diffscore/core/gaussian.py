@@ -28,14 +28,17 @@ def _flat_sigma(x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
 
 
 def _eigh_psd(cov: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (clamped at 0) and eigenvectors of a symmetric PSD matrix, batched over leading dims."""
+    """Eigenvalues and eigenvectors of a symmetric PSD matrix, batched over leading dims. Eigenvalues below eigh's
+    resolution (D * float64 eps * the largest) are round-off of a zero and are set to 0, so the directions of a
+    rank-deficient covariance are removed exactly at small sigma."""
     if cov.shape[-1] != cov.shape[-2]:
         raise ValueError(f"covariance must be square, got shape {tuple(cov.shape)}")
     cov = cov.to(torch.float64)
     lam, U = torch.linalg.eigh((cov + cov.transpose(-1, -2)) / 2)
     if (lam < -1e-6 * lam.abs().max().clamp_min(1.0)).any():
         raise ValueError("covariance is not positive semi-definite")
-    return lam.clamp_min(0.0), U
+    floor = cov.shape[-1] * torch.finfo(torch.float64).eps * lam.abs().amax(-1, keepdim=True)
+    return torch.where(lam > floor, lam, torch.zeros_like(lam)), U
 
 
 def score_from_denoiser(denoiser, x: Tensor, sigma: Tensor | float) -> Tensor:
