@@ -24,20 +24,21 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from diffscore.lit.checkpoint import load_checkpoint_datamodule, load_model
-from diffscore.lit.data.base import train_images
-from diffscore.lit.data.tensor import heldout_images
+from diffscore.lit.datamodules.base import train_images
+from diffscore.lit.datamodules.from_file import model_datamodule
+from diffscore.lit.datamodules.tensor import heldout_images
 from diffscore.lit.modules.disback import DisBackModule
-from diffscore.lit.sampling import SamplingOptions
+from diffscore.loading.open import open_model
 from diffscore.metrics.digits_classifier import load_classifier
 from diffscore.metrics.suite import compute_metrics, reference_statistics
+from diffscore.sampling.options import SamplingOptions
 
 
 class FDDigits:
     """FD-digits of images against the digits training split, as `diffscore evaluate` computes it."""
 
     def __init__(self, teacher_ckpt: str, device: torch.device) -> None:
-        self.dm = load_checkpoint_datamodule(teacher_ckpt)
+        self.dm = model_datamodule(open_model(teacher_ckpt))
         self.device = device
         self.digits = load_classifier(device=device)
         train = train_images(self.dm).to(device)
@@ -62,7 +63,7 @@ class FDCurve(Callback):
         self._t0 = 0.0
 
     def measure(self, module: DisBackModule) -> None:
-        self.points.append((int(module.generator_step), self.fd(module.generate(self.seeds))))
+        self.points.append((int(module.generator_step), self.fd(module.sampler().generate(self.seeds))))
 
     def on_train_start(self, trainer, module) -> None:
         self._t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def run_one(args, method: str, seed: int, fd: FDDigits, accelerator: str, path_r
         enable_model_summary=False,
         callbacks=[curve],
     )
-    dm = load_checkpoint_datamodule(args.teacher)
+    dm = model_datamodule(open_model(args.teacher))
     dm.batch_size = args.batch_size
     t0 = time.perf_counter()
     trainer.fit(module, dm)
@@ -231,10 +232,11 @@ def main() -> None:
 
     t0 = time.perf_counter()
     fd = FDDigits(args.teacher, device)
-    teacher = load_model(args.teacher).to(device).eval()
+    teacher = open_model(args.teacher)
+    teacher.network.to(device)
     seeds = list(range(args.eval_samples))
-    teacher_fd = fd(teacher.generate(seeds, SamplingOptions(num_steps=args.teacher_steps, sampler="heun")))
-    teacher_one_step = fd(teacher.generate(seeds, SamplingOptions(num_steps=1, sampler="euler")))
+    teacher_fd = fd(teacher.sampler(SamplingOptions(steps=args.teacher_steps, sampler="heun")).generate(seeds))
+    teacher_one_step = fd(teacher.sampler(SamplingOptions(steps=1, sampler="euler")).generate(seeds))
     print(f"teacher: Heun {2 * args.teacher_steps - 1} NFE FD {teacher_fd:.3f}; Euler 1 NFE {teacher_one_step:.2f}")
     del teacher
     runs = []

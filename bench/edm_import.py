@@ -1,8 +1,8 @@
 """Importing an NVlabs/edm network pickle of EDM's CIFAR-10 DDPM++ (55.7M parameters, random weights): how long
-`load_model` takes to read and map it, and how fast `diffscore sample` runs it on this machine's CPU.
+`open_model` takes to read and map it, and how fast `diffscore sample` runs it on this machine's CPU.
 
 The pickle is written in EDM's format by the tests' writer (tests/edm_files.py: no EDM code involved), from an
-EDM-layout state dict drawn by the tests' float64 reference of SongUNet (tests/networks/test_edm_song.py).
+EDM-layout state dict drawn by the tests' float64 reference of SongUNet (tests/loading/test_edm_song.py).
 
     python bench/edm_import.py --out runs/edm_import        # writes runs/edm_import/edm-ddpmpp.pkl and result.json
 """
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffscore.commands import main as diffscore  # noqa: E402
-from diffscore.lit.checkpoint import load_model  # noqa: E402
+from diffscore.loading.open import open_model  # noqa: E402
 from tests.edm_files import write_edm_network  # noqa: E402
-from tests.networks import test_edm_song as song  # noqa: E402
+from tests.loading import test_edm_song as song  # noqa: E402
 
 CIFAR_DDPMPP = dict(  # EDM's config F for CIFAR-10 (vp): train.py --arch=ddpmpp
     img_resolution=32,
@@ -65,9 +65,9 @@ def main() -> None:
     params = write_pickle(pkl)
     t_write = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model = load_model(pkl)
+    model = open_model(pkl)
     t_import = time.perf_counter() - t0
-    assert sum(p.numel() for p in model.parameters()) == params
+    assert sum(p.numel() for p in model.network.parameters()) == params
     samples = out / "samples.npz"
     samples.unlink(missing_ok=True)
     cmd = ["sample", "--ckpt_path", str(pkl), "--out", str(samples), "--num_samples", str(args.num_samples)]

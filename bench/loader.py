@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffscore.lit.data.images import ImageDataModule
+from diffscore.lit.datamodules.images import ImageDataModule
 
 
 def write_zip(path: Path, n: int, size: int = 64, seed: int = 0) -> None:

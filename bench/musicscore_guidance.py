@@ -24,8 +24,8 @@ import torch
 
 from diffscore.data.musicscore import MusicScoreDataset, find_scale_dir, index_split, read_metadata
 from diffscore.data.synthetic_scores import INSTRUMENT_CLEF, write_synthetic_musicscore
-from diffscore.lit.checkpoint import load_model
-from diffscore.lit.sampling import SamplingOptions
+from diffscore.loading.open import open_model
+from diffscore.sampling.options import SamplingOptions
 
 LAYOUTS = ("treble", "bass", "grand")
 
@@ -79,7 +79,7 @@ def main() -> None:
     if not args.ckpt:
         p.error("--ckpt is required")
     torch.set_num_threads(2)
-    model = load_model(args.ckpt).eval()
+    model = open_model(args.ckpt)
     resolution = model.data_shape[-1]
     t0 = time.time()
     clf, clf_acc = train_classifier(resolution, args.classifier_pages, seed=12345)
@@ -106,9 +106,10 @@ def main() -> None:
         t0 = time.time()
         seeds = list(range(len(captions)))
         if w == 0:  # the unconditional model: the empty caption
-            samples = model.generate(seeds, SamplingOptions(num_steps=args.steps, prompts=[""]))
+            samples = model.sampler(SamplingOptions(steps=args.steps, prompt="")).generate(seeds)
         else:  # seed i gets caption i
-            samples = model.generate(seeds, SamplingOptions(num_steps=args.steps, prompts=captions, guidance=w))
+            guided = SamplingOptions(steps=args.steps, guidance=w)
+            samples = model.sampler(guided, prompts=captions).generate(seeds)
         pred = clf.predict(pixels(samples.float().cpu()))
         acc = float((pred == target).mean())
         result["accuracy"][str(w)] = acc

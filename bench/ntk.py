@@ -27,15 +27,15 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from diffscore.core.losses import edm_loss
-from diffscore.core.ntk import ntk_drift, relative_error
+from diffscore.core.ntk import draw_regression_set, ntk_drift, relative_error
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.lit.callbacks import NTKProbe
-from diffscore.lit.callbacks.ntk_probe import SIGMAS, BackboneOutput, NTKMeasurer, regression_target, split_data
-from diffscore.lit.data import GMMDataModule
+from diffscore.lit.datamodules import GMMDataModule
+from diffscore.lit.datamodules.base import split_images
 from diffscore.lit.modules import RegressionDiffusionModule
-from diffscore.lit.modules.regression import draw_regression_set
 from diffscore.networks import TheoryNet
+from diffscore.probes.ntk import SIGMAS, BackboneOutput, NTKMeasurer, NTKSettings, regression_target
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,8 +47,9 @@ def lazy_regime(width: int, seed: int, num_train: int, steps: list[int], lr: flo
     torch.manual_seed(seed)
     denoiser = EDMPrecond(TheoryNet(data_shape=[2], width=width))
     view = BackboneOutput(denoiser)
-    regression_set = draw_regression_set(split_data(dm, "train"), seed, LogNormalSigma())
-    m = NTKMeasurer(dm, 0.5, regression_set, num_points=64)
+    train, heldout = split_images(dm, "train"), split_images(dm, "val")
+    regression_set = draw_regression_set(train, seed, LogNormalSigma())
+    m = NTKMeasurer(train, heldout, 0.5, NTKSettings(num_points=64), dm.mixture, regression_set)
     n, out_dim = m.kernel_set[2].shape
     twin = m.twin(view, 2 * lr / (n * out_dim))
     f0_probe, f0_kernel = m.outputs(view)

@@ -7,7 +7,7 @@
 Two setups, each trained once per seed with ``PostHocEMA`` (tracking sigma_rel 0.05 and 0.10 for the
 reconstruction, plus 0.02 and 0.20 as directly tracked checks) beside ``EDMEMA``: ``quickstart``
 (experiments/quickstart.yaml, all 1,437 training digits) and ``digits300`` (experiments/digits_scoreaug.yaml with
-``augment: none``: 300 training digits, the overfitting baseline arm; 500 steps by default instead of the YAML's
+``augment: []``: 300 training digits, the overfitting baseline arm; 500 steps by default instead of the YAML's
 4,000, for a shared 2-core CPU). After training, `diffscore phema` reconstructs each sigma_rel of the grid from
 the 0.05/0.10 snapshots only. Every reconstruction (and the run's own EDMEMA checkpoint) draws N samples (Heun,
 the config's 18 steps) for FD-digits (against the training digits, as `diffscore evaluate`, and, for digits300,
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SETUPS = {
     "quickstart": ("experiments/quickstart.yaml", []),
-    "digits300": ("experiments/digits_scoreaug.yaml", ["--model.init_args.augment=none"]),
+    "digits300": ("experiments/digits_scoreaug.yaml", ["--model.init_args.augment=[]"]),
 }
 GRID = (0.01, 0.02, 0.03, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
 TRACKED = (0.05, 0.10, 0.02, 0.20)  # the first two are the reconstruction's; the others check it
@@ -101,13 +101,17 @@ def model_metrics(ckpt: Path, n: int, ctx: dict) -> dict[str, float]:
     loss (the module's own validation: 10 sigma buckets, fixed noise) of one checkpoint."""
     from lightning.pytorch import Trainer
 
-    from diffscore.lit.checkpoint import load_model
+    from diffscore.lit.modules import DiffusionModule
+    from diffscore.loading.open import open_model
     from diffscore.metrics.digits_classifier import digits_features
     from diffscore.metrics.frechet import feature_statistics, frechet_distance
     from diffscore.metrics.suite import compute_metrics, sample_features
 
-    model = load_model(ckpt).eval()
-    x = torch.cat([model.generate(list(range(i, min(i + 500, n)))).float() for i in range(0, n, 500)])
+    loaded = open_model(ckpt)
+    sampler = loaded.sampler()
+    x = torch.cat([sampler.generate(list(range(i, min(i + 500, n)))).float() for i in range(0, n, 500)])
+    # the module's own validation around the same (EMA) weights
+    model = DiffusionModule(loaded.backbone, sigma_data=loaded.settings.get("sigma_data", 0.5)).eval()
     feats = sample_features(x, None, ctx["clf"], ctx["train"])
     feats["seeds"] = torch.arange(n)
     res = compute_metrics(feats, {"fd_digits", "memorization"}, ctx["ref"], [])
@@ -124,14 +128,15 @@ def model_metrics(ckpt: Path, n: int, ctx: dict) -> dict[str, float]:
 
 def context(ckpt: Path, digits300: bool) -> dict:
     """The reference data of a run: training digits, their statistics, the held-out and (digits300) unseen sets."""
-    from diffscore.lit.checkpoint import load_checkpoint_datamodule
-    from diffscore.lit.data.base import train_images
-    from diffscore.lit.data.tensor import heldout_images
+    from diffscore.lit.datamodules.base import train_images
+    from diffscore.lit.datamodules.from_file import model_datamodule
+    from diffscore.lit.datamodules.tensor import heldout_images
+    from diffscore.loading.open import open_model
     from diffscore.metrics.digits_classifier import digits_features, load_classifier
     from diffscore.metrics.frechet import feature_statistics
     from diffscore.metrics.suite import reference_statistics
 
-    dm = load_checkpoint_datamodule(ckpt)
+    dm = model_datamodule(open_model(ckpt))
     clf = load_classifier()
     train, held = train_images(dm), heldout_images(dm)
     ref = reference_statistics({"fd_digits", "memorization"}, None, train, held, None, clf)
@@ -284,9 +289,11 @@ def cost(ckpt: Path, batch: int = 256, steps: int = 20) -> dict[str, float]:
     from diffscore.core.losses import edm_loss
     from diffscore.core.schedules import LogNormalSigma
     from diffscore.lit.callbacks import PostHocEMA
-    from diffscore.lit.checkpoint import load_model
+    from diffscore.lit.modules import DiffusionModule
+    from diffscore.loading.open import open_model
 
-    model = load_model(ckpt).train()
+    model = DiffusionModule(open_model(ckpt).backbone).train()  # the checkpoint's network, trainable
+    model.requires_grad_(True)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x0 = torch.rand(batch, 1, 8, 8) * 2 - 1
     times: dict[str, list[float]] = {"train_step": []}

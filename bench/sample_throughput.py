@@ -43,7 +43,8 @@ def write_checkpoint(path: Path, network: str, steps: int, tiny: bool) -> Path:
     """A DiffusionModule checkpoint with the GPU configs' switches, as `diffscore fit` would leave one."""
     torch.manual_seed(0)
     backbone = UNet(**NETWORKS[network], **(TINY if tiny else {}))
-    model = DiffusionModule(backbone, num_steps=steps, compile=True, channels_last=True, sampling_precision="bf16")
+    speed = {"compile": True, "channels_last": True}
+    model = DiffusionModule(backbone, sampling={"steps": steps, "precision": "bf16"}, speed=speed)
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
     return path
 

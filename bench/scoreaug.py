@@ -3,7 +3,7 @@
     python bench/scoreaug.py --out runs/scoreaug --seeds 0 1 2 --parallel 12     # trains, then summarises
     python bench/scoreaug.py --out runs/scoreaug --stage summarize --plot bench/scoreaug
 
-Each run is `diffscore fit --config experiments/digits_scoreaug.yaml` with ``--model.init_args.augment ARM`` and
+Each run is `diffscore fit --config experiments/digits_scoreaug.yaml` with the arm's ``--model.init_args.augment`` and
 ``--seed_everything S`` (the same 300 training digits for every run). From every saved checkpoint (EMA weights)
 the summary draws N samples (Heun, 35 NFE) and measures: FD-digits against the 300 training digits and against
 the 1,497 digits the model never saw (the fair one in a data-limited regime: a copy machine scores well on the
@@ -31,6 +31,19 @@ ARMS = ("none", "nonleaky", "scoreaug", "nonleaky+scoreaug")
 CONFIG = REPO / "experiments" / "digits_scoreaug.yaml"
 
 
+_NONLEAKY = '{"class_path": "diffscore.core.augment.NonLeakyAugment", "init_args": {"p": 0.12}}'
+_SCOREAUG = (
+    '{"class_path": "diffscore.core.augment.ScoreAugment", "init_args": {"mode": "one_of", "translate_frac": 0.125,'
+    ' "translate_padding": "zero", "cutout_frac": [0.25, 0.375], "brightness": [0.8333333, 1.2]}}'
+)
+ARM_AUGMENTERS = {  # the four arms as model.augment lists (the settings of experiments/digits_scoreaug.yaml)
+    "none": "[]",
+    "nonleaky": f"[{_NONLEAKY}]",
+    "scoreaug": f"[{_SCOREAUG}]",
+    "nonleaky+scoreaug": f"[{_NONLEAKY}, {_SCOREAUG}]",
+}
+
+
 def launch(out: Path, arms, seeds, steps: int, parallel: int, accelerator: str, overrides: list[str]) -> None:
     jobs = [(arm, s) for s in seeds for arm in arms]
     running: list[tuple[subprocess.Popen, str]] = []
@@ -50,7 +63,7 @@ def launch(out: Path, arms, seeds, steps: int, parallel: int, accelerator: str, 
             args = [
                 "fit",
                 f"--config={CONFIG}",
-                f"--model.init_args.augment={arm}",
+                f"--model.init_args.augment={ARM_AUGMENTERS[arm]}",
                 f"--seed_everything={seed}",
                 f"--trainer.max_steps={steps}",
                 f"--data.init_args.epoch_size={steps * 256}",
@@ -85,15 +98,17 @@ def digits_sets(num_train: int = 300, seed: int = 0) -> tuple[torch.Tensor, torc
 
 @torch.no_grad()
 def checkpoint_metrics(ckpt: Path, n: int, sets, device: str) -> dict[str, float]:
-    from diffscore.lit.checkpoint import load_model
+    from diffscore.loading.open import open_model
     from diffscore.metrics.digits_classifier import digits_features, load_classifier
     from diffscore.metrics.frechet import feature_statistics, frechet_distance
     from diffscore.metrics.leakage import leaked
     from diffscore.metrics.memorization import copy_ratio, memorized_fraction
 
     train, unseen, _ = sets
-    model = load_model(ckpt).to(device)
-    x = torch.cat([model.generate(list(range(i, min(i + 1000, n)))).float() for i in range(0, n, 1000)]).cpu()
+    loaded = open_model(ckpt)
+    loaded.network.to(device)
+    sampler = loaded.sampler()
+    x = torch.cat([sampler.generate(list(range(i, min(i + 1000, n)))).float() for i in range(0, n, 1000)]).cpu()
     clf = load_classifier()
     stats = feature_statistics(digits_features(x, clf))
     return {

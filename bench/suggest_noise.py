@@ -170,8 +170,9 @@ def gmm_metrics(model, ctx: dict) -> dict[str, float]:
 
 @torch.no_grad()
 def pages_metrics(model, ctx: dict) -> dict[str, float]:
-    from bench.musicscore_guidance import pixels
     from diffscore.lit.sampling import SamplingOptions
+
+    from bench.musicscore_guidance import pixels
 
     captions, target = ctx["captions"], ctx["target"]
     samples = model.generate(list(range(len(captions))), SamplingOptions(num_steps=18, prompts=captions))
@@ -182,7 +183,8 @@ def pages_metrics(model, ctx: dict) -> dict[str, float]:
 def task_context(task: str, out: Path) -> dict:
     """What a task's metric needs, built once: reference digits, the exact mixture, the layout classifier."""
     from diffscore.lit.checkpoint import build
-    from diffscore.lit.data.base import train_images
+
+    from diffscore.lit.datamodules.base import train_images
 
     dm = build(yaml.safe_load(task_config(task, out).read_text())["data"], "data")
     if task == "digits":

@@ -15,23 +15,18 @@ import json
 import time
 from pathlib import Path
 
-from diffscore.commands.evaluate import evaluate
-from diffscore.commands.teleport import TeleportOptions
+from diffscore.commands.evaluate import EvaluationOptions, evaluate
+from diffscore.lit.predict import Devices
+from diffscore.sampling.options import SamplingOptions, TeleportOptions
 
 
 def point(ckpt, sampler, steps, skip, sigma, n, gauss, accelerator="auto") -> dict:
-    tele = TeleportOptions(skip=skip, sigma=sigma, gaussian=gauss) if (skip or sigma) else None
+    tele = TeleportOptions(skip=skip or None, sigma=sigma, gaussian=gauss) if (skip or sigma) else TeleportOptions()
     s = evaluate(
         ckpt,
-        metrics="fd_digits",
-        num_samples=n,
-        protocol="edm",
-        sampler=sampler,
-        steps=steps,
-        batch_size=1000,
-        accelerator="cpu",
-        devices=1,
-        teleport=tele,
+        evaluation=EvaluationOptions(metrics="fd_digits", num_samples=n, protocol="edm"),
+        options=SamplingOptions(sampler=sampler, steps=steps, batch_size=1000, teleport=tele),
+        where=Devices(accelerator="cpu", devices=1),
     )
     return {
         "sampler": sampler,

@@ -17,7 +17,7 @@ GMM = str(REPO / "experiments" / "gmm.yaml")
 # Shrinks experiments/quickstart.yaml to seconds: a tiny U-Net, a few steps, 4-sample grids.
 TINY = [
     "--model.init_args.backbone.init_args.model_channels=8",
-    "--model.init_args.num_steps=4",
+    "--model.init_args.sampling.steps=4",
     "--trainer.val_check_interval=2",
     "--trainer.log_every_n_steps=1",
     "--trainer.enable_progress_bar=false",

@@ -137,8 +137,8 @@ CASES = {
     "bad YAML type": (lambda t, c: ["fit", "--config", QUICKSTART, "--trainer.max_steps=many"], "max_steps"),
     "missing config": (lambda t, c: ["fit", "--config", t / "nope.yaml"], "nope.yaml"),
     "zero steps in a config": (
-        lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.num_steps=0"],
-        "num_steps",
+        lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.sampling.steps=0"],
+        "steps",
     ),
     "negative sigma": (
         lambda t, c: ["fit", "--config", QUICKSTART, *TINY, "--model.init_args.sigma_min=-1"],
@@ -193,8 +193,8 @@ CASES = {
         "rejects the saved arguments",
     ),
     "YAML infinity": (
-        lambda t, c: [*FIT, "--config", yaml_file(t, "model:\n  init_args:\n    sigma_max: .inf\n")],
-        "model.init_args.sigma_max = inf is not a finite number",
+        lambda t, c: [*FIT, "--config", yaml_file(t, "model:\n  init_args:\n    sampling:\n      sigma_max: .inf\n")],
+        "model.init_args.sampling.sigma_max = inf is not a finite number",
     ),
     "YAML NaN": (
         lambda t, c: [*FIT, "--config", yaml_file(t, "model:\n  init_args:\n    P_std: .nan\n")],

@@ -1,6 +1,7 @@
-"""The package's layout rules (DESIGN.md): imports point down the floors, no import circle, nothing imports
-diffscore.commands, Lightning only in lit/ and commands/, no file over 400 lines, no function over 60 lines of code
-(its docstring not counted)."""
+"""The package's layout rules (docs/architecture.md): imports point down the floors, no import circle, nothing
+imports diffscore.commands, Lightning only in lit/ and commands/, no file over 400 lines, no function over 60 lines
+of code (its docstring not counted), no public function with more than 12 parameters (options travel as one
+dataclass)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,23 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffscore"
 # floor of each top-level part: an import may only reach the same floor or a lower one
-FLOORS = {"commands": 5, "lit": 4, "metrics": 3, "networks": 2, "data": 2, "core": 1, "io": 0, "errors": 0}
+FLOORS = {
+    "commands": 6,
+    "lit": 5,
+    "loading": 4,
+    "sampling": 3,
+    "probes": 3,
+    "metrics": 3,
+    "networks": 2,
+    "data": 2,
+    "core": 1,
+    "io": 0,
+    "errors": 0,
+}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
+MAX_PARAMETERS = 12
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
 
 
 def module_name(path: Path) -> str:
@@ -148,3 +163,34 @@ def test_the_checker_sees_a_planted_upward_import_and_circle(tmp_path, monkeypat
         assert "diffscore.core.a" in str(e) and "diffscore.lit.b" in str(e)
     else:
         raise AssertionError("the circle was not found")
+
+
+def parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = fn.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    return len([n for n in names if n not in ("self", "cls")]) + bool(args.vararg) + bool(args.kwarg)
+
+
+def test_public_functions_take_at_most_twelve_parameters():
+    offenders = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
+                if parameter_count(node) > MAX_PARAMETERS:
+                    offenders.append(f"{name}.{node.name}: {parameter_count(node)} parameters")
+    inits = [o for o in offenders if ".__init__" in o]
+    assert not [o for o in offenders if o not in inits] and not inits, "\n".join(offenders)
+
+
+def test_the_architecture_document_lists_every_floor_as_the_checker_does():
+    """docs/architecture.md's table of floors is the one FLOORS holds, and names every package."""
+    text = ARCHITECTURE.read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) >= 2 and cells[0].isdigit():
+            for part in cells[1].replace("`", "").replace("/", "").split(","):
+                rows[part.strip().removesuffix(".py")] = int(cells[0])
+    assert rows == FLOORS
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages <= set(rows)

@@ -4,9 +4,11 @@ other subcommand is a function whose signature and docstring jsonargparse turns 
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -14,49 +16,106 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from diffscore.errors import DiffscoreError, Stopped
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
-USAGE = """usage: diffscore SUBCOMMAND [options]   (diffscore SUBCOMMAND --help for its options)
 
-Training (LightningCLI, a YAML config):
-  fit           train a model: diffscore fit --config experiments/quickstart.yaml
-  validate      held-out loss per sigma bucket of a checkpoint
-  test          the test split's loss per sigma bucket of a checkpoint
-From a checkpoint (a diffscore .ckpt or an NVlabs/edm network .pkl):
-  sample        draw samples (PNGs or .npz), split by seed over devices
-  evaluate      FID/KID/IS/FID-k, FD-digits, memorization (EDM's protocol with --protocol edm)
-  refstats      Inception (or digits) reference statistics of a data set
-  probe         gaussian: EV of the learned score vs Gaussian/GMM/delta mixture; ntk: NTK measurements
-  report        plot a run's metrics.jsonl as PNGs
-  convert       an NVlabs/edm network pickle (*.pkl) as a diffscore checkpoint (read without running its code)
-  phema         EMA checkpoints of any length after training, from a run's PostHocEMA snapshots (EDM2)
-Data:
-  dataset       convert images to EDM's dataset format (a ZIP or folder of PNGs + dataset.json)
-  suggest-noise sigma_data, sigma_min/max, P_mean/P_std from the data's Gaussian model: --config X.yaml or --data PATH
-"""
+@dataclass(frozen=True)
+class Subcommand:
+    """One `diffscore` subcommand: where it lives and the line that describes it (usage text, README, tests)."""
+
+    name: str  # as typed: "sample", "probe gaussian"
+    target: str  # "module:function"; "" for the LightningCLI subcommands
+    section: str  # the heading it is listed under
+    summary: str  # one line
 
 
-def subcommands() -> dict[str, Any]:
-    """The non-Lightning subcommands as jsonargparse's CLI takes them (imported here, on demand)."""
-    from diffscore.commands.convert import convert
-    from diffscore.commands.evaluate import evaluate, refstats
-    from diffscore.commands.phema import phema
-    from diffscore.commands.probe import probe_gaussian, probe_ntk
-    from diffscore.commands.report import report
-    from diffscore.commands.sample import sample
-    from diffscore.commands.suggest_noise import suggest_noise
-    from diffscore.data.convert import convert_dataset
+TRAINING = "Training (LightningCLI, a YAML config)"
+FROM_MODEL = "From a model (a diffscore .ckpt or an NVlabs/edm network .pkl)"
+DATA = "Data"
+SUBCOMMANDS = (
+    Subcommand("fit", "", TRAINING, "train a model: diffscore fit --config experiments/quickstart.yaml"),
+    Subcommand("validate", "", TRAINING, "held-out loss per sigma bucket of a checkpoint"),
+    Subcommand("test", "", TRAINING, "the test split's loss per sigma bucket of a checkpoint"),
+    Subcommand(
+        "sample",
+        "diffscore.commands.sample:sample",
+        FROM_MODEL,
+        "draw samples (PNGs or .npz), split by seed over devices",
+    ),
+    Subcommand(
+        "evaluate",
+        "diffscore.commands.evaluate:evaluate",
+        FROM_MODEL,
+        "FID/KID/IS/FID-k, FD-digits, memorization (EDM's protocol with --protocol edm)",
+    ),
+    Subcommand(
+        "refstats",
+        "diffscore.commands.evaluate:refstats",
+        DATA,
+        "Inception (or digits) reference statistics of a data set",
+    ),
+    Subcommand(
+        "probe gaussian",
+        "diffscore.commands.probe:probe_gaussian",
+        FROM_MODEL,
+        "EV of the learned score vs the Gaussian, GMM and delta-mixture scores of the data",
+    ),
+    Subcommand(
+        "probe ntk",
+        "diffscore.commands.probe:probe_ntk",
+        FROM_MODEL,
+        "NTK measurements: score error, spectrum, drift, kernel twin",
+    ),
+    Subcommand("report", "diffscore.commands.report:report", TRAINING, "plot a run's metrics.jsonl as PNGs"),
+    Subcommand(
+        "convert",
+        "diffscore.commands.convert:convert",
+        FROM_MODEL,
+        "an NVlabs/edm network pickle (*.pkl) as a diffscore checkpoint (read without running its code)",
+    ),
+    Subcommand(
+        "phema",
+        "diffscore.commands.phema:phema",
+        TRAINING,
+        "EMA checkpoints of any length after training, from a run's PostHocEMA snapshots (EDM2)",
+    ),
+    Subcommand(
+        "dataset",
+        "diffscore.data.dataset_writer:convert_dataset",
+        DATA,
+        "images (a folder, ZIP or CIFAR-10's archive) as EDM's dataset format (a ZIP or folder of PNGs + dataset.json)",
+    ),
+    Subcommand(
+        "suggest-noise",
+        "diffscore.commands.suggest_noise:suggest_noise",
+        DATA,
+        "sigma_data, sigma_min/max, P_mean/P_std from the data's Gaussian model: --config X.yaml or --data PATH",
+    ),
+)
+LIGHTNING_SUBCOMMANDS = tuple(c.name for c in SUBCOMMANDS if not c.target)
 
-    return {
-        "sample": sample,
-        "evaluate": evaluate,
-        "refstats": refstats,
-        "probe": {"gaussian": probe_gaussian, "ntk": probe_ntk},
-        "report": report,
-        "dataset": convert_dataset,
-        "convert": convert,
-        "phema": phema,
-        "suggest-noise": suggest_noise,
-    }
+
+def usage() -> str:
+    """The text of `diffscore --help`, from SUBCOMMANDS."""
+    lines = ["usage: diffscore SUBCOMMAND [options]   (diffscore SUBCOMMAND --help for its options)"]
+    for section in dict.fromkeys(c.section for c in SUBCOMMANDS):
+        lines += ["", f"{section}:"]
+        lines += [f"  {c.name:<15} {c.summary}" for c in SUBCOMMANDS if c.section == section]
+    return "\n".join(lines) + "\n"
+
+
+def subcommand_of(argv: list[str]) -> tuple[Subcommand | None, list[str]]:
+    """The subcommand ``argv`` names (one word, or two for probe) and the arguments after its name."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        for c in SUBCOMMANDS:
+            if c.name == name:
+                return c, argv[words:]
+    return None, argv[1:]
+
+
+def function_of(subcommand: Subcommand) -> Callable[..., Any]:
+    """The function behind a subcommand (imported here, on demand)."""
+    module, _, name = subcommand.target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _fail(message: str) -> None:
@@ -68,7 +127,7 @@ def _fail(message: str) -> None:
 
 def _dispatch(argv: list[str]) -> Callable[[], Any]:
     if not argv or argv[0] in ("-h", "--help"):
-        return lambda: print(USAGE, end="")
+        return lambda: print(usage(), end="")
     if argv[0] in LIGHTNING_SUBCOMMANDS or argv[0].startswith("-"):
         from diffscore.commands.config_checks import check_config_files
         from diffscore.commands.lightning import DiffscoreCLI
@@ -76,22 +135,23 @@ def _dispatch(argv: list[str]) -> Callable[[], Any]:
         check_config_files(argv)
 
         return lambda: DiffscoreCLI(args=argv)
-    known = ("sample", "evaluate", "refstats", "probe", "report", "dataset", "convert", "suggest-noise", "phema")
-    if argv[0] not in known:
-        return lambda: _fail(f"unknown subcommand {argv[0]!r}\n{USAGE}")
-    from jsonargparse import CLI
-
-    if argv[0] == "refstats" and any(a == "--config" or a.startswith("--config=") for a in argv):
+    command, rest = subcommand_of(argv)
+    if command is None:
+        known = "probe gaussian|ntk" if argv[0] == "probe" else f"{argv[0]!r}"
+        return lambda: _fail(f"unknown subcommand {known}\n{usage()}")
+    if command.name == "refstats" and any(a == "--config" or a.startswith("--config=") for a in rest):
         return lambda: _fail("refstats takes the YAML whose data: section to use as --data_config X.yaml")
-    if argv[0] == "report" and len(argv) > 1 and not argv[1].startswith("-"):  # `diffscore report RUN_DIR`
-        argv = ["report", "--run_dir", *argv[1:]]
-    if argv[0] == "suggest-noise":  # `--config X.yaml` names the training config to read, not jsonargparse's own
-        argv = [("--data_config" + a[8:]) if a == "--config" or a.startswith("--config=") else a for a in argv]
-    if argv[0] == "phema":  # `--sigma_rel 0.03 0.05` (space-separated) as jsonargparse's one-token list
+    if command.name == "report" and rest and not rest[0].startswith("-"):  # `diffscore report RUN_DIR`
+        rest = ["--run_dir", *rest]
+    if command.name == "suggest-noise":  # `--config X.yaml` names the training config to read, not jsonargparse's own
+        rest = [("--data_config" + a[8:]) if a == "--config" or a.startswith("--config=") else a for a in rest]
+    if command.name == "phema":  # `--sigma_rel 0.03 0.05` (space-separated) as jsonargparse's one-token list
         from diffscore.commands.phema import join_list_options
 
-        argv = join_list_options(argv)
-    return lambda: CLI(subcommands(), args=argv, as_positional=False, prog="diffscore")
+        rest = join_list_options(rest)
+    from diffscore.commands.parsing import call
+
+    return lambda: call(function_of(command), f"diffscore {command.name}", rest)
 
 
 def quiet_console() -> None:

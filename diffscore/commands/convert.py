@@ -9,7 +9,8 @@ import torch
 
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
-from diffscore.lit.checkpoint import is_edm_pickle, load_model
+from diffscore.loading.checkpoint import checkpoint_of
+from diffscore.loading.edm.network import open_edm_pickle
 
 
 def convert(src: str, out: str, overwrite: bool = False) -> Path:
@@ -25,7 +26,7 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
         overwrite: replace an existing .ckpt at ``out``.
     """
     src_path, out_path = Path(src), Path(out)
-    if not is_edm_pickle(src_path):
+    if src_path.suffix != ".pkl":
         raise DiffscoreError(f"--src {src} is not an NVlabs/edm network pickle (*.pkl)")
     if out_path.suffix != ".ckpt":
         raise DiffscoreError(f"--out {out} must name a .ckpt file")
@@ -33,17 +34,9 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
         raise DiffscoreError(f"output folder {out_path.parent} does not exist; create it or choose another --out")
     if out_path.exists() and not (overwrite and out_path.is_file()):
         raise DiffscoreError(f"{out} already exists; choose another --out, or pass --overwrite true to replace it")
-    model = load_model(src_path)
-    checkpoint = {
-        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "hyper_parameters": {"_class_path": "diffscore.lit.modules.DiffusionModule", **dict(model.hparams)},
-        "imported_from": dict(model.imported_from),
-        "pytorch-lightning_version": lightning.__version__,
-        "global_step": 0,
-        "epoch": 0,
-    }
+    model = open_edm_pickle(src_path)
     with atomic_write(out_path) as tmp:
-        torch.save(checkpoint, tmp)
-    info = model.imported_from
-    print(f"diffscore: wrote {out_path}: {info['network']}; sampler heun, {model.hparams.num_steps} steps", flush=True)
+        torch.save(checkpoint_of(model, lightning.__version__), tmp)
+    steps = model.defaults.steps
+    print(f"diffscore: wrote {out_path}: {model.info['network']}; sampler heun, {steps} steps", flush=True)
     return out_path

@@ -12,20 +12,23 @@ ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from diffscore.commands.sample import check_counts, check_sampler, check_seeds
-from diffscore.commands.teleport import TeleportOptions, with_teleport
+from diffscore.commands.sample import check_counts, check_seeds
+from diffscore.commands.sampler import command_sampler
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot, write_json
-from diffscore.lit.checkpoint import config_datamodule, load_checkpoint_datamodule, load_model
-from diffscore.lit.data.base import Captioned, train_images
-from diffscore.lit.data.tensor import heldout_images
-from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.lit.datamodules.base import Captioned, train_images
+from diffscore.lit.datamodules.from_file import config_datamodule, model_datamodule
+from diffscore.lit.datamodules.tensor import heldout_images
+from diffscore.lit.predict import Devices, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.loading.model import LoadedModel
+from diffscore.loading.open import open_model
 from diffscore.metrics.frechet import feature_statistics, save_statistics
 from diffscore.metrics.memorization import COPY_RATIO
 from diffscore.metrics.suite import (
@@ -38,6 +41,8 @@ from diffscore.metrics.suite import (
     reference_statistics,
     sample_features,
 )
+from diffscore.sampling.base import Sampler
+from diffscore.sampling.options import SamplingOptions
 
 
 class FeatureWriter(ShardWriter):
@@ -51,12 +56,12 @@ class FeatureWriter(ShardWriter):
         return {"seeds": prediction["seeds"], **self.features(prediction["samples"].to(pl_module.device))}
 
 
-def captions_of(model, dm, prompts: str | None) -> list[str] | None:
+def captions_of(model: LoadedModel, dm, prompts: str | None) -> list[str] | None:
     """The captions of split ``prompts`` of a text model's data (seed s gets caption s mod n), or None."""
     if prompts is None:
         return None
     if not model.text_conditioned:
-        raise DiffscoreError("--prompts needs a text-conditioned checkpoint (a backbone with text_dim > 0)")
+        raise DiffscoreError("--prompts needs a text-conditioned model (a backbone with a text encoder)")
     if not isinstance(dm, Captioned) or prompts not in ("train", "val", "test"):
         raise DiffscoreError("--prompts must be train, val or test, and the checkpoint's data must have captions")
     captions = dm.captions(prompts)
@@ -77,87 +82,78 @@ def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
-def evaluate(
-    ckpt_path: str,
-    metrics: str = "auto",
-    num_samples: int | None = None,
-    seeds: str | None = None,
-    protocol: str = "single",
-    ref: str | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
-    sampler_kwargs: dict[str, Any] | None = None,
-    batch_size: int = 256,
-    inception_weights: str | None = None,
-    fid_k: list[int] = [8, 16, 32, 64],  # noqa: B006
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
-    out: str | None = None,
-    teleport: TeleportOptions | None = None,
-    trust_checkpoint: bool = False,
-    prompts: str | None = None,
-    guidance: float = 1.0,
-    precision: str | None = None,
-    compile: bool | None = None,
-    channels_last: bool | None = None,
-) -> dict[str, Any] | None:
-    """Evaluate a checkpoint's EMA weights: FID/KID/IS/FID-k, FD-digits, memorization.
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """What `diffscore evaluate` measures, on how many samples.
 
     Args:
-        ckpt_path: checkpoint written by `diffscore fit`.
         metrics: comma-separated subset of fid, kid, is, fid_k, fd_digits, memorization, leakage; "auto" picks
             fd_digits,memorization for 8x8 digits (and leakage for ScoreAug runs) and fid,memorization for other
             images.
-        num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds). Default: for 8x8 digits
-            the size of the held-out split (360), the N at which the FD-digits floor is measured; else 50,000
-            (EDM's FID protocol).
+        num_samples: samples per seed range (seeds 0..num_samples-1 unless --seeds). Default: for 8x8 digits the
+            size of the held-out split (360), the N of the FD-digits reference; else 50,000 (EDM's FID protocol).
         seeds: an inclusive range like 0-49999 (overrides num_samples).
         protocol: "single", or "edm": three consecutive seed ranges; min, mean and std reported.
-        ref: reference statistics .npz from `diffscore refstats` (or EDM's); default: computed from the
-            checkpoint's training data.
-        steps: sampler steps (default: the checkpoint's); sampler: sampler name (default: the checkpoint's).
-        sampler_kwargs: sampler options as JSON (see `diffscore sample --help`).
-        batch_size: samples per device and forward pass.
+        ref: reference statistics .npz from `diffscore refstats` (or EDM's); default: computed from the model's
+            training data.
         inception_weights: path of weights-inception-2015-12-05-6726825d.pth (else $DIFFSCORE_INCEPTION_WEIGHTS,
             else torch hub's cache).
         fid_k: group sizes k for fid_k.
-        accelerator, devices, strategy: as for Lightning's Trainer; seeds are split across devices.
-        out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
-        teleport: skip the first steps with the Gaussian model of the data (see `diffscore sample --help`).
-        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
-        prompts: text-conditioned models: "train", "val" or "test" conditions sample i on caption i (cycled) of
-            that split of the checkpoint's data (MusicScore's text-to-image protocol); default: the empty caption.
-        guidance: classifier-free guidance scale (1 = the conditional model as trained).
-        precision, compile, channels_last: the GPU speed switches of sampling (see `diffscore sample --help`).
+        prompts: text-conditioned models: "train", "val" or "test" conditions sample i on caption i (cycled) of that
+            split of the model's data (MusicScore's text-to-image protocol); default: --prompt or the empty caption.
     """
-    check_counts(num_samples=num_samples, steps=steps, batch_size=batch_size)
-    check_sampler(sampler)
-    devices_of = (accelerator, devices, strategy)
-    if protocol not in ("single", "edm"):
-        raise DiffscoreError(f"--protocol must be 'single' or 'edm', got {protocol!r}")
+
+    metrics: str = "auto"
+    num_samples: int | None = None
+    seeds: str | None = None
+    protocol: str = "single"
+    ref: str | None = None
+    inception_weights: str | None = None
+    fid_k: tuple[int, ...] = (8, 16, 32, 64)
+    prompts: str | None = None
+
+    def __post_init__(self) -> None:
+        check_counts(num_samples=self.num_samples)
+        if self.protocol not in ("single", "edm"):
+            raise DiffscoreError(f"--protocol must be 'single' or 'edm', got {self.protocol!r}")
+        if any(k < 2 for k in self.fid_k):
+            raise DiffscoreError(f"--fid_k group sizes must be >= 2, got {list(self.fid_k)}")
+
+
+def evaluate(
+    ckpt_path: str,
+    out: str | None = None,
+    trust_checkpoint: bool = False,
+    evaluation: EvaluationOptions = EvaluationOptions(),
+    options: SamplingOptions = SamplingOptions(),
+    where: Devices = Devices(),
+) -> dict[str, Any] | None:
+    """Evaluate a model's samples (a diffscore checkpoint's EMA weights or an NVlabs/edm .pkl): FID/KID/IS/FID-k,
+    FD-digits, memorization.
+
+    Args:
+        ckpt_path: a checkpoint written by `diffscore fit`, or an NVlabs/edm network pickle (pass --ref).
+        out: write the results as JSON here (and a histogram of nearest-neighbour ratios beside it).
+        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
+    """
     _check_out(out)
-    model = load_model(ckpt_path, trust_checkpoint)
-    wanted = wanted_metrics(metrics, model)
-    dm = load_checkpoint_datamodule(ckpt_path, trust_checkpoint)
-    speed = dict(precision=precision, compile=compile, channels_last=channels_last)
-    options = SamplingOptions(steps, sampler, sampler_kwargs, guidance=guidance, **speed)
-    options.prompts = captions_of(model, dm, prompts)
-    model.check(options)
-    options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
-    features = FeatureSet(wanted, dm, ref, inception_weights)
-    ranges = seed_ranges(seeds, num_samples or default_count(model, features.held), protocol)
+    model = open_model(ckpt_path, trust_checkpoint)
+    wanted = wanted_metrics(evaluation.metrics, model)
+    dm = model_datamodule(model)
+    sampler = command_sampler(model, options, captions_of(model, dm, evaluation.prompts))
+    features = FeatureSet(wanted, dm, evaluation.ref, evaluation.inception_weights)
+    ranges = seed_ranges(evaluation, default_count(model, features.held))
     parts = parts_folder(Path(out) if out else Path(".diffscore-evaluate"))
-    sampling = SeedSampler(model, options)
     runs, feats = [], None
     for seed_range in ranges:
         t0 = time.perf_counter()
-        feats = predict_over_seeds(sampling, seed_range, FeatureWriter(parts, features), batch_size, *devices_of)
+        writer = FeatureWriter(parts, features)
+        feats = predict_over_seeds(sampler, seed_range, writer, options.batch_size, where)
         if feats is None:  # not rank zero
             return None
-        result = compute_metrics(feats, wanted, features.reference, fid_k)
+        result = compute_metrics(feats, wanted, features.reference, list(evaluation.fid_k))
         runs.append({**result, "seeds": f"{seed_range[0]}-{seed_range[-1]}", "seconds": time.perf_counter() - t0})
-    summary = summarize(model, options, ckpt_path, wanted, protocol, runs)
+    summary = summarize(sampler, ckpt_path, wanted, evaluation.protocol, runs)
     _print_table(summary)
     if out is not None:
         _write_outputs(Path(out), summary, feats)
@@ -171,16 +167,17 @@ def _check_out(out: str | None) -> None:
         raise DiffscoreError(f"--out {out} is a folder; --out names the results file, e.g. {Path(out) / 'eval.json'}")
 
 
-def seed_ranges(seeds: str | None, num_samples: int, protocol: str) -> list[list[int]]:
+def seed_ranges(evaluation: EvaluationOptions, default: int) -> list[list[int]]:
     """The seed range(s) to evaluate: one, or EDM's three consecutive ones (0.., N.., 2N..)."""
-    base = _parse_seeds(seeds, num_samples)
+    protocol = evaluation.protocol
+    base = _parse_seeds(evaluation.seeds, evaluation.num_samples or default)
     check_seeds(base[0], len(base) * (1 if protocol == "single" else 3))
     ranges = [base] if protocol == "single" else [[s + i * len(base) for s in base] for i in range(3)]
     print(f"diffscore: evaluate: {len(base)} samples per seed range, {len(ranges)} range(s)", flush=True)
     return ranges
 
 
-def default_count(model, held: torch.Tensor | None) -> int:
+def default_count(model: LoadedModel, held: torch.Tensor | None) -> int:
     """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
     FD-digits and its floor are at the same N), else EDM's 50,000."""
     return len(held) if held is not None and tuple(model.data_shape) == (1, 8, 8) else 50_000
@@ -194,11 +191,11 @@ def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Te
     print(f"diffscore: wrote {out}", flush=True)
 
 
-def wanted_metrics(metrics: str, model) -> set[str]:
+def wanted_metrics(metrics: str, model: LoadedModel) -> set[str]:
     """The set of metric names ``--metrics`` asks for, checked against the model's data."""
     shape = tuple(model.data_shape)
     if metrics == "auto":
-        metrics = auto_metrics(shape, str(model.hparams.get("augment", "none")))
+        metrics = auto_metrics(shape, model.trained_with_scoreaug)
     wanted = {m.strip() for m in metrics.split(",") if m.strip()}
     if not wanted or wanted - ALL_METRICS:
         raise DiffscoreError(
@@ -241,19 +238,18 @@ class FeatureSet:
         return sample_features(x, self.inception, self.digits, self.train, self.leak)
 
 
-def summarize(model, options: SamplingOptions, ckpt_path: str, wanted: set[str], protocol: str, runs: list) -> dict:
+def summarize(sampler: Sampler, ckpt_path: str, wanted: set[str], protocol: str, runs: list) -> dict:
     """The JSON summary of an evaluation: what was sampled how, each seed range's metrics (and EDM's min/mean/std)."""
-    name, num_steps, _ = ("one-step", 1, None) if model.one_step else model.sampler_of(options)
     for run in runs:
         run["seconds"] = round(run["seconds"], 1)
     return {
         "ckpt_path": str(ckpt_path),
         "metrics": sorted(wanted),
         "protocol": protocol,
-        "sampler": name,
-        "steps": num_steps,
-        "teleport_skip": options.teleport_skip,
-        "nfe": model.nfe(options),
+        "sampler": sampler.name,
+        "steps": sampler.steps,
+        "teleport_skip": getattr(sampler, "teleport_skip", 0),
+        "nfe": sampler.nfe,
         "runs": runs,
         **(summarize_runs(runs) if protocol == "edm" else {}),
     }
@@ -322,7 +318,7 @@ def refstats(
     else:
         if not Path(ckpt_path).is_file():
             raise DiffscoreError(f"checkpoint {ckpt_path} does not exist")
-        dm = load_checkpoint_datamodule(ckpt_path)
+        dm = model_datamodule(open_model(ckpt_path))
         if dm is None:
             raise DiffscoreError(f"{ckpt_path} does not name its data; use --data_config")
     images = train_images(dm, max_images)

@@ -13,12 +13,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from diffscore.commands.config_checks import refuse_nonfinite
-from diffscore.commands.resume import continue_run, replaced_settings
+from diffscore.commands.resume import check_class_paths, continue_run, replaced_settings, same_class
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
 from diffscore.lit.callbacks.sample_grid import SampleGrid
-from diffscore.lit.checkpoint import check_class_paths, flat_config, read_checkpoint, same_class
 from diffscore.lit.run_dir import run_dir
+from diffscore.loading.classes import config_differences, flat_config
+from diffscore.loading.files import read_torch_file
+from diffscore.loading.legacy import modern_settings
+from diffscore.loading.open import open_model
 
 _NOISE = (
     "Parser key",
@@ -121,11 +124,14 @@ class DiffscoreCLI(LightningCLI):
         if not path:
             return
 
-        ckpt = read_checkpoint(path)
-        if not isinstance(ckpt.get("state_dict"), dict):
+        ckpt = read_torch_file(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
             raise DiffscoreError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
         hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         given = self.config[sub].model
+        if str(hp.get("_class_path", "")).endswith("DiffusionModule"):  # an older main's checkpoint, in today's form
+            augment = (given.get("init_args") or {}).get("augment") or []
+            hp = modern_settings(hp, [a.as_dict() if hasattr(a, "as_dict") else a for a in augment])
         saved_class = hp.pop("_class_path", None)
         if saved_class and not same_class(saved_class, given.class_path):
             raise DiffscoreError(
@@ -181,13 +187,13 @@ class DiffscoreCLI(LightningCLI):
             return
         if self.config.fit.get("ckpt_path"):
             raise DiffscoreError("give --init_from (new weights) or --ckpt_path (resume a run), not both")
-        from diffscore.lit.checkpoint import load_model
-
-        source = load_model(path)
+        source = open_model(path)
+        source.denoiser("--init_from")
         mine = self.model.hparams.get("backbone")
-        if source.one_step or source.hparams["backbone"] != mine:
+        if source.backbone_config != mine:
+            differ = "; ".join(config_differences(source.backbone_config, mine))
             raise DiffscoreError(
-                f"--init_from {path}: its network {source.hparams['backbone']} is not the config's backbone {mine}; "
+                f"--init_from {path}: its network is not the config's backbone ({differ}); "
                 "set model.backbone to the same class and arguments"
             )
         self.model.backbone.load_state_dict(source.backbone.state_dict())

@@ -23,7 +23,7 @@ from diffscore.core.phema import (
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot
 from diffscore.lit.callbacks.phema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
-from diffscore.lit.checkpoint import read_checkpoint
+from diffscore.loading.files import read_torch_file
 
 MARKER = "phema.json"  # written last into --out; its "written_by" says the folder may be replaced
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "current_model_state", "averaging_state")
@@ -92,7 +92,9 @@ def _base_checkpoint(path: Path, names: list[str]) -> dict[str, Any]:
     """The checkpoint whose configuration and buffers the reconstructions keep; it must hold every parameter."""
     if not path.is_file():
         raise DiffscoreError(f"{path} does not exist; pass --ckpt, a checkpoint of this run")
-    base = read_checkpoint(path)
+    base = read_torch_file(path)
+    if not isinstance(base, dict):
+        raise DiffscoreError(f"{path} is not a checkpoint of `diffscore fit`")
     missing = [n for n in names if n not in base.get("state_dict", {})]
     if missing:
         raise DiffscoreError(f"{path} is not this run's checkpoint: it lacks {missing[0]} of the snapshots")

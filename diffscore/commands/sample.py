@@ -1,6 +1,6 @@
 """`diffscore sample`: draw N samples from a checkpoint's EMA weights, split over devices by seed.
 
-Sample i uses seed ``seed + i`` (its noise, label and churn; diffscore.lit.sampling), so the output is the same on
+Sample i uses seed ``seed + i`` (its noise, label and churn; diffscore.sampling.seeds), so the output is the same on
 any number of devices and at any batch size. Output goes to a temporary name first and is renamed at the end, so an
 interrupted run leaves nothing.
 """
@@ -11,17 +11,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from diffscore.commands.teleport import TeleportOptions, with_teleport
-from diffscore.core.samplers import SAMPLERS
+from diffscore.commands.sampler import command_sampler
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
-from diffscore.lit.checkpoint import load_model
-from diffscore.lit.sampling import SamplingOptions, SeedSampler, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.lit.predict import Devices, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.loading.open import open_model
+from diffscore.sampling.options import SamplingOptions
 
 
 def check_counts(**counts: int | None) -> None:
@@ -47,11 +46,6 @@ def check_memory(count: int, shape: tuple[int, ...], factor: int = 2) -> None:
             f"--num_samples {count} needs about {need / 2**30:.1f} GiB for the samples but {free / 2**30:.1f} GiB is "
             "free; draw them in parts (--seed S --num_samples N for consecutive ranges)"
         )
-
-
-def check_sampler(sampler: str | None) -> None:
-    if sampler is not None and sampler not in SAMPLERS:
-        raise DiffscoreError(f"--sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
 
 
 MARKER = ".diffscore-samples"  # in every PNG folder `diffscore sample` writes: --overwrite may replace only these
@@ -109,76 +103,36 @@ def sample(
     ckpt_path: str,
     out: str,
     num_samples: int = 64,
-    steps: int | None = None,
-    sampler: str | None = None,
-    sampler_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
-    batch_size: int = 256,
-    class_label: int | None = None,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
     overwrite: bool = False,
-    teleport: TeleportOptions | None = None,
     trust_checkpoint: bool = False,
-    prompt: str | None = None,
-    guidance: float = 1.0,
-    precision: str | None = None,
-    compile: bool | None = None,
-    channels_last: bool | None = None,
+    options: SamplingOptions = SamplingOptions(),
+    where: Devices = Devices(),
 ) -> Path | None:
-    """Sample from a diffscore checkpoint (its EMA weights) into a folder of PNGs or a .npz file.
+    """Draw samples from a model (a diffscore checkpoint's EMA weights, or an NVlabs/edm network .pkl) into a folder
+    of PNGs or a .npz file; sample i uses seed ``seed + i``.
 
     Args:
-        ckpt_path: checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt).
+        ckpt_path: a checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt) or an NVlabs/edm network
+            pickle (edm-*.pkl, network-snapshot-*.pkl; read without running its code).
         out: a folder (one PNG per seed, ``<seed>.png``) or a ``.npz`` file (arrays ``seeds``, ``samples`` in
             data space; vector data need .npz).
         num_samples: how many samples; seeds ``seed .. seed + num_samples - 1``.
-        steps: sampler steps (default: the checkpoint's num_steps; Heun 18 -> 35 evaluations).
-        sampler: sampler name (default: the checkpoint's sampler).
-        sampler_kwargs: sampler options as JSON, e.g. '{"s_churn": 40, "s_min": 0.05, "s_max": 50, "s_noise":
-            1.003}' (EDM's ImageNet-64 Heun; default: the checkpoint's, for its own sampler).
         seed: the first seed.
-        batch_size: samples per forward pass on each device.
-        class_label: class for every sample of a class-conditional model (default: a label drawn from each seed).
-        accelerator: "cpu", "gpu" or "auto".
-        devices: number of devices (or "auto"); the seeds are split across them.
-        strategy: Lightning strategy ("auto", "ddp", ...).
-        overwrite: replace an existing output.
-        teleport: skip the first steps with the Gaussian model of the training data (--teleport.skip K or
-            --teleport.sigma S; --teleport.gaussian FILE caches the fit).
+        overwrite: replace an existing output that `diffscore sample` wrote.
         trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
-        prompt: caption for every sample of a text-conditioned model (default: the empty caption).
-        guidance: classifier-free guidance scale w (1 = the conditional model as trained; 4 = MusicScore's CFG).
-        precision: on a GPU, "bf16" (autocast) or "32" (default: as the checkpoint trained; EDM pickles: 32).
-        compile: on a GPU, torch.compile the denoiser (default: as the checkpoint trained).
-        channels_last: on a GPU, channels-last memory (default: as the checkpoint trained).
     """
-    check_counts(num_samples=num_samples, steps=steps, batch_size=batch_size)
-    check_sampler(sampler)
+    check_counts(num_samples=num_samples)
     check_seeds(seed, num_samples)
     out_path = Path(out)
     _check_out(out_path, overwrite)
-    model = load_model(ckpt_path, trust_checkpoint)
+    model = open_model(ckpt_path, trust_checkpoint)
     check_memory(num_samples, tuple(model.data_shape))
-    options = SamplingOptions(
-        num_steps=steps,
-        sampler=sampler,
-        sampler_kwargs=sampler_kwargs,
-        class_label=class_label,
-        prompts=None if prompt is None else [prompt],
-        guidance=guidance,
-        precision=precision,
-        compile=compile,
-        channels_last=channels_last,
-        progress=True,
-    )
-    model.check(options)
-    options = with_teleport(model, options, teleport, ckpt_path, trust_checkpoint)
+    sampler = command_sampler(model, options, progress=True)
     seeds = list(range(seed, seed + num_samples))
     writer = ShardWriter(parts_folder(out_path))
     t0 = time.perf_counter()
-    merged = predict_over_seeds(SeedSampler(model, options), seeds, writer, batch_size, accelerator, devices, strategy)
+    merged = predict_over_seeds(sampler, seeds, writer, options.batch_size, where)
     if merged is None:
         return None
     _write(out_path, merged["seeds"], merged["samples"])

@@ -32,16 +32,20 @@ from diffscore.core.noise_levels import (
 )
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot, write_json
+from diffscore.lit.datamodules.base import train_images
+from diffscore.lit.datamodules.from_file import config_datamodule, training_data
+from diffscore.lit.datamodules.images import ImageDataModule
+from diffscore.loading.model import LoadedModel
+from diffscore.loading.open import open_model
+from diffscore.probes.gaussian import NetworkDenoiser, explained_variance_table
 
 EDM_DEFAULTS = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "P_mean": -1.2, "P_std": 1.2}
 YAML_KEYS = ("sigma_data", "sigma_min", "sigma_max", "P_mean", "P_std")  # DiffusionModule's argument names
 EV_SIGMAS = tuple(float(s) for s in torch.logspace(-2, math.log10(80.0), 22, dtype=torch.float64))
 
 
-def _data_module(data_config: str | None, data: str | None, ckpt_path: str | None):
+def _data_module(data_config: str | None, data: str | None, model: LoadedModel | None):
     """The data module whose training split is read, and a name for it."""
-    from diffscore.lit.checkpoint import config_datamodule, training_data
-
     if data_config is not None and data is not None:
         raise DiffscoreError("give --config X.yaml or --data PATH, not both")
     if data_config is not None:
@@ -49,11 +53,9 @@ def _data_module(data_config: str | None, data: str | None, ckpt_path: str | Non
     if data is not None:
         if not Path(data).exists():
             raise DiffscoreError(f"--data {data} does not exist; pass an EDM dataset ZIP or folder of PNGs")
-        from diffscore.lit.data.images import ImageDataModule
-
         return ImageDataModule(data, num_workers=0, pin_memory=False), Path(data).stem
-    if ckpt_path is not None:
-        return training_data(ckpt_path, None, what_to_pass="--config X.yaml or --data PATH"), Path(ckpt_path).stem
+    if model is not None:
+        return training_data(model, None, what_to_pass="--config X.yaml or --data PATH"), Path(model.path).stem
     raise DiffscoreError("say which data to read: --config X.yaml, --data PATH (an EDM ZIP or folder) or --ckpt_path")
 
 
@@ -70,18 +72,17 @@ def _check_options(kl_tolerance: float, quantization_step: float, ev_threshold: 
         raise DiffscoreError(f"--num_points must be >= 2, got {num_points}")
 
 
-def network_ev(ckpt_path: str, train: torch.Tensor, gaussian: GaussianDenoiser, num_points: int) -> dict[float, float]:
-    """{sigma: mean EV} of the checkpoint's (EMA) score against the Gaussian score on noised training points."""
-    from diffscore.lit.callbacks.gaussian_probe import NetworkDenoiser, explained_variance_table
-    from diffscore.lit.checkpoint import load_model
-
-    model = load_model(ckpt_path).eval()
+def network_ev(
+    model: LoadedModel, train: torch.Tensor, gaussian: GaussianDenoiser, num_points: int
+) -> dict[float, float]:
+    """{sigma: mean EV} of the model's (EMA) score against the Gaussian score on noised training points."""
+    denoiser = NetworkDenoiser(model.denoiser("suggest-noise's teleport level"))
     if tuple(model.data_shape) != tuple(train.shape[1:]):
         raise DiffscoreError(
             f"--ckpt_path makes {list(model.data_shape)} data but the data are {list(train.shape[1:])}; "
             "pass the checkpoint's own data (or leave out --config/--data)"
         )
-    table = explained_variance_table(NetworkDenoiser(model), train, {"gaussian": gaussian}, EV_SIGMAS, num_points)
+    table = explained_variance_table(denoiser, train, {"gaussian": gaussian}, EV_SIGMAS, num_points)
     return table["gaussian"]
 
 
@@ -117,10 +118,9 @@ def suggest_noise(
         max_images: read at most this many training images.
         num_points: training points noised at each sigma for the EV (with ckpt_path).
     """
-    from diffscore.lit.data.base import train_images
-
     _check_options(kl_tolerance, quantization_step, ev_threshold, num_points)
-    dm, name = _data_module(data_config, data, ckpt_path)
+    model = open_model(ckpt_path) if ckpt_path is not None else None
+    dm, name = _data_module(data_config, data, model)
     folder = Path(out) if out is not None else Path("runs") / "suggest-noise" / name
     train = train_images(dm, max_images)
     if len(train) < 2:
@@ -130,7 +130,7 @@ def suggest_noise(
         result = suggest_noise_levels(gaussian, kl_tolerance, quantization_step, MMSE_BAND, BAND_MASS)
     except ValueError as e:
         raise DiffscoreError(f"cannot suggest noise levels for these data: {e}") from None
-    ev = network_ev(ckpt_path, train, gaussian, num_points) if ckpt_path is not None else None
+    ev = network_ev(model, train, gaussian, num_points) if model is not None else None
     teleport = teleport_level(list(ev), list(ev.values()), ev_threshold) if ev is not None else None
     summary = _summary(result, name, len(train), ev, teleport, ev_threshold)
     print(_format(summary), flush=True)
@@ -173,6 +173,12 @@ def _format(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def module_settings(suggested: dict[str, float]) -> dict[str, Any]:
+    """The suggested values where a DiffusionModule takes them: the sampler's grid ends under ``sampling``."""
+    grid = {k: suggested[k] for k in ("sigma_min", "sigma_max")}
+    return {**{k: v for k, v in suggested.items() if k not in grid}, "sampling": grid}
+
+
 def _write_yaml(path: Path, summary: dict[str, Any]) -> None:
     import yaml
 
@@ -183,7 +189,7 @@ def _write_yaml(path: Path, summary: dict[str, Any]) -> None:
     ]
     if summary["teleport_sigma"] is not None:
         head.append(f"# teleportation level: diffscore sample ... --teleport.sigma {summary['teleport_sigma']:.4g}")
-    body = yaml.safe_dump({"model": {"init_args": summary["suggested"]}}, sort_keys=False)
+    body = yaml.safe_dump({"model": {"init_args": module_settings(summary["suggested"])}}, sort_keys=False)
     with atomic_write(path) as tmp:
         tmp.write_text("\n".join(head) + "\n" + body)
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffscore.core.recorded import Recorded
+
 SCOREAUG_TRANSFORMS = ("rot90", "hflip", "vflip", "translate", "cutout", "brightness")
 
 
@@ -94,7 +96,7 @@ def cutout_mask(shape: tuple[int, ...], size: Tensor, cx: Tensor, cy: Tensor) ->
     return (~(in_y.view(B, 1, H, 1) & in_x.view(B, 1, 1, W))).float()
 
 
-class ScoreAugment:
+class ScoreAugment(Recorded):
     """ScoreAug (Hou et al. 2025): transforms applied to the *noisy* input; the denoiser predicts the same
     transform of the clean image, conditioned on the transform's label (sampling uses the zero label).
 
@@ -269,7 +271,7 @@ class NonLeakyParams:
         return torch.stack([getattr(self, f.name) == 0 for f in fields(self) if f.name != "aniso_angle"]).all(0)
 
 
-class NonLeakyAugment:
+class NonLeakyAugment(Recorded):
     """EDM's non-leaky augmentation of clean images (Karras et al. 2022, App. B.5; the ADA pipeline's geometric
     part): each transform fires with probability ``p`` times its multiplier, the network sees the parameters
     as a 9-dimensional label [xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty]. Flips

@@ -71,3 +71,21 @@ def _per_sample(sigma: Tensor, x: Tensor) -> Tensor:
 def _weighted_error(denoised: Tensor, target: Tensor, sigma: Tensor, sigma_data: float) -> Tensor:
     err = (denoised.float() - target.float()).square().flatten(1).mean(1)  # [B]
     return edm_loss_weight(sigma.float(), sigma_data) * err
+
+
+def augmented_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    pipeline: Any,
+    cond: Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> Tensor:
+    """The loss of a training augmentation (``pipeline``: a diffscore.core.augment_pipeline.AugmentPipeline) -> [B]:
+    EDM's loss on the clean-augmented x0 conditioned on the label (EDM's non-leaky augmentation), or ScoreAug's on
+    the noisy sample when the pipeline has a ScoreAugment; EDM's plain loss without augmenters."""
+    x0, noisy_params, label = pipeline.draw(x0)
+    if noisy_params is not None:
+        return scoreaug_loss(denoiser, x0, sigma, noise, pipeline.noisy, noisy_params, cond, sigma_data, label)
+    return edm_loss(denoiser, x0, sigma, noise, cond, sigma_data, label)

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from diffscore.core.schedules import LogNormalSigma
+
 COMPUTE_MODES = ("full", "trace", "diagonal")
 
 
@@ -274,3 +276,12 @@ __all__ = [
     "per_sample_jacobian",
     "relative_error",
 ]
+
+
+def draw_regression_set(x0: Tensor, noise_seed: int, sigma_law: LogNormalSigma) -> tuple[Tensor, Tensor, Tensor]:
+    """The fixed regression set of score matching with noisy labels (Han, Razaviyayn & Xu 2024, Sec. 3):
+    (x0 [N, ...], sigma [N], noise [N, ...]) on the CPU, one seeded sigma_i and n_i per training point."""
+    g = torch.Generator().manual_seed(noise_seed)
+    sigma = sigma_law(len(x0), generator=g)  # [N]
+    noise = torch.randn(x0.shape, generator=g)  # [N, ...]
+    return x0.float().cpu(), sigma, noise

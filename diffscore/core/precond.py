@@ -10,6 +10,7 @@ which maps a noise level to the nearest one the network was trained on (the iden
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -228,3 +229,39 @@ class iDDPMPrecond(Preconditioning):  # noqa: N801 (the paper's name)
         sigma = torch.as_tensor(sigma)
         rounded = self.u[iddpm_index(sigma, self.u).flatten()]
         return rounded.to(device=sigma.device, dtype=sigma.dtype).reshape(sigma.shape)
+
+
+PRECONDS: dict[str, type[Preconditioning]] = {
+    "edm": EDMPrecond,
+    "vp": VPPrecond,
+    "ve": VEPrecond,
+    "iddpm": iDDPMPrecond,
+}
+
+
+@dataclass(frozen=True)
+class PrecondSpec:
+    """Which preconditioning wraps the backbone (Karras et al. 2022, Table 1) and its constants.
+
+    Args:
+        name: edm (the default), or vp / ve / iddpm (EDM's baselines, as imported from NVlabs/edm's pickles).
+        kwargs: its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max (EDM's sigma_data is the
+            module's own setting).
+    """
+
+    name: str = "edm"
+    kwargs: dict[str, float] | None = None
+
+
+def build_precond(spec: PrecondSpec, backbone: nn.Module, sigma_data: float) -> Preconditioning:
+    """The preconditioning ``spec`` names around ``backbone`` (EDM's takes sigma_data, the others their constants);
+    raises ValueError naming what is wrong."""
+    if spec.name not in PRECONDS:
+        raise ValueError(f"precond must be one of {sorted(PRECONDS)}, got {spec.name!r}")
+    kwargs = dict(spec.kwargs or {})
+    if spec.name == "edm":
+        kwargs.setdefault("sigma_data", sigma_data)
+    try:
+        return PRECONDS[spec.name](backbone, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"precond kwargs for {spec.name}: {e}") from None

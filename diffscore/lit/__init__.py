@@ -1,10 +1,11 @@
 """Everything built on Lightning (with diffscore.commands, the only code that imports it).
 
-modules/ (LightningModules), data/ (DataModules), callbacks/, and beside them checkpoint.py (reading and
-rebuilding any checkpoint safely), sampling.py (how samples are drawn from any model), loggers.py, run_dir.py.
+modules/ (LightningModules), datamodules/ (DataModules, and building one from a file's data section), callbacks/,
+and beside them predict.py (drawing samples over devices), loggers.py, run_dir.py. See docs/architecture.md.
 
-Names of the 2026-11 flat layout (``diffscore.lit.DiffusionModule``, ``diffscore.lit.disback.DisBackModule``, ...)
-still resolve, so configs and checkpoints written then keep working; nothing is imported until one is asked for.
+Names of the 2026-11 flat layout (``diffscore.lit.DiffusionModule``, ``diffscore.lit.DigitsDataModule``, ...) and the
+2026-12 ``diffscore.lit.data.<Class>`` (lit/data.py) still resolve, so configs written then keep working; nothing is
+imported until one is asked for.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import Any
 LEGACY_NAMES = {
     "DiffusionModule": "diffscore.lit.modules.diffusion:DiffusionModule",
     "RegressionDiffusionModule": "diffscore.lit.modules.regression:RegressionDiffusionModule",
-    "DigitsDataModule": "diffscore.lit.data.tensor:DigitsDataModule",
-    "GMMDataModule": "diffscore.lit.data.tensor:GMMDataModule",
-    "ImageDataModule": "diffscore.lit.data.images:ImageDataModule",
-    "CIFAR10DataModule": "diffscore.lit.data.images:CIFAR10DataModule",
-    "MusicScoreDataModule": "diffscore.lit.data.musicscore:MusicScoreDataModule",
+    "DigitsDataModule": "diffscore.lit.datamodules.tensor:DigitsDataModule",
+    "GMMDataModule": "diffscore.lit.datamodules.tensor:GMMDataModule",
+    "ImageDataModule": "diffscore.lit.datamodules.images:ImageDataModule",
+    "CIFAR10DataModule": "diffscore.lit.datamodules.images:CIFAR10DataModule",
+    "MusicScoreDataModule": "diffscore.lit.datamodules.musicscore:MusicScoreDataModule",
     "EDMEMA": "diffscore.lit.callbacks.ema:EDMEMA",
     "GaussianScoreProbe": "diffscore.lit.callbacks.gaussian_probe:GaussianScoreProbe",
     "NTKProbe": "diffscore.lit.callbacks.ntk_probe:NTKProbe",

@@ -22,12 +22,12 @@ ALL_METRICS = INCEPTION_METRICS | DIGITS_METRICS | {"memorization"}
 KID_REFERENCE_SIZE = 10_000  # reference features kept for KID (it uses subsets of 1,000)
 
 
-def auto_metrics(data_shape: tuple[int, ...], augment: str = "none") -> str:
+def auto_metrics(data_shape: tuple[int, ...], scoreaug: bool = False) -> str:
     """The default metrics of a model: FD-digits and memorization for 8x8 digits (plus leakage for runs trained
-    with ScoreAug, ``augment`` being the training arm), FID and memorization for other images."""
+    with ScoreAug), FID and memorization for other images."""
     if tuple(data_shape) != (1, 8, 8):
         return "fid,memorization"
-    return "fd_digits,memorization" + (",leakage" if "scoreaug" in augment else "")
+    return "fd_digits,memorization" + (",leakage" if scoreaug else "")
 
 
 @torch.no_grad()

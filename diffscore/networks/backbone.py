@@ -1,24 +1,23 @@
 """What every diffscore backbone F(x_in, c_noise, cond, aug_label) declares, and the record of how it was built.
 
 A backbone states its data shape, class count, augmentation-label size and text encoder as attributes (callers
-read them directly, never probe with getattr), and keeps ``init_kwargs``: the arguments its constructor was called
-with, defaults filled in. A checkpoint stores ``config(backbone)`` (a class name and plain data, the idea of
-NVlabs/edm's persistence without its pickled source), and diffscore.lit.checkpoint rebuilds the network from it
-through an explicit list of allowed classes.
+read them directly, never probe with getattr), and keeps ``init_kwargs`` (diffscore.core.recorded): a checkpoint
+stores ``config(backbone)``, a class name and plain data, and diffscore.loading rebuilds the network from it
+through an explicit table of allowed classes.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
-import math
 from typing import Any
 
 from torch import nn
 
+from diffscore.core.recorded import Recorded, config, plain_data
 
-class Backbone(nn.Module):
+__all__ = ["Backbone", "BackboneFacts", "config", "plain_data"]
+
+
+class Backbone(Recorded, nn.Module):
     """Base class of the backbones; subclasses set ``data_shape`` (and the others if they have them)."""
 
     data_shape: tuple[int, ...]  # [C, H, W] or [D]
@@ -32,42 +31,27 @@ class Backbone(nn.Module):
         # an instance attribute, not a class default: a class attribute would hide a registered submodule
         self.text_encoder = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
 
-        @functools.wraps(init)
-        def recording_init(self, *args: Any, **kw: Any) -> None:
-            init(self, *args, **kw)
-            if type(self).__init__ is recording_init:  # the most derived constructor records its own call
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                self.init_kwargs = copy.deepcopy({k: v for k, v in bound.arguments.items() if k != "self"})
+class BackboneFacts:
+    """What a holder of a backbone (``self.backbone``: a sampler, a loaded model, a LightningModule) reports about
+    the data it models: the shape, the class count, whether it reads captions."""
 
-        cls.__init__ = recording_init
+    backbone: Any
 
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """[C, H, W] for images, [D] for vectors."""
+        return tuple(self.backbone.data_shape)
 
-def plain_data(value: Any) -> bool:
-    """None, bool, int, finite float, str, or lists/tuples/dicts (str keys) of those: what a checkpoint's config
-    may hold (it loads with weights_only=True and rebuilds nothing but numbers and names)."""
-    if value is None or isinstance(value, bool | int | str):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return all(plain_data(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and plain_data(v) for k, v in value.items())
-    return False
+    @property
+    def label_dim(self) -> int:
+        return self.backbone.label_dim
 
+    @property
+    def text_conditioned(self) -> bool:
+        return self.backbone.text_encoder is not None
 
-def config(backbone: Backbone) -> dict[str, Any] | None:
-    """``{"class_path": ..., "init_args": ...}`` that rebuilds ``backbone`` (same architecture, fresh weights), or
-    None when its arguments are not plain data (a backbone built in Python from other objects)."""
-    cls = type(backbone)
-    if not plain_data(backbone.init_kwargs):
-        return None
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": copy.deepcopy(backbone.init_kwargs)}
+    @property
+    def conditional(self) -> bool:
+        """Conditioned on class labels or on captions."""
+        return self.label_dim > 0 or self.text_conditioned

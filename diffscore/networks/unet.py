@@ -4,7 +4,7 @@ DDPM++ (CIFAR-10): positional embedding, 128 channels, multipliers [2, 2, 2], 4 
 attention at 16x16, resample filter [1, 1], dropout 0.13 -> 55.7M parameters, 42.4 GFLOP per 32x32 image.
 NCSN++: Fourier embedding (scale 16), residual encoder, resample filter [1, 3, 3, 1], noise-channel mult 2.
 The layout, key names aside, is NVlabs/edm's SongUNet (training/networks.py) with decoder_type 'standard';
-``diffscore.networks.edm_song`` maps that network's weights onto this one exactly.
+``diffscore.loading.edm.song`` maps that network's weights onto this one exactly.
 """
 
 from __future__ import annotations

@@ -59,10 +59,10 @@ def test_fit_writes_checkpoint_and_grid_and_says_where(in_tmp, capsys, monkeypat
     [
         (["--model.init_args.not_an_option=1"], "not_an_option"),
         (["--trainer.max_stepz=3"], "max_stepz"),
-        (["--model.init_args.num_steps=0"], "num_steps"),
+        (["--model.init_args.sampling.steps=0"], "steps"),
         (["--data.init_args.batch_size=0"], "batch_size"),
         (["--data.init_args.num_train=99999"], "num_train"),
-        (["--model.init_args.sampler=dpm9"], "dpm9"),
+        (["--model.init_args.sampling.sampler=dpm9"], "dpm9"),
     ],
 )
 def test_bad_config_fails_with_one_clear_line(in_tmp, capsys, args, needle):
@@ -119,9 +119,9 @@ def test_resume_continues_the_run_in_its_folder(in_tmp, capsys):
     resume = [*TINY, "--trainer.max_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert run_cli(["fit", "--config", QUICKSTART, *resume, "--model.init_args.sigma_max=7"]) == 0
+        assert run_cli(["fit", "--config", QUICKSTART, *resume, "--model.init_args.sampling.sigma_max=7"]) == 0
     out = capsys.readouterr().out
-    assert "not used: model.sigma_max=7.0 (saved 80.0)" in out
+    assert "not used: model.sampling.sigma_max=7.0 (saved 80.0)" in out
     assert not [w for w in caught if "resumable" in str(w.message) or "exists and is not empty" in str(w.message)]
     assert [p.name for p in (in_tmp / "runs" / "diffscore-quickstart").iterdir()] == [run.name]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -83,7 +83,7 @@ def test_fid_kid_is_pipeline_with_random_inception(tmp_path, monkeypatch, random
                 "--trainer.enable_progress_bar=false",
                 f"{backbone}.model_channels=8",
                 f"{backbone}.num_blocks=1",
-                "--model.init_args.num_steps=2",
+                "--model.init_args.sampling.steps=2",
                 f"--data.init_args.path={data}",
                 "--data.init_args.batch_size=4",
                 "--data.init_args.num_workers=0",
@@ -162,12 +162,17 @@ def test_leakage_is_reported_beside_real_digits(tiny_ckpt, tmp_path):
 
 
 def test_scoreaug_digits_runs_check_leakage_by_default():
+    """A checkpoint trained with ScoreAug (today's augmenter list or an older main's arm string) gets the leakage
+    check among its default metrics; one trained without does not."""
+    from diffscore.commands.evaluate import wanted_metrics
+    from diffscore.loading.open import open_model
     from diffscore.metrics.suite import auto_metrics
 
-    assert auto_metrics((1, 8, 8), "scoreaug").endswith(",leakage")
-    assert auto_metrics((1, 8, 8), "nonleaky+scoreaug").endswith(",leakage")
-    assert "leakage" not in auto_metrics((1, 8, 8), "none")
-    assert auto_metrics((3, 32, 32), "scoreaug") == "fid,memorization"
+    files = REPO / "tests" / "data_files"
+    scoreaug = open_model(files / "scoreaug-2026-12.ckpt")
+    assert wanted_metrics("auto", scoreaug) == {"fd_digits", "memorization", "leakage"}
+    assert wanted_metrics("auto", open_model(files / "quickstart-2026-11.ckpt")) == {"fd_digits", "memorization"}
+    assert auto_metrics((3, 32, 32), scoreaug=True) == "fid,memorization"
 
 
 def test_refstats_reads_a_configs_data_section(tmp_path, capsys):

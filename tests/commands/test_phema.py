@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from diffscore.lit.checkpoint import load_model
+from diffscore.loading.open import open_model
 from tests.conftest import QUICKSTART, TINY, run_cli
 
 # Measured on this run (40 steps of 32 images, float32 snapshots after every step): the reconstruction of 0.07
@@ -58,7 +58,7 @@ def test_reconstructed_profile_matches_the_one_tracked_directly_and_samples(phem
     assert record["sigma_rel"] == 0.07 and record["step"] == 40 and len(record["snapshots"]) == 80
     assert {s["sigma_rel"] for s in record["snapshots"]} == {0.05, 0.1}
     assert "optimizer_states" not in ckpt and "callbacks" not in ckpt
-    assert load_model(out / "phema-0.120.ckpt").hparams["num_steps"] == 4
+    assert open_model(out / "phema-0.120.ckpt").defaults.steps == 4
     npz = tmp_path / "s.npz"
     assert run_cli(["sample", "--ckpt_path", out / "phema-0.070.ckpt", "--out", npz, "--num_samples", "3"]) == 0
     assert npz.is_file()

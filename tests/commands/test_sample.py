@@ -51,14 +51,14 @@ def test_sample_png_folder(tiny_ckpt, tmp_path):
 
 
 def test_sample_uses_the_ema_weights(tiny_ckpt):
-    from diffscore.lit.checkpoint import load_model
+    from diffscore.loading.open import open_model
 
     state = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
-    model = load_model(tiny_ckpt)
+    model = open_model(tiny_ckpt)
     name, ema = next((k, v) for k, v in state["state_dict"].items() if k.endswith("conv1.weight"))
     raw = state["current_model_state"][name]
     assert not torch.equal(ema, raw)
-    assert torch.equal(model.state_dict()[name], ema)
+    assert torch.equal(model.network.state_dict()[name.removeprefix("denoiser.")], ema)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_sample_stops_after_the_batch_in_flight_on_ctrl_c_or_sigterm(
     import os
     import signal
 
-    from diffscore.lit.sampling import SeedSampler
+    from diffscore.lit.predict import SeedSampler
 
     calls = []
     step = SeedSampler.predict_step
@@ -165,7 +165,7 @@ def test_sample_stops_after_the_batch_in_flight_on_ctrl_c_or_sigterm(
 
 
 def test_two_identical_commands_use_their_own_temporary_parts(tmp_path):
-    code = "from pathlib import Path; from diffscore.lit.sampling import parts_folder; print(parts_folder(Path('o')))"
+    code = "from pathlib import Path; from diffscore.lit.predict import parts_folder; print(parts_folder(Path('o')))"
     env = {k: v for k, v in __import__("os").environ.items() if k != "DIFFSCORE_RUN_TOKEN"}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env) for _ in range(2)]
     names = [r.stdout.strip() for r in runs]

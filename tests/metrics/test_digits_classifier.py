@@ -1,6 +1,6 @@
 import torch
 
-from diffscore.lit.data import DigitsDataModule
+from diffscore.lit.datamodules import DigitsDataModule
 from diffscore.metrics.digits_classifier import digits_features, fd_digits, load_classifier, train_classifier
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffscore.lit.data import DigitsDataModule
+from diffscore.lit.datamodules import DigitsDataModule
 from diffscore.metrics.leakage import TRANSFORMS, leaked, transform_class
 
 

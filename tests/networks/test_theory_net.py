@@ -3,8 +3,8 @@ import torch
 
 from diffscore.core.ntk import empirical_ntk
 from diffscore.core.precond import EDMPrecond
-from diffscore.lit.callbacks.ntk_probe import BackboneOutput
 from diffscore.networks import TheoryNet
+from diffscore.probes.ntk import BackboneOutput
 
 
 def _inputs(n=5, dim=2, seed=0):

@@ -16,10 +16,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.ema import ema_module
 from diffscore.lit.callbacks.status import say
-from diffscore.lit.data.base import train_images
-from diffscore.lit.data.tensor import heldout_images
+from diffscore.lit.datamodules.base import train_images
+from diffscore.lit.datamodules.tensor import heldout_images
+from diffscore.lit.modules.diffusion import DiffusionModule
 from diffscore.lit.run_dir import run_dir
-from diffscore.lit.sampling import SamplingOptions
 from diffscore.metrics.suite import (
     INCEPTION_METRICS,
     auto_metrics,
@@ -27,6 +27,7 @@ from diffscore.metrics.suite import (
     reference_statistics,
     sample_features,
 )
+from diffscore.sampling.options import SamplingOptions
 
 
 def append_jsonl(trainer: Trainer, record: dict[str, Any]) -> None:
@@ -132,8 +133,8 @@ class SampleQuality(Callback):
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         shape = tuple(pl_module.data_shape)
-        augment = str(pl_module.hparams.get("augment", "none"))
-        metrics = auto_metrics(shape, augment) if self.metrics == "auto" else self.metrics
+        scoreaug = isinstance(pl_module, DiffusionModule) and pl_module.augment.noisy is not None
+        metrics = auto_metrics(shape, scoreaug) if self.metrics == "auto" else self.metrics
         self.wanted = {m.strip() for m in metrics.split(",") if m.strip()}
         if len(shape) != 3:
             self.wanted.discard("memorization")
@@ -179,9 +180,10 @@ class SampleQuality(Callback):
         what = ", ".join(sorted(self.wanted))
         say(trainer, f"step {trainer.global_step}: sample quality of {self.num_samples} EMA samples ({what})")
         feats: dict[str, list] = {"seeds": []}
+        sampler = module.sampler(SamplingOptions(steps=self.num_steps))
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
-            x = module.generate(seeds, SamplingOptions(num_steps=self.num_steps)).float()
+            x = sampler.generate(seeds).float()
             feats["seeds"].append(torch.tensor(seeds))
             memo = self.train if "memorization" in self.wanted else None
             for k, v in sample_features(x, self.inception, self.digits, memo, "leakage" in self.wanted).items():

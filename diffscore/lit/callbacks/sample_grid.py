@@ -12,9 +12,9 @@ from torch import Tensor
 from diffscore.io import atomic_write, pyplot
 from diffscore.lit.callbacks.ema import ema_module
 from diffscore.lit.callbacks.status import say
-from diffscore.lit.data.tensor import TensorDataModule
+from diffscore.lit.datamodules.tensor import TensorDataModule
 from diffscore.lit.run_dir import run_dir
-from diffscore.lit.sampling import SamplingOptions
+from diffscore.sampling.options import SamplingOptions
 
 
 def save_png_atomic(path: Path, fig_or_tensor, nrow: int = 8) -> None:
@@ -81,13 +81,9 @@ class SampleGrid(Callback):
             return None
         module = ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
-        options = SamplingOptions(num_steps=self.num_steps, sampler=self.sampler)
-        say(
-            trainer,
-            f"step {step}: sampling the {self.num_samples}-sample grid ({module.nfe(options)} evaluations each)",
-        )
-        samples = module.generate(seeds, options)
-        samples = samples.float().cpu()
+        sampler = module.sampler(SamplingOptions(steps=self.num_steps, sampler=self.sampler))
+        say(trainer, f"step {step}: sampling the {self.num_samples}-sample grid ({sampler.nfe} evaluations each)")
+        samples = sampler.generate(seeds).float().cpu()
         path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:
             save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))

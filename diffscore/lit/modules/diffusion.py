@@ -1,7 +1,9 @@
-"""DiffusionModule: an EDM denoiser (EDMPrecond around an injected backbone) trained with the EDM loss."""
+"""DiffusionModule: an EDM denoiser (a preconditioning around an injected backbone) trained with the EDM loss,
+optionally on augmented data (EDM's non-leaky augmentation, ScoreAug)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -13,20 +15,22 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffscore.core.augment import NonLeakyAugment, ScoreAugment
-from diffscore.core.losses import edm_loss, scoreaug_loss
-from diffscore.core.precond import EDMPrecond, Preconditioning, VEPrecond, VPPrecond, iDDPMPrecond
-from diffscore.core.samplers import nfe
+from diffscore.core.augment_pipeline import AugmentPipeline
+from diffscore.core.losses import augmented_loss, edm_loss
+from diffscore.core.precond import PrecondSpec, build_precond
+from diffscore.core.recorded import config as recorded_config
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
-from diffscore.lit.modules.denoiser_sampling import DenoiserSampling
-from diffscore.networks.backbone import Backbone
-from diffscore.networks.backbone import config as backbone_config
+from diffscore.lit.modules.settings import NonFinitePolicy, TrainingSpeed
+from diffscore.networks.backbone import Backbone, BackboneFacts
 from diffscore.networks.group_norm import set_fused_norm
+from diffscore.sampling.diffusion import DiffusionSampler
+from diffscore.sampling.options import SamplerDefaults, SamplingOptions
+from diffscore.sampling.speed import Speed
 
 # A config's `optimizer: {class_path: torch.optim.Adam, init_args: {lr: ...}}` becomes such a callable.
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 DEFAULT_VAL_SIGMAS = (0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 80.0)
-AUGMENT_ARMS = ("none", "nonleaky", "scoreaug", "nonleaky+scoreaug")
 
 
 def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -34,44 +38,26 @@ def default_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
 
 
-MODULE_ARGUMENTS = ("backbone", "optimizer", "nonleaky", "scoreaug")  # objects, not hyper-parameters
-PRECONDS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond, "iddpm": iDDPMPrecond}
-
-
-def build_precond(name: str, backbone: nn.Module, sigma_data: float, kwargs: dict | None) -> Preconditioning:
-    """The preconditioning ``name`` around ``backbone`` (EDM's takes sigma_data, the others their constants)."""
-    if name not in PRECONDS:
-        raise DiffscoreError(f"model.precond must be one of {sorted(PRECONDS)}, got {name!r}")
-    kwargs = dict(kwargs or {})
-    if name == "edm":
-        kwargs.setdefault("sigma_data", sigma_data)
-    try:
-        return PRECONDS[name](backbone, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise DiffscoreError(f"model.precond_kwargs for {name}: {e}") from None
-
-
 def _check_settings(hp: Any) -> None:
-    """Raise DiffscoreError, naming the option, for settings a DiffusionModule cannot train or sample with."""
+    """Raise DiffscoreError, naming the option, for settings a DiffusionModule cannot train with."""
     if not math.isfinite(hp.P_mean) or not 0 < hp.P_std < math.inf:
         raise DiffscoreError(f"model: need a finite P_mean and P_std > 0; got P_mean={hp.P_mean}, P_std={hp.P_std}")
     if hp.lr_rampup_images < 0:
         raise DiffscoreError(f"model.lr_rampup_images must be >= 0, got {hp.lr_rampup_images}")
     if not all(0 < s < math.inf for s in hp.val_sigmas):
         raise DiffscoreError(f"model.val_sigmas must be positive, got {hp.val_sigmas}")
-    if not 0 < hp.sigma_min < hp.sigma_max < math.inf or not 0 < hp.rho < math.inf or not 0 < hp.sigma_data < math.inf:
-        raise DiffscoreError(
-            f"model: need 0 < sigma_min < sigma_max, rho > 0 and sigma_data > 0; got sigma_min={hp.sigma_min}, "
-            f"sigma_max={hp.sigma_max}, rho={hp.rho}, sigma_data={hp.sigma_data}"
-        )
+    if not 0 < hp.sigma_data < math.inf:
+        raise DiffscoreError(f"model.sigma_data must be positive, got {hp.sigma_data}")
+
+
+def _group(cls: type, value: Any, option: str) -> Any:
+    """A settings group given as its dataclass or as a mapping (a saved checkpoint's, a Python caller's)."""
+    if isinstance(value, cls):
+        return value
     try:
-        nfe(hp.sampler, hp.num_steps)  # validates the sampler name and the step count
-    except ValueError as e:
-        raise DiffscoreError(f"model.sampler/num_steps: {e}") from None
-    if hp.nan_policy not in ("stop", "skip"):
-        raise DiffscoreError(f"model.nan_policy must be 'stop' or 'skip', got {hp.nan_policy!r}")
-    if hp.sampling_precision not in (None, "bf16", "32"):
-        raise DiffscoreError(f"model.sampling_precision must be bf16, 32 or null, got {hp.sampling_precision!r}")
+        return cls(**(value or {}))
+    except TypeError as e:
+        raise DiffscoreError(f"model.{option}: {e}") from None
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -95,74 +81,84 @@ def warmup_factor(step: int, images_per_step: int, rampup_images: int) -> float:
     return min((step + 1) * images_per_step / rampup_images, 1.0)
 
 
-class DiffusionModule(DenoiserSampling, LightningModule):
+class DiffusionModule(BackboneFacts, LightningModule):
     """EDM training (Karras et al. 2022): lognormal sigma, preconditioned denoiser, weighted L2 loss.
 
     Logs ``train/loss`` every step (the progress bar's ``loss`` every ``log_every_n_steps``); on validation, the
     denoising loss at each of ``val_sigmas`` (fixed noise) on the held-out split (``heldout/``), on an equal-size
     subset of the training split (``train_eval/``), and their difference (``gap/``), plus ``val/loss``, the
     held-out mean over the buckets. Under an EMA callback every validation number is for the EMA weights.
+    ``sampler(options)`` draws samples (diffscore.sampling.DiffusionSampler) from the current weights.
     """
 
     def __init__(
         self,
         backbone: nn.Module,  # F(x_in, c_noise, cond, aug_label): e.g. diffscore.networks.UNet
-        sigma_data: float = 0.5,  # standard deviation of the data
+        sigma_data: float = 0.5,  # standard deviation of the data (EDM's preconditioning and loss weight)
         P_mean: float = -1.2,  # ln(sigma) ~ N(P_mean, P_std^2) in training
         P_std: float = 1.2,
         optimizer: OptimizerCallable = default_optimizer,  # built on the parameters (Adam, lr 1e-3)
         lr_rampup_images: int = 0,  # linear learning-rate warm-up over this many images (EDM: 10M); 0 = off
         val_sigmas: list[float] = list(DEFAULT_VAL_SIGMAS),  # noqa: B006 - sigma buckets of the validation loss
-        sampler: str = "heun",  # default sampler for sample grids and `predict`
-        num_steps: int = 18,  # default sampler steps (Heun 18 -> 35 NFE)
-        sampler_kwargs: dict | None = None,  # extra options of the default sampler (e.g. Heun's s_churn)
-        sigma_min: float = 0.002,  # sampler grid (Karras et al. Eq. 5)
-        sigma_max: float = 80.0,
-        rho: float = 7.0,
-        nan_check_every: int = 1,  # "stop" policy: check the loss is finite every N steps (N > 1: no per-step sync)
-        nan_policy: str = "stop",  # non-finite loss: "stop" the run, or "skip" the step (a host sync per step)
-        max_bad_steps: int = 10,  # "skip": stop after this many consecutive skipped steps
-        augment: str = "none",  # training augmentation arm: none | nonleaky | scoreaug | nonleaky+scoreaug
-        nonleaky: NonLeakyAugment | None = None,  # EDM's clean-data augmentation (default p=0.12) for its arms
-        scoreaug: ScoreAugment | None = None,  # ScoreAug's noisy-data transforms (default: all, one-of) for its arms
-        compile: bool = False,  # torch.compile the denoiser for training and validation on CUDA (GPU configs: on)
-        channels_last: bool = False,  # channels-last memory for the backbone and the images (GPU configs: on)
-        fused_norm: bool = False,  # on CUDA, channels-last: group norm (+ shift, SiLU) as Triton kernels (experimental)
-        precond: str = "edm",  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm (EDM's baselines)
-        precond_kwargs: dict | None = None,  # its constants, e.g. VP's beta_d/beta_min, VE's sigma_min/sigma_max
-        sampling_precision: str | None = None,  # on CUDA: "bf16" or "32" (None: set from the trainer's at fit)
+        sampling: SamplerDefaults = SamplerDefaults(),  # sampler, steps, ... of sample grids and `diffscore sample`
+        augment: list[NonLeakyAugment | ScoreAugment] | None = None,  # training augmenters, in label order
+        nonfinite: NonFinitePolicy = NonFinitePolicy(),  # a non-finite loss: stop the run or skip the step
+        speed: TrainingSpeed = TrainingSpeed(),  # GPU switches: compile, channels_last, fused_norm
+        precond: PrecondSpec = PrecondSpec(),  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm
     ) -> None:
-        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", *MODULE_ARGUMENTS)}
         super().__init__()
         if not isinstance(backbone, Backbone):
             raise DiffscoreError(
                 f"model.backbone must be a diffscore.networks.backbone.Backbone (it declares data_shape, label_dim, "
                 f"augment_dim and text_encoder), got {type(backbone).__name__}"
             )
-        # The hyper-parameters are this module's own arguments (also when it is built while LightningCLI builds
-        # another module, e.g. a DisBack teacher). Modules are not hyper-parameters: the backbone is saved as the
-        # record of how it was built (diffscore.networks.backbone), so a checkpoint rebuilds it without pickled code.
-        self.save_hyperparameters(settings)
+        self.sampling = _group(SamplerDefaults, sampling, "sampling")
+        self.nonfinite = _group(NonFinitePolicy, nonfinite, "nonfinite")
+        self.speed = _group(TrainingSpeed, speed, "speed")
+        precond = _group(PrecondSpec, precond, "precond")
+        try:
+            self.augment = AugmentPipeline(augment or [], backbone.augment_dim, len(backbone.data_shape) == 3)
+            self.denoiser = build_precond(precond, backbone, sigma_data)
+        except ValueError as e:
+            raise DiffscoreError(f"model: {e} (set model.backbone.init_args.augment_dim / model.precond)") from None
+        # The hyper-parameters are this module's own arguments as plain data (also when it is built while
+        # LightningCLI builds another module, e.g. a DisBack teacher); the backbone and the augmenters are saved as
+        # the records of how they were built, so a checkpoint rebuilds them without pickled code.
+        records = [recorded_config(a) for a in self.augment.augmenters]
+        self.save_hyperparameters(
+            {
+                **dict(sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, lr_rampup_images=lr_rampup_images),
+                "val_sigmas": list(val_sigmas),
+                **{k: dataclasses.asdict(v) for k, v in (("sampling", self.sampling), ("nonfinite", self.nonfinite))},
+                **{k: dataclasses.asdict(v) for k, v in (("speed", self.speed), ("precond", precond))},
+                "augment": records,
+            }
+        )
         self.hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
-        recorded = backbone_config(backbone)  # None: a backbone built in Python from objects, not from a config
+        recorded = recorded_config(backbone)  # None: a backbone built in Python from objects, not from a config
         if recorded is not None:
             self.hparams["backbone"] = recorded
         _check_settings(self.hparams)
-        self.nonleaky, self.scoreaug = _augment_arm(augment, nonleaky, scoreaug, backbone)
-        self.denoiser = build_precond(precond, backbone, sigma_data, precond_kwargs)
-        set_fused_norm(backbone, fused_norm)
-        self._compile, self.channels_last = compile, channels_last  # (nn.Module has a .compile method)
+        set_fused_norm(backbone, self.speed.fused_norm)
         self._compiled = None  # the compiled denoiser: a plain attribute, so state_dict keys stay unchanged
         self.sigma_law = LogNormalSigma(P_mean, P_std)
         self.optimizer_factory: Callable = optimizer
         self.lr_rampup_images = lr_rampup_images
         self.val_sigmas = list(val_sigmas)
-        self.nan_check_every, self.nan_policy, self.max_bad_steps = nan_check_every, nan_policy, max_bad_steps
         self._bad_steps = 0
         self.val_metrics = nn.ModuleDict(
             {f"{split}_{i}": MeanMetric() for split in ("heldout", "train_eval") for i in range(len(val_sigmas))}
         )
         self.register_buffer("_nonfinite", torch.zeros((), dtype=torch.bool), persistent=False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.backbone
+
+    def sampler(self, options: SamplingOptions | None = None, **resources: Any) -> DiffusionSampler:
+        """A sampler of the current weights (diffscore.sampling.DiffusionSampler) under ``options``."""
+        trained = Speed(self.sampling.precision == "bf16", self.speed.channels_last, self.speed.compile)
+        return DiffusionSampler(self.denoiser, self.sampling, options, trained=trained, **resources)
 
     # ----------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, aug_label: Tensor | None = None):
@@ -179,7 +175,7 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         noise = torch.randn_like(x0)
         per_sample = self._loss(x0, sigma, noise, self._cond(labels))  # [B]
         loss = per_sample.mean()
-        if self.nan_policy == "skip":
+        if self.nonfinite.policy == "skip":
             bad = ~torch.isfinite(per_sample.detach())
             if bool(bad.any()):  # one host sync per step: the price of skipping
                 self._bad_steps += 1
@@ -190,16 +186,14 @@ class DiffusionModule(DenoiserSampling, LightningModule):
                     flush=True,
                 )
                 self.log("train/skipped_steps", float(self._bad_steps))
-                if self._bad_steps >= self.max_bad_steps:
+                if self._bad_steps >= self.nonfinite.max_bad_steps:
                     raise DiffscoreError(
                         f"{self._bad_steps} consecutive non-finite steps up to step {self.global_step}; stopping. "
                         "The last checkpoint holds the last good weights; lower the learning rate or check the data."
                     )
                 return None
             self._bad_steps = 0
-        self._nonfinite |= ~torch.isfinite(loss.detach())
-        if self.nan_check_every and self.global_step % self.nan_check_every == 0:
-            self._raise_if_nonfinite()
+        self.check_finite(loss)
         self.log("train/loss", loss)
         every = self.trainer.log_every_n_steps  # 0: Lightning logs nothing, and the bar shows no loss
         if every and self.global_step % every == 0:
@@ -208,48 +202,39 @@ class DiffusionModule(DenoiserSampling, LightningModule):
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
 
+    def check_finite(self, loss: Tensor) -> None:
+        """Note a non-finite loss on the device; raise (one host sync) every ``nonfinite.check_every`` steps."""
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+        every = self.nonfinite.check_every
+        if every and self.global_step % every == 0:
+            self._raise_if_nonfinite()
+
     def on_fit_start(self) -> None:
-        if self.hparams.sampling_precision is None:  # sample as trained: bf16 if it trained in bf16
-            self.hparams.sampling_precision = "bf16" if "bf16" in str(self.trainer.precision) else "32"
+        if self.sampling.precision is None:  # sample as trained: bf16 if it trained in bf16
+            precision = "bf16" if "bf16" in str(self.trainer.precision) else "32"
+            self.sampling = dataclasses.replace(self.sampling, precision=precision)
+            self.hparams["sampling"]["precision"] = precision
 
     def setup(self, stage: str) -> None:
-        if self.channels_last:
+        if self.speed.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
     @property
     def train_denoiser(self) -> nn.Module:
         """The denoiser that training and validation call: compiled once if ``compile`` (same weights)."""
-        if not self._compile or self.device.type != "cuda":  # CPU runs (tests, smoke runs) stay eager
+        if not self.speed.compile or self.device.type != "cuda":  # CPU runs (tests, smoke runs) stay eager
             return self.denoiser
         if self._compiled is None:  # set past nn.Module's registry: not a submodule, not in state_dict
             object.__setattr__(self, "_compiled", torch.compile(self.denoiser))
         return self._compiled
 
     def _images(self, x0: Tensor) -> Tensor:
-        return x0.contiguous(memory_format=torch.channels_last) if self.channels_last and x0.ndim == 4 else x0
+        channels_last = self.speed.channels_last and x0.ndim == 4
+        return x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
 
     def _loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None) -> Tensor:
-        """The arm's per-sample loss [B]: EDM's, on non-leaky-augmented x0 if enabled, or ScoreAug's on top.
-        The augmentation label is [nonleaky (9) | scoreaug (11)] for the enabled ones, zero-padded to the
-        backbone's augment_dim (so every arm can share one network shape)."""
-        B, device = x0.shape[0], x0.device
-        labels = []
-        if self.nonleaky is not None:
-            params = self.nonleaky.sample_params(B, device=device)
-            x0 = self.nonleaky.apply(x0, params)
-            labels.append(self.nonleaky.label(params))
-        sa_params = None
-        if self.scoreaug is not None:
-            sa_params = self.scoreaug.sample_params(B, device=device)
-            labels.append(self.scoreaug.label(sa_params))
-        aug_label = None
-        if labels:
-            aug_label = torch.cat(labels, dim=1)  # [B, A']
-            aug_label = torch.nn.functional.pad(aug_label, (0, self.backbone.augment_dim - aug_label.shape[1]))
-        sd, denoiser = self.hparams.sigma_data, self.train_denoiser
-        if sa_params is not None:
-            return scoreaug_loss(denoiser, x0, sigma, noise, self.scoreaug, sa_params, cond, sd, aug_label)
-        return edm_loss(denoiser, x0, sigma, noise, cond, sd, aug_label)
+        """The per-sample loss [B]: EDM's, on augmented data if the module has augmenters (core.losses)."""
+        return augmented_loss(self.train_denoiser, x0, sigma, noise, self.augment, cond, self.hparams.sigma_data)
 
     def _raise_if_nonfinite(self) -> None:
         if bool(self._nonfinite):
@@ -294,7 +279,6 @@ class DiffusionModule(DenoiserSampling, LightningModule):
         state = super().__getstate__()
         state["optimizer_factory"] = None
         state["_compiled"] = None  # recompiled on first use
-        state.pop("_sampling_fns", None)
         return state
 
     # ----------------------------------------------------------------------------------------------------
@@ -347,24 +331,3 @@ class DiffusionModule(DenoiserSampling, LightningModule):
                 metric.reset()
         if losses:
             self.log("test/loss", torch.stack(losses).mean(), sync_dist=True)
-
-
-def _augment_arm(
-    arm: str, nonleaky: NonLeakyAugment | None, scoreaug: ScoreAugment | None, backbone: nn.Module
-) -> tuple[NonLeakyAugment | None, ScoreAugment | None]:
-    """The augmenters an arm uses (defaults where the config gives none), checked against the backbone."""
-    if arm not in AUGMENT_ARMS:
-        raise DiffscoreError(f"model.augment must be one of {', '.join(AUGMENT_ARMS)}; got {arm!r}")
-    parts = arm.split("+")
-    nonleaky = (nonleaky or NonLeakyAugment()) if "nonleaky" in parts else None
-    scoreaug = (scoreaug or ScoreAugment()) if "scoreaug" in parts else None
-    needed = sum(a.label_dim for a in (nonleaky, scoreaug) if a is not None)
-    have = backbone.augment_dim
-    if have < needed:
-        raise DiffscoreError(
-            f"model.augment={arm!r} conditions on a {needed}-dimensional augmentation label (non-leaky 9, "
-            f"ScoreAug 11); set model.backbone.init_args.augment_dim to {needed} or more (it is {have})"
-        )
-    if needed and len(backbone.data_shape) != 3:
-        raise DiffscoreError(f"model.augment={arm!r} needs image data [C, H, W]; the backbone makes vectors")
-    return nonleaky, scoreaug

@@ -19,7 +19,7 @@ The target node is a pure function of the generator step, so a run resumed from 
 same node; every load is strict and checked against the node's saved parameter fingerprint (the published
 code's silent ``strict=False`` no-op cannot happen here), and logged in ``target_log``.
 
-Distillation is data-free: the data module (diffscore.lit.data.DistillBatches) only sets the batch size;
+Distillation is data-free: the data module (diffscore.lit.datamodules.DistillBatches) only sets the batch size;
 checkpoints name the teacher's data (``datamodule_hyper_parameters``), which `diffscore evaluate` compares with.
 """
 
@@ -41,9 +41,12 @@ from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
-from diffscore.lit.checkpoint import is_edm_pickle, load_model, read_checkpoint
-from diffscore.lit.modules.one_step import OneStepSampling
+from diffscore.lit.run_dir import run_dir
+from diffscore.loading.open import open_model
+from diffscore.networks.backbone import BackboneFacts
 from diffscore.networks.backbone import config as backbone_config
+from diffscore.sampling.one_step import OneStepSampler
+from diffscore.sampling.options import SamplingOptions
 
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 METHODS = ("disback", "diffinstruct")
@@ -86,7 +89,7 @@ def check_options(hp: Any) -> None:
         raise DiffscoreError("model.stage applies to disback only; diffinstruct has no stage 1 (leave stage: both)")
 
 
-class DisBackModule(OneStepSampling, LightningModule):
+class DisBackModule(BackboneFacts, LightningModule):
     """DisBack / Diff-Instruct one-step distillation of a diffscore teacher (manual optimisation).
 
     Optimizers: [fake score, generator]. Counters ``stage1_step``, ``generator_step`` and ``target_index``
@@ -143,16 +146,11 @@ class DisBackModule(OneStepSampling, LightningModule):
         self._path_dir: Path | None = Path(path_dir) if path_dir else None
 
     def _load_teacher(self, teacher_ckpt: str, trust_checkpoint: bool) -> EDMPrecond:
-        """The frozen EMA denoiser of the teacher checkpoint; records its backbone, data and fingerprint."""
-        teacher_module = load_model(teacher_ckpt, trust_checkpoint)  # EMA weights
-        if teacher_module.one_step:
-            raise DiffscoreError(
-                f"model.teacher_ckpt {teacher_ckpt} is a one-step generator; pass a diffusion checkpoint"
-            )
-        teacher = teacher_module.denoiser.eval().requires_grad_(False)
+        """The frozen EMA denoiser of the teacher's file; records its backbone, data and fingerprint."""
+        loaded = open_model(teacher_ckpt, trust_checkpoint)  # EMA weights, opened once
+        teacher = loaded.denoiser(f"model.teacher_ckpt ({teacher_ckpt})").eval().requires_grad_(False)
         self.teacher_backbone_config = backbone_config(teacher.backbone)
-        data = None if is_edm_pickle(teacher_ckpt) else read_checkpoint(teacher_ckpt, trust_checkpoint)
-        self.teacher_data_config = data.get("datamodule_hyper_parameters") if data else None  # pickles have none
+        self.teacher_data_config = loaded.data_config  # NVlabs/edm pickles have none
         self.teacher_fingerprint = fingerprint(teacher)
         return teacher
 
@@ -193,6 +191,15 @@ class DisBackModule(OneStepSampling, LightningModule):
     def path_file(self, k: int) -> Path:
         return self.path_dir / f"node_{k:03d}.pt"
 
+    @property
+    def backbone(self) -> nn.Module:
+        return self.generator.backbone
+
+    def sampler(self, options: SamplingOptions | None = None, **resources: Any) -> OneStepSampler:
+        """A sampler of the generator's current weights: x = D_G(sigma_init z; sigma_init), NFE = 1."""
+        resources.pop("progress", None)
+        return OneStepSampler(self.generator, self.sigma_init, options, **resources)
+
     # ----------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
@@ -204,8 +211,6 @@ class DisBackModule(OneStepSampling, LightningModule):
         if self._path_dir is None:
             if self.hparams.stage == "backtrack":
                 raise DiffscoreError("model.stage backtrack needs model.path_dir: the folder stage 1 wrote")
-            from diffscore.lit.run_dir import run_dir
-
             self._path_dir = run_dir(self.trainer) / "disback_path"
 
     def _noise(self, batch: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -14,21 +14,13 @@ eta = 2 lr / (N D).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from diffscore.core.losses import edm_loss
-from diffscore.core.schedules import LogNormalSigma
+from diffscore.core.ntk import draw_regression_set
 from diffscore.errors import DiffscoreError
+from diffscore.lit.datamodules.base import train_images
 from diffscore.lit.modules.diffusion import DiffusionModule
-
-
-def draw_regression_set(x0: Tensor, noise_seed: int, sigma_law: LogNormalSigma) -> tuple[Tensor, Tensor, Tensor]:
-    """(x0 [N, ...], sigma [N], noise [N, ...]) on the CPU: one seeded sigma_i and n_i per training point."""
-    g = torch.Generator().manual_seed(noise_seed)
-    sigma = sigma_law(len(x0), generator=g)  # [N]
-    noise = torch.randn(x0.shape, generator=g)  # [N, ...]
-    return x0.float().cpu(), sigma, noise
 
 
 class RegressionDiffusionModule(DiffusionModule):
@@ -47,8 +39,6 @@ class RegressionDiffusionModule(DiffusionModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._regression_set is None:
-            from diffscore.lit.data.base import train_images
-
             dm = self.trainer.datamodule
             if dm is None:
                 raise DiffscoreError("RegressionDiffusionModule needs a DataModule (data: in the config)")
@@ -74,8 +64,6 @@ class RegressionDiffusionModule(DiffusionModule):
                 f"points (got a batch of {batch[0].shape[0]})"
             )
         loss = edm_loss(self.denoiser, x0, sigma, noise, None, self.hparams.sigma_data).mean()
-        self._nonfinite |= ~torch.isfinite(loss.detach())
-        if self.nan_check_every and self.global_step % self.nan_check_every == 0:
-            self._raise_if_nonfinite()
+        self.check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -5,7 +5,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks import EDMEMA
-from diffscore.lit.data import GMMDataModule
+from diffscore.lit.datamodules import GMMDataModule
 from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP
 
@@ -41,7 +41,7 @@ class RecordRaw(Callback):
 def test_ema_weights_equal_a_hand_computed_average_and_checkpoint_keeps_both(tmp_path):
     torch.manual_seed(0)
     dm = GMMDataModule(dim=2, num_components=3, num_train=256, num_val=64, num_test=64, batch_size=64)
-    model = DiffusionModule(MLP(data_shape=[2], width=16, depth=1), nan_check_every=1)
+    model = DiffusionModule(MLP(data_shape=[2], width=16, depth=1), nonfinite={"check_every": 1})
     ema = EDMEMA(halflife_images=200, rampup_ratio=0.5)
     rec = RecordRaw()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffscore.core.gaussian import GaussianDenoiser, score_explained_variance
-from diffscore.lit.callbacks.gaussian_probe import build_references, explained_variance_table
+from diffscore.probes.gaussian import build_references, explained_variance_table
 from tests.conftest import run_cli
 
 
@@ -82,14 +82,14 @@ def test_sample_with_teleport_reports_nfe_and_matches_manual_teleport(tiny_ckpt,
     from diffscore.core.gaussian import teleport
     from diffscore.core.samplers import heun
     from diffscore.core.schedules import karras_sigmas
-    from diffscore.lit.checkpoint import load_model
-    from diffscore.lit.sampling import seed_generators, seeded_noise
+    from diffscore.loading.open import open_model
+    from diffscore.sampling.seeds import seed_generators, seeded_noise
 
-    model = load_model(tiny_ckpt).eval()
+    model = open_model(tiny_ckpt)
     sigmas = karras_sigmas(6)
     x = seeded_noise(seed_generators(range(3), "cpu"), (1, 8, 8), "cpu") * 80.0
     x, rest = teleport(GaussianDenoiser.load(gauss), x, sigmas, 2)
-    manual = heun(model.denoiser, x, rest)
+    manual = heun(model.network, x, rest)
     np.testing.assert_allclose(np.load(out)["samples"], manual.numpy(), atol=1e-5)
 
 

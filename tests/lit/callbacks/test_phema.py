@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from diffscore.core.phema import sigma_rel_to_gamma
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks import EDMEMA, PostHocEMA
-from diffscore.lit.data import GMMDataModule
+from diffscore.lit.datamodules import GMMDataModule
 from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP
 

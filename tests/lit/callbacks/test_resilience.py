@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.resilience import AtomicCheckpointIO
-from diffscore.lit.data import GMMDataModule
+from diffscore.lit.datamodules import GMMDataModule
 from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import MLP
 from diffscore.networks.backbone import Backbone
@@ -115,9 +115,9 @@ class Flaky(Backbone):
         return out
 
 
-def train(tmp_path, backbone, steps, **kw):
+def train(tmp_path, backbone, steps, max_bad_steps=10):
     dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
-    model = DiffusionModule(backbone, nan_policy="skip", **kw)
+    model = DiffusionModule(backbone, nonfinite={"policy": "skip", "max_bad_steps": max_bad_steps})
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1)
     trainer = Trainer(
         accelerator="cpu",

@@ -6,7 +6,7 @@ from lightning.pytorch import Trainer
 from diffscore.commands.report import report
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks import RunLog, SampleQuality
-from diffscore.lit.data import DigitsDataModule
+from diffscore.lit.datamodules import DigitsDataModule
 from diffscore.lit.modules import DiffusionModule
 from diffscore.networks import UNet
 from tests.conftest import run_cli
@@ -15,7 +15,7 @@ from tests.conftest import run_cli
 def test_run_log_and_sample_quality_feed_the_report(tmp_path):
     model = DiffusionModule(
         UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
-        num_steps=2,
+        sampling={"steps": 2},
         val_sigmas=[0.1, 1.0],
     )
     dm = DigitsDataModule(batch_size=64, num_train=300)

@@ -3,13 +3,14 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from diffscore.core.augment import ScoreAugment
+from diffscore.core.augment import NonLeakyAugment, ScoreAugment
 from diffscore.errors import DiffscoreError
-from diffscore.lit.checkpoint import load_model
-from diffscore.lit.data import DigitsDataModule, GMMDataModule
+from diffscore.lit.datamodules import DigitsDataModule, GMMDataModule
 from diffscore.lit.modules import DiffusionModule
+from diffscore.loading.open import open_model
 from diffscore.networks import MLP, UNet
 from diffscore.networks.backbone import Backbone
+from diffscore.sampling.options import SamplingOptions
 from tests.conftest import REPO, TINY, run_cli
 
 
@@ -158,7 +159,7 @@ class NaNAfter(Backbone):
 @pytest.mark.parametrize("check_every", [1, 3])
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, check_every):
     dm = GMMDataModule(dim=2, num_components=2, num_train=512, batch_size=64)
-    model = DiffusionModule(NaNAfter(5), nan_check_every=check_every)
+    model = DiffusionModule(NaNAfter(5), nonfinite={"check_every": check_every})
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=-1)
     with pytest.raises(DiffscoreError, match="non-finite training loss at or before step"):
         trainer(tmp_path, max_steps=20, callbacks=[ckpt], enable_checkpointing=True, limit_val_batches=0).fit(model, dm)
@@ -170,14 +171,43 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoi
 DIGITS_SCOREAUG = str(REPO / "experiments" / "digits_scoreaug.yaml")
 
 
-@pytest.mark.parametrize("arm", ["none", "nonleaky", "scoreaug", "nonleaky+scoreaug"])
-def test_each_augmentation_arm_trains_from_its_yaml(in_tmp, arm):
+NONLEAKY = '{"class_path": "diffscore.core.augment.NonLeakyAugment", "init_args": {"p": 0.2}}'
+SCOREAUG = '{"class_path": "diffscore.core.augment.ScoreAugment", "init_args": {"translate_frac": 0.25}}'
+ARMS = {"none": "[]", "nonleaky": f"[{NONLEAKY}]", "scoreaug": f"[{SCOREAUG}]", "both": f"[{NONLEAKY}, {SCOREAUG}]"}
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_each_augmentation_arm_trains_from_its_yaml_and_its_checkpoint_keeps_the_augmenters(in_tmp, arm):
+    """Augmenters are objects in the config (present = on); their own settings travel in the checkpoint, so a
+    resumed run augments as the original did (a configured ScoreAugment is never silently replaced)."""
     args = ["fit", "--config", DIGITS_SCOREAUG, *TINY, "--trainer.max_steps=3", "--trainer.logger=false"]
-    assert run_cli([*args, f"--model.init_args.augment={arm}", "--trainer.callbacks=[]"]) == 0
+    assert run_cli([*args, f"--model.init_args.augment={ARMS[arm]}", "--trainer.callbacks=[]"]) == 0
     (ckpt,) = in_tmp.glob("runs/**/*.ckpt")  # Lightning's default checkpoint (no callbacks)
-    model = load_model(ckpt)
-    assert model.hparams.augment == arm
-    assert (model.nonleaky is not None) == ("nonleaky" in arm) and (model.scoreaug is not None) == ("scoreaug" in arm)
+    saved = open_model(ckpt).settings["augment"]
+    expected = {"none": [], "nonleaky": ["NonLeakyAugment"], "scoreaug": ["ScoreAugment"]}
+    expected["both"] = ["NonLeakyAugment", "ScoreAugment"]
+    assert [r["class_path"].rsplit(".", 1)[1] for r in saved] == expected[arm]
+    for record in saved:
+        key, value = ("p", 0.2) if record["class_path"].endswith("NonLeakyAugment") else ("translate_frac", 0.25)
+        assert record["init_args"][key] == value
+    resumed = DiffusionModule(tiny_unet_with_augment_dim(20), augment=[_built(r) for r in saved])
+    assert [type(a).__name__ for a in resumed.augment.augmenters] == expected[arm]
+
+
+def tiny_unet_with_augment_dim(augment_dim):
+    return UNet(
+        data_shape=[1, 8, 8],
+        model_channels=8,
+        channel_mult=[1],
+        num_blocks=1,
+        attn_resolutions=[],
+        augment_dim=augment_dim,
+    )
+
+
+def _built(record):
+    cls = NonLeakyAugment if record["class_path"].endswith("NonLeakyAugment") else ScoreAugment
+    return cls(**record["init_args"])
 
 
 def test_scoreaug_arm_feeds_transformed_noisy_input_and_its_label(monkeypatch):
@@ -186,7 +216,7 @@ def test_scoreaug_arm_feeds_transformed_noisy_input_and_its_label(monkeypatch):
     net = UNet(
         data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], augment_dim=20
     )
-    module = DiffusionModule(net, augment="scoreaug", scoreaug=ScoreAugment({"rot90": 1.0}))
+    module = DiffusionModule(net, augment=[ScoreAugment({"rot90": 1.0})])
     seen = []
     original = net.forward
     monkeypatch.setattr(net, "forward", lambda x, c, cond=None, aug=None: seen.append(aug) or original(x, c, cond, aug))
@@ -197,12 +227,27 @@ def test_scoreaug_arm_feeds_transformed_noisy_input_and_its_label(monkeypatch):
     assert (label[:, :3].sum(1) == 1).all()  # every sample got one of rot90 k = 1, 2, 3
 
 
-def test_augment_arm_errors_name_the_option():
+def test_augment_errors_name_the_option():
     net = UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
-    with pytest.raises(DiffscoreError, match="augment_dim to 11"):
-        DiffusionModule(net, augment="scoreaug")
-    with pytest.raises(DiffscoreError, match="model.augment must be one of"):
-        DiffusionModule(net, augment="scoreaugment")
+    with pytest.raises(DiffscoreError, match="augmentation label has 11 entries .* augment_dim is 0"):
+        DiffusionModule(net, augment=[ScoreAugment()])
+    with pytest.raises(DiffscoreError, match="at most one ScoreAugment"):
+        DiffusionModule(tiny_unet_with_augment_dim(22), augment=[ScoreAugment(), ScoreAugment()])
+    with pytest.raises(DiffscoreError, match="must be NonLeakyAugment or ScoreAugment objects"):
+        DiffusionModule(net, augment=["scoreaug"])
+
+
+def test_the_legacy_arm_strings_of_a_checkpoint_become_augmenters_in_the_same_label_order():
+    """Checkpoints before 2026-12 saved ``augment: nonleaky+scoreaug`` (the objects beside it, or None for the
+    defaults); the label layout [non-leaky | ScoreAug] must stay, or a resumed run's network would see its
+    augmentation labels in other columns."""
+    from diffscore.loading.legacy import modern_settings
+
+    custom = {"class_path": "diffscore.core.augment.ScoreAugment", "init_args": {"mode": "composed"}}
+    both = modern_settings({"augment": "nonleaky+scoreaug", "nonleaky": None, "scoreaug": custom, "num_steps": 7})
+    assert [r["class_path"].rsplit(".", 1)[1] for r in both["augment"]] == ["NonLeakyAugment", "ScoreAugment"]
+    assert both["augment"][1] is custom and both["sampling"] == {"steps": 7}
+    assert modern_settings({"augment": "none", "scoreaug": custom})["augment"] == []  # dropped, as it trained
 
 
 def test_compile_and_channels_last_keep_the_loss_and_the_checkpoint_keys(monkeypatch):
@@ -222,7 +267,7 @@ def test_compile_and_channels_last_keep_the_loss_and_the_checkpoint_keys(monkeyp
     losses, keys = [], []
     for fast in (False, True):
         torch.manual_seed(0)
-        module = DiffusionModule(tiny_unet(), compile=fast, channels_last=fast)
+        module = DiffusionModule(tiny_unet(), speed={"compile": fast, "channels_last": fast})
         module.setup("fit")
         losses.append(module._loss(module._images(x0), sigma, noise, None))
         keys.append(list(module.state_dict()))
@@ -235,11 +280,9 @@ def test_compile_and_channels_last_keep_the_loss_and_the_checkpoint_keys(monkeyp
 def test_the_cpu_samples_eager_fp32_whatever_the_speed_switches():
     """bf16 / channels-last / compile apply on CUDA only: on the CPU the sampler calls the plain denoiser, so a
     checkpoint trained with them samples here exactly as one trained without."""
-    from diffscore.lit.sampling import SamplingOptions
-
     net = UNet(data_shape=[1, 8, 8], model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
-    model = DiffusionModule(net, compile=True, channels_last=True, sampling_precision="bf16", num_steps=3)
-    options = SamplingOptions(precision="bf16", compile=True, channels_last=True)
-    assert model.speed_of(options) == (False, False, False)
-    assert model.sampling_denoiser(options) is model.denoiser
-    torch.testing.assert_close(model.generate([0, 1], options), model.generate([0, 1]), rtol=0, atol=0)
+    speed = {"compile": True, "channels_last": True}
+    model = DiffusionModule(net, speed=speed, sampling={"steps": 3, "precision": "bf16"})
+    fast = model.sampler(SamplingOptions(precision="bf16", compile=True, channels_last=True))
+    assert not fast.speed().any
+    torch.testing.assert_close(fast.generate([0, 1]), model.sampler().generate([0, 1]), rtol=0, atol=0)

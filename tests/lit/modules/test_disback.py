@@ -5,10 +5,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit.checkpoint import load_model
-from diffscore.lit.data.distill import DistillBatches
+from diffscore.lit.datamodules.distill import DistillBatches
 from diffscore.lit.modules.disback import DisBackModule, fingerprint
-from diffscore.lit.modules.one_step import OneStepGenerator
+from diffscore.loading.open import open_model
 from tests.conftest import REPO, run_cli
 
 N, RECORD, BACK = 3, 2, 2
@@ -71,7 +70,7 @@ def test_path_and_backtracking_reach_the_teacher(tiny_ckpt, tmp_path):
     assert [n["stage1_step"] for n in nodes] == [RECORD * k for k in range(1, N + 1)]
     prints = [n["fingerprint"] for n in nodes]
     assert len(set(prints + [module.teacher_fingerprint])) == N + 1
-    copy_ = load_model(tiny_ckpt).denoiser
+    copy_ = open_model(tiny_ckpt).network
     for n in nodes:  # the stored fingerprint is the one of the stored weights
         copy_.load_state_dict(n["state_dict"], strict=True)
         assert fingerprint(copy_) == n["fingerprint"]
@@ -229,17 +228,17 @@ def test_digits_config_then_sample_and_evaluate_the_generator(tiny_ckpt, in_tmp,
     raw = torch.load(ckpt, weights_only=True)
     assert raw["datamodule_hyper_parameters"]["_class_path"].endswith("DigitsDataModule")  # the teacher's data
 
-    gen = load_model(ckpt)
-    assert isinstance(gen, OneStepGenerator)
+    gen = open_model(ckpt)
+    assert gen.kind == "one-step" and gen.sampler().nfe == 1
     state = {k[len("generator.") :]: v for k, v in raw["state_dict"].items() if k.startswith("generator.")}
-    assert _equal_states(gen.generator.state_dict(), state)
+    assert _equal_states(gen.network.state_dict(), state)
 
     assert run_cli(["sample", "--ckpt_path", ckpt, "--num_samples", 5, "--seed", 10, "--out", "s.npz"]) == 0
     import numpy as np
 
     with np.load("s.npz") as f:
         samples = torch.from_numpy(f["samples"])
-    torch.testing.assert_close(samples, gen.generate(range(10, 15)), rtol=0, atol=0)
+    torch.testing.assert_close(samples, gen.sampler().generate(range(10, 15)), rtol=0, atol=0)
     assert run_cli(["sample", "--ckpt_path", ckpt, "--steps", 18, "--out", "t.npz"]) == 2
     assert "one-step generator" in capsys.readouterr().err
 

@@ -7,10 +7,10 @@ from lightning.pytorch import Trainer
 
 from diffscore.core.losses import edm_loss
 from diffscore.errors import DiffscoreError
-from diffscore.lit.callbacks.ntk_probe import BackboneOutput, regression_target
-from diffscore.lit.data import GMMDataModule
+from diffscore.lit.datamodules import GMMDataModule
 from diffscore.lit.modules import RegressionDiffusionModule
 from diffscore.networks import TheoryNet
+from diffscore.probes.ntk import BackboneOutput, regression_target
 
 
 def _fit(batch_size: int, steps: int = 1, lr: float = 0.5):

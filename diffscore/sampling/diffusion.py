@@ -1,0 +1,147 @@
+"""Sampling a diffusion model: Karras et al.'s sampler grid over a preconditioned denoiser, with optional churn,
+classifier-free guidance and analytical teleportation (Wang & Vastola 2024).
+
+A ``DiffusionSampler`` is made for one model and one choice of options; it checks the choice against the model
+when it is made (sampler name and steps, sampler options, teleport skip, guidance, condition) and then draws
+any seeds: per seed, as NVlabs/edm's generate.py, the initial noise, the class label, and the churn noise of every
+Heun step come from the seed's own generator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from diffscore.core.gaussian import GaussianDenoiser, skip_for_sigma, teleport
+from diffscore.core.guidance import guided_denoiser
+from diffscore.core.precond import Preconditioning
+from diffscore.core.samplers import get_sampler, nfe
+from diffscore.core.schedules import clip_sigma_range, karras_sigmas
+from diffscore.errors import DiffscoreError
+from diffscore.sampling.base import Sampler, ticking
+from diffscore.sampling.options import SamplerDefaults, SamplingOptions, TeleportOptions
+from diffscore.sampling.speed import Speed, fast_denoiser
+
+
+def sampler_grid(denoiser: Preconditioning, defaults: SamplerDefaults, options: SamplingOptions, steps: int) -> Tensor:
+    """The noise levels [steps + 1] (last 0): Karras et al. Eq. 5 with the chosen sigma_min, sigma_max and rho,
+    clipped to the preconditioning's range and rounded to its levels, as EDM's sampler does."""
+    lo = defaults.sigma_min if options.sigma_min is None else options.sigma_min
+    hi = defaults.sigma_max if options.sigma_max is None else options.sigma_max
+    rho = defaults.rho if options.rho is None else options.rho
+    try:
+        lo, hi = clip_sigma_range(lo, hi, denoiser.sigma_min, denoiser.sigma_max)
+    except ValueError as e:
+        raise DiffscoreError(f"--sigma_min/--sigma_max: {e}") from None
+    return karras_sigmas(steps, lo, hi, rho, round_sigma=denoiser.round_sigma)
+
+
+class DiffusionSampler(Sampler):
+    """Samples of ``denoiser`` (a preconditioned network D(x; sigma, cond)) under ``options`` over ``defaults``.
+
+    ``trained``: the speed switches the model trained with (the default on CUDA); ``prompts``: captions of a text
+    model (seed s gets prompts[s % n]; default: options.prompt); ``gaussian``: the data's Gaussian for a teleport
+    skip; ``progress``: a bar over the network evaluations of each batch.
+    """
+
+    def __init__(
+        self,
+        denoiser: Preconditioning,
+        defaults: SamplerDefaults,
+        options: SamplingOptions | None = None,
+        *,
+        trained: Speed = Speed(),
+        prompts: Sequence[str] | None = None,
+        gaussian: GaussianDenoiser | None = None,
+        progress: bool = False,
+    ) -> None:
+        options = options or SamplingOptions()
+        super().__init__(nn.ModuleDict({"denoiser": denoiser}), denoiser.backbone, options, prompts)
+        self.denoiser, self.defaults, self.trained, self.progress = denoiser, defaults, trained, progress
+        self.name = options.sampler or defaults.sampler
+        self.steps = options.steps or defaults.steps
+        extra = options.sampler_kwargs
+        if extra is None:  # the model's own options belong to its own sampler
+            extra = (defaults.sampler_kwargs or {}) if self.name == defaults.sampler else {}
+        self.sampler_kwargs = dict(extra)
+        self._check_sampler()
+        self.sigmas = sampler_grid(denoiser, defaults, options, self.steps)  # [steps + 1]
+        self.gaussian = gaussian
+        self.teleport_skip = self.teleport_skip_for(options.teleport)
+        if self.teleport_skip and gaussian is None:
+            raise DiffscoreError("teleportation needs the Gaussian of the training data (--teleport.gaussian)")
+        if options.guidance != 1.0 and not self.conditional:
+            raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is not")
+
+    def _check_sampler(self) -> None:
+        try:
+            nfe(self.name, self.steps)
+        except ValueError as e:
+            raise DiffscoreError(f"--sampler/--steps: {e}") from None
+        unknown = set(self.sampler_kwargs) - set(inspect.signature(get_sampler(self.name)).parameters)
+        if unknown:
+            raise DiffscoreError(f"--sampler_kwargs {sorted(unknown)} are not options of the {self.name} sampler")
+
+    def teleport_skip_for(self, opts: TeleportOptions) -> int:
+        """The leading steps ``opts`` skip on this grid (--teleport.sigma: those whose start lies above it)."""
+        if not opts.wanted:
+            return 0
+        skip = opts.skip if opts.skip is not None else skip_for_sigma(self.sigmas, opts.sigma)
+        if not 0 <= skip < self.steps:
+            raise DiffscoreError(f"--teleport.skip must be in 0..{self.steps - 1} for {self.steps} steps, got {skip}")
+        return skip
+
+    @property
+    def nfe(self) -> int:
+        """Denoiser evaluations per sample, teleported steps excluded (classifier-free guidance counts once)."""
+        return nfe(self.name, self.steps - self.teleport_skip)
+
+    @property
+    def full_nfe(self) -> int:
+        """Evaluations without teleportation."""
+        return nfe(self.name, self.steps)
+
+    def speed(self) -> Speed:
+        """(bf16, channels-last, compiled) for this run: on CUDA as the model trained unless the options say
+        otherwise; the CPU samples eager in fp32."""
+        if self.device.type != "cuda":
+            return Speed()
+        o, t = self.options, self.trained
+        return Speed(
+            bf16=t.bf16 if o.precision is None else o.precision == "bf16",
+            channels_last=t.channels_last if o.channels_last is None else o.channels_last,
+            compiled=t.compiled if o.compile is None else o.compile,
+        )
+
+    @torch.no_grad()
+    def generate(self, seeds: Sequence[int]) -> Tensor:
+        """Samples x0 [len(seeds), *data_shape] (Karras et al. 2022, Algorithm 2 for heun; generate.py's seeds)."""
+        generators, noise, cond = self.start(seeds)
+        sigmas = self.sigmas
+        x = noise * float(sigmas[0])
+        if self.teleport_skip:
+            x, sigmas = teleport(self.gaussian.to(self.device), x, sigmas, self.teleport_skip)
+        extra = dict(self.sampler_kwargs)
+        if extra.get("s_churn", 0) > 0:  # churn noise from each seed's own stream
+            extra["generator"] = generators
+        sampler = get_sampler(self.name)
+        if "round_sigma" in inspect.signature(sampler).parameters:
+            extra["round_sigma"] = self.denoiser.round_sigma
+        denoiser = fast_denoiser(self.denoiser, self.speed())
+        if self.options.guidance != 1.0:
+            denoiser = guided_denoiser(denoiser, self.options.guidance)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.nfe, desc="sampler", unit="eval", leave=False, dynamic_ncols=True)
+            denoiser = ticking(denoiser, bar)
+        try:
+            with self.evaluating():
+                return sampler(denoiser, x, sigmas, cond, **extra)
+        finally:
+            if bar is not None:
+                bar.close()

@@ -1,0 +1,301 @@
+"""diffscore/data/edm_pickle.py: EDM-format pickles written here (no EDM installed), read without running them.
+
+The stand-in classes below mirror the attribute layout of NVlabs/edm's training/networks.py; ``EDMPickler`` pickles
+them exactly as ``torch_utils.persistence`` does: ``_reconstruct_persistent_obj(dict(type='class', version=6,
+module_src=..., class_name=..., state=obj.__dict__))``, with ``_init_args``/``_init_kwargs`` in the state.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffscore.errors import DiffscoreError
+from diffscore.loading.edm.pickle import PersistentRecord, describe, read_edm_pickle, record_state_dict
+from tests.edm_files import EDM_SRC, EDMPickler, dump_edm, edm_class, fake_persistence
+
+
+@edm_class
+class Linear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features))
+        self.bias = torch.nn.Parameter(torch.randn(out_features)) if bias else None
+
+
+@edm_class
+class Conv2d(torch.nn.Module):
+    def __init__(self, in_channels, out_channels, kernel, down=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.down = in_channels, out_channels, down
+        self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
+        self.bias = torch.nn.Parameter(torch.randn(out_channels))
+        f = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("resample_filter", (f.ger(f) / 64)[None, None] if down else None)
+
+
+@edm_class
+class FourierEmbedding(torch.nn.Module):
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.register_buffer("view", torch.arange(12.0).reshape(3, 4).t()[1:])  # offset and strides
+        self.register_buffer("cache", torch.zeros(3), persistent=False)
+
+
+@edm_class
+class SongUNet(torch.nn.Module):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=4, embedding_type=""):
+        super().__init__()
+        self.label_dropout = 0
+        self.skip_scale = np.sqrt(0.5)  # a numpy scalar, as EDM's block_kwargs hold
+        self.map_noise = FourierEmbedding(num_channels=model_channels)
+        self.map_label = Linear(in_features=label_dim, out_features=model_channels) if label_dim else None
+        self.map_layer0 = Linear(in_features=model_channels, out_features=2 * model_channels).half()
+        self.enc = torch.nn.ModuleDict()
+        self.enc["8x8_conv"] = Conv2d(in_channels=in_channels, out_channels=model_channels, kernel=3)
+        self.enc["4x4_aux_residual"] = Conv2d(in_channels=in_channels, out_channels=model_channels, kernel=3, down=True)
+        self.dec = torch.nn.ModuleDict({"8x8_aux_conv": Conv2d(model_channels, out_channels, kernel=1)})
+
+
+@edm_class
+class EDMPrecond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_max=float("inf"), **model_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16, self.sigma_min, self.sigma_max, self.sigma_data = False, 0, sigma_max, 0.5
+        self.model = SongUNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **model_kwargs)
+
+
+@edm_class
+class EDMLoss:
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+
+NET_KWARGS = dict(img_resolution=8, img_channels=3, label_dim=10, model_channels=4, embedding_type="fourier")
+DATASET_KWARGS = dict(class_name="training.dataset.ImageFolderDataset", path="cifar10-32x32.zip", use_labels=True)
+
+
+def small_net() -> EDMPrecond:
+    torch.manual_seed(0)
+    return EDMPrecond(**NET_KWARGS).eval().requires_grad_(False)
+
+
+def snapshot(net) -> dict:
+    """What EDM's training loop pickles."""
+    return dict(ema=net, loss_fn=EDMLoss(sigma_data=0.5), augment_pipe=None, dataset_kwargs=dict(DATASET_KWARGS))
+
+
+def one_line_error(path: Path, pattern: str) -> str:
+    """read_edm_pickle(path) raises one DiffscoreError line that names the file and matches ``pattern``."""
+    with pytest.raises(DiffscoreError) as info:
+        read_edm_pickle(path)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message and str(path) in message, message
+    assert re.search(pattern, message), message
+    return message
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+def test_snapshot_reads_back_as_records_with_exact_tensors(tmp_path, protocol):
+    net = small_net()
+    data = read_edm_pickle(dump_edm(tmp_path / "network-snapshot-000000.pkl", snapshot(net), protocol))
+    assert set(data) == {"ema", "loss_fn", "augment_pipe", "dataset_kwargs"} and "torch_utils" not in sys.modules
+    ema = data["ema"]
+    assert isinstance(ema, PersistentRecord) and (ema.module_name, ema.class_name) == ("", "EDMPrecond")
+    assert ema.init_args == () and ema.init_kwargs == NET_KWARGS and "_init_kwargs" not in ema.state
+    assert ema.source_sha256 == hashlib.sha256(EDM_SRC.encode()).hexdigest()[:16]
+    assert ema.state["sigma_max"] == float("inf") and ema.state["training"] is False
+    unet = ema.state["_modules"]["model"]
+    assert unet.class_name == "SongUNet" and unet.init_kwargs["model_channels"] == 4
+    assert type(unet.state["skip_scale"]) is np.float64 and unet.state["skip_scale"] == np.sqrt(0.5)
+    enc = unet.state["_modules"]["enc"]
+    assert (enc.module_name, enc.class_name, enc.source_sha256) == ("torch.nn.modules.container", "ModuleDict", "")
+    down = enc.state["_modules"]["4x4_aux_residual"]
+    assert down.class_name == "Conv2d" and down.init_kwargs == dict(in_channels=3, out_channels=4, kernel=3, down=True)
+
+    got, expected = record_state_dict(ema), net.state_dict()
+    assert list(got) == list(expected) and "model.map_noise.cache" not in got
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    assert (
+        got["model.map_layer0.weight"].dtype == torch.float16
+        and got["model.enc.8x8_conv.weight"].dtype == torch.float32
+    )
+    assert got["model.map_noise.view"].stride() == expected["model.map_noise.view"].stride()
+
+    loss = data["loss_fn"]
+    assert loss.class_name == "EDMLoss" and loss.init_kwargs == {"sigma_data": 0.5} and loss.state["P_mean"] == -1.2
+    assert data["augment_pipe"] is None and data["dataset_kwargs"] == DATASET_KWARGS
+    n_params = sum(p.numel() for p in net.parameters())
+    assert describe(ema).startswith("EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, model_channels=4")
+    assert describe(ema).endswith(f", {n_params:,} parameters") and repr(ema) == f"PersistentRecord({describe(ema)})"
+    with pytest.raises(DiffscoreError, match="needs a PersistentRecord"):
+        record_state_dict(data["dataset_kwargs"])
+
+
+def test_bare_network_reads_as_ema(tmp_path):
+    data = read_edm_pickle(dump_edm(tmp_path / "net.pkl", small_net()))
+    assert list(data) == ["ema"] and data["ema"].class_name == "EDMPrecond"
+
+
+def test_embedded_module_source_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = dump_edm(tmp_path / "evil.pkl", snapshot(small_net()), module_src=f"open({str(marker)!r}, 'w').close()\n")
+    assert read_edm_pickle(path)["ema"].class_name == "EDMPrecond" and not marker.exists()
+
+    def exec_like_edm(meta):  # what torch_utils.persistence does with module_src
+        exec(meta["module_src"], {})
+        return meta["class_name"]
+
+    with fake_persistence(exec_like_edm):
+        pickle.loads(path.read_bytes())
+    assert marker.exists()  # the payload is live: plain pickle.load runs it
+
+
+def call_global(module: str, name: str, args: str) -> bytes:
+    """A protocol-0 pickle that calls ``module.name`` on ``args`` (pickle opcodes), the classic exploit."""
+    return f"c{module}\n{name}\n({args}tR.".encode()
+
+
+@pytest.mark.parametrize(
+    "module,name,args",
+    [
+        ("os", "system", "Vtouch {marker}\n"),
+        ("builtins", "eval", "Vopen({marker!r}, 'w').close()\n"),
+        ("subprocess", "Popen", "(Vtouch\nV{marker}\nl"),
+    ],
+)
+def test_dangerous_globals_are_refused_and_nothing_runs(tmp_path, module, name, args):
+    marker = tmp_path / "ran"
+    path = tmp_path / "exploit.pkl"
+    path.write_bytes(call_global(module, name, args.format(marker=str(marker))))
+    one_line_error(path, re.escape(f"refused to load the global {module}.{name} "))
+    assert not marker.exists()
+    result = pickle.loads(path.read_bytes())  # the same bytes through plain pickle do run
+    if name == "Popen":
+        result.wait()
+    assert marker.exists()
+
+
+def test_refused_global_deep_inside_a_snapshot_and_unknown_modules_are_not_imported(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    data = snapshot(small_net())
+    data["dataset_kwargs"]["path"] = Payload()
+    one_line_error(dump_edm(tmp_path / "nested.pkl", data), re.escape(f"{os.system.__module__}.system"))
+    assert not marker.exists()
+    already = "this" in sys.modules
+    (tmp_path / "zen.pkl").write_bytes(b"cthis\ns\n.")
+    one_line_error(tmp_path / "zen.pkl", re.escape("refused to load the global this.s"))
+    assert already or "this" not in sys.modules
+
+
+def write_half_snapshot(path: Path) -> None:
+    buf = io.BytesIO()
+    with fake_persistence():
+        EDMPickler(buf, pickle.DEFAULT_PROTOCOL).dump(snapshot(small_net()))
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+BROKEN = {  # kind: (write the file at path, the pattern its one-line error matches)
+    "missing": (lambda path: None, "does not exist"),
+    "directory": (lambda path: path.mkdir(), "is not a file"),
+    "empty": (lambda path: path.write_bytes(b""), "is empty"),
+    "truncated": (write_half_snapshot, "is truncated"),
+    "random": (lambda path: path.write_bytes(b"\x07" + random.Random(0).randbytes(3000)), "is not a pickle"),
+    "json": (lambda path: path.write_text(json.dumps({"ema": [1, 2]})), "is not a pickle"),
+    "torch_zip": (lambda path: torch.save({"w": torch.ones(2)}, path), r"like a torch checkpoint \(torch.save ZIP\)"),
+    "torch_legacy": (
+        lambda path: torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False),
+        r"like a torch checkpoint \(legacy torch.save\)",
+    ),
+    "zip": (lambda path: zipfile.ZipFile(path, "w").close(), "looks like a ZIP archive"),
+    "other_dict": (lambda path: path.write_bytes(pickle.dumps({"weights": [1.0]})), r"dict with keys \['weights'\]"),
+    "list": (lambda path: path.write_bytes(pickle.dumps([1, 2])), "holds a list, not an EDM network pickle"),
+    "counter": (
+        lambda path: path.write_bytes(pickle.dumps(collections.Counter(a=1))),
+        "refused to load the global collections.Counter",
+    ),
+    "torch_module": (
+        lambda path: path.write_bytes(pickle.dumps(torch.nn.Linear(2, 2))),
+        "'ema' is a torch.nn.modules.linear.Linear, not an EDM network",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_and_foreign_files_give_one_clear_line(tmp_path, kind):
+    write, pattern = BROKEN[kind]
+    path = tmp_path / "network.pkl"
+    write(path)
+    one_line_error(path, pattern)
+
+
+class ShortTensor:
+    """A tensor of 100 elements on a storage of 2 (``set_`` alone would read past the end)."""
+
+    def __init__(self, offset=0):
+        self.offset = offset
+
+    def __reduce__(self):
+        storage = torch.ones(2)._typed_storage()
+        return torch._utils._rebuild_tensor_v2, (storage, self.offset, (100,), (1,), False, collections.OrderedDict())
+
+
+class GarbageStorage:
+    def __reduce__(self):
+        return torch.storage._load_from_bytes, (b"not a torch.save",)
+
+
+def conv_tamper(edit):
+    """Apply ``edit(meta)`` to every Conv2d's meta; returns the tamper hook."""
+
+    def tamper(meta):
+        if meta["class_name"] == "Conv2d":
+            edit(meta)
+        return meta
+
+    return tamper
+
+
+def with_buffer(value):
+    return lambda meta: meta["state"].update(_buffers={**meta["state"]["_buffers"], "resample_filter": value})
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda meta: meta.update(state=[1, 2]), "Conv2d: its state is a list, not a dict"),
+        (lambda meta: meta.pop("class_name"), "a persistent object without a class_name"),
+        (lambda meta: meta.update(type="function"), r"meta is not a dict\(type='class'"),
+        (with_buffer(ShortTensor()), r"size \[100\] that needs 100 elements but its storage holds 2"),
+        (with_buffer(ShortTensor(offset=-1)), "a tensor with a bad layout"),
+        (with_buffer(GarbageStorage()), r"torch.load\(weights_only=True\) refuses"),
+        (with_buffer("abc"), r"Conv2d._buffers\['resample_filter'\] is a str, not a Tensor"),
+        (lambda meta: meta["state"].update(_modules=[]), "Conv2d._modules is a list, not a dict"),
+    ],
+)
+def test_tampered_records_are_refused(tmp_path, edit, pattern):
+    path = dump_edm(tmp_path / "tampered.pkl", snapshot(small_net()), tamper=conv_tamper(edit))
+    message = one_line_error(path, pattern)
+    assert message.startswith(f"{path} is not a valid EDM network pickle (tampered or corrupt)")
