@@ -25,7 +25,7 @@ class Backbone(nn.Module):
     label_dim: int = 0  # number of classes (0: unconditional)
     augment_dim: int = 0  # size of the augmentation label (0: none)
     text_encoder: nn.Module | None  # the caption encoder of a text-conditioned backbone (None: no text)
-    init_kwargs: dict[str, Any]  # the constructor's arguments, defaults filled in
+    init_kwargs: dict[str, Any]  # the constructor's arguments, defaults filled in (plain data copied)
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,7 +45,9 @@ class Backbone(nn.Module):
             if type(self).__init__ is recording_init:  # the most derived constructor records its own call
                 bound = signature.bind(self, *args, **kw)
                 bound.apply_defaults()
-                self.init_kwargs = copy.deepcopy({k: v for k, v in bound.arguments.items() if k != "self"})
+                # plain data is copied; objects (modules, tokenizers handed in) are kept by reference, not cloned
+                args = {k: v for k, v in bound.arguments.items() if k != "self"}
+                self.init_kwargs = {k: copy.deepcopy(v) if plain_data(v) else v for k, v in args.items()}
 
         cls.__init__ = recording_init
 
