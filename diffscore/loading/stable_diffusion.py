@@ -209,9 +209,9 @@ def _load(component: Path, loader: Any, **kwargs: Any) -> Any:
     """``loader(folder, subfolder=..., local_files_only=True, **kwargs)``, its failure as one DiffscoreError line."""
     try:
         return loader(str(component.parent), subfolder=component.name, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+    except Exception as e:  # the libraries' readers raise many types (OSError, SafetensorError, ValueError, ...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiffscoreError(f"{component}: could not be loaded ({message}); restore it from the release") from None
+        raise DiffscoreError(f"{component}: could not be loaded ({message}); restore it from the release") from e
 
 
 def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
@@ -266,4 +266,6 @@ def read_stable_diffusion(
 def stable_diffusion_denoiser(parts: StableDiffusionParts, quantize: bool = False) -> DiscreteDDPMPrecond:
     """The EDM denoiser D(x; sigma, captions) of the folder's U-Net: DiscreteDDPMPrecond around the backbone, with
     the folder's schedule and prediction type (``quantize``: integer timesteps, as diffusers' DPM-Solver feeds)."""
-    return DiscreteDDPMPrecond(parts.backbone, **parts.schedule, prediction_type=parts.prediction_type, quantize=quantize)
+    return DiscreteDDPMPrecond(
+        parts.backbone, **parts.schedule, prediction_type=parts.prediction_type, quantize=quantize
+    )

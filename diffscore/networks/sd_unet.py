@@ -68,7 +68,7 @@ class StableDiffusionUNet(Backbone):
         captions = [str(c) for c in captions]
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
         if not self._warned_truncation:
-            lengths = [len(row) for row in tok(captions, padding=False, truncation=False).input_ids]
+            lengths = [len(row) for row in tok(captions, padding=False, truncation=False, verbose=False).input_ids]
             if max(lengths, default=0) > tok.model_max_length:
                 warnings.warn(
                     f"a caption of {max(lengths)} tokens was truncated to the text encoder's {tok.model_max_length} "
