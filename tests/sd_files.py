@@ -141,12 +141,38 @@ def tiny_pipeline(prediction_type: str = "epsilon", seed: int = 0, vae_latent_ch
 
 
 def write_sd_folder(
-    dest: Path, prediction_type: str = "epsilon", seed: int = 0, safe: bool = True, vae_latent_channels: int = 4
+    dest: Path,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    safe: bool = True,
+    vae_latent_channels: int = 4,
+    tokenizer_files: str = "vocab",
 ) -> Path:
-    """Save a tiny pipeline to ``dest`` as diffusers does (``safe=False``: pickled ``.bin`` weights)."""
+    """Save a tiny pipeline to ``dest`` as diffusers does (``safe=False``: pickled ``.bin`` weights).
+
+    ``tokenizer_files``: "vocab" writes tokenizer/ as SD 1.x / 2.x releases ship it (vocab.json, merges.txt,
+    tokenizer_config.json, special_tokens_map.json); "json": as transformers 5 saves it (tokenizer.json).
+    """
     pipe = tiny_pipeline(prediction_type, seed, vae_latent_channels)
     pipe.save_pretrained(dest, safe_serialization=safe)
+    if tokenizer_files == "vocab":
+        write_vocab_tokenizer(dest / "tokenizer", pipe.tokenizer)
     return dest
+
+
+def write_vocab_tokenizer(directory: Path, tokenizer) -> None:
+    """Replace ``directory`` by the classic CLIP tokenizer files of ``tokenizer``."""
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    for old in directory.iterdir():
+        old.unlink()
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"]))
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    specials["pad_token"] = "<|endoftext|>"
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": MAX_TOKENS, "do_lower_case": True, **specials}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def edit_json(path: Path, **changes) -> None:

@@ -217,8 +217,13 @@ def _load(component: Path, loader: Any, **kwargs: Any) -> Any:
 def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
     """(unet, vae, text_encoder, tokenizer) through the libraries' own readers, local files only."""
     _offline()
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as e:
+        raise DiffscoreError(
+            f"{folder}: reading Stable Diffusion needs diffusers and transformers ({e}); pip install 'diffscore[sd]'"
+        ) from None
 
     for name in ("unet", "vae", "text_encoder"):
         check_weights(folder / name, trust, variant)

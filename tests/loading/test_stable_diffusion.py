@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sys
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def test_reads_the_parts_the_pipeline_saved(folder):
     assert same_weights(parts.backbone.unet, original.unet)
     assert same_weights(parts.vae, original.vae)
     assert same_weights(parts.backbone.text_encoder, original.text_encoder)
-    caption = "a music score for piano"
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir())[0] == "merges.txt"  # SD's tokenizer files
+    caption = "a music score for piano, key is B minor"
     assert parts.backbone.tokenizer(caption).input_ids == original.tokenizer(caption).input_ids
     assert parts.schedule == {
         k: SCHEDULER[k] for k in ("beta_schedule", "num_train_timesteps", "beta_start", "beta_end")
@@ -51,6 +53,21 @@ def test_reads_the_parts_the_pipeline_saved(folder):
     assert parts.latent_shape == parts.backbone.data_shape == (4, LATENT_SIZE, LATENT_SIZE)
     assert parts.folder == folder
     assert parts.backbone.text_encoder is not None and parts.backbone.label_dim == 0
+
+
+def test_reads_a_tokenizer_saved_as_tokenizer_json(tmp_path):
+    """The module fixture's tokenizer/ is SD's vocab.json + merges.txt; transformers 5 saves tokenizer.json."""
+    folder = write_sd_folder(tmp_path / "json-tokenizer", seed=SEED, tokenizer_files="json")
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    caption = "a music score for violin, key is A major"
+    ids = read_stable_diffusion(folder).backbone.tokenizer(caption).input_ids
+    assert ids == tiny_pipeline(seed=SEED).tokenizer(caption).input_ids
+
+
+def test_a_missing_library_is_one_error_line(folder, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    with pytest.raises(DiffscoreError, match=r"needs diffusers and transformers .* pip install 'diffscore\[sd\]'"):
+        read_stable_diffusion(folder)
 
 
 def test_the_denoiser_uses_the_folder_schedule(folder):
