@@ -12,9 +12,10 @@ so nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,10 @@ class StableDiffusionParts:
     folder: Path  # the folder read
     backbone: StableDiffusionUNet  # U-Net + frozen CLIP text encoder + tokenizer
     vae: nn.Module  # diffusers AutoencoderKL (latents <-> images in [-1, 1])
-    schedule: dict[str, Any] = field(default_factory=dict)  # beta_schedule, num_train_timesteps, beta_start, beta_end
-    prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" or "v_prediction"
-    scaling_factor: float = 0.18215  # the VAE's latent scale: the U-Net sees scaling_factor * VAE latents
-    latent_shape: tuple[int, int, int] = (4, 64, 64)  # [C, h, w] of the U-Net's latents
+    schedule: dict[str, Any]  # DiscreteDDPMPrecond's beta_schedule, num_train_timesteps, beta_start, beta_end
+    prediction_type: str  # what the U-Net predicts: "epsilon" or "v_prediction"
+    scaling_factor: float  # the VAE's latent scale: the U-Net sees scaling_factor * VAE latents (SD: 0.18215)
+    latent_shape: tuple[int, int, int]  # [C, h, w] of the U-Net's latents (SD 2 base: 4 x 64 x 64)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -229,12 +230,20 @@ def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dt
         check_weights(folder / name, trust, variant)
     safe = None if trust else True  # None: safetensors first, then (trusted) pickles
     weights = {"use_safetensors": safe, "variant": variant}
-    unet = _load(folder / "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype, **weights)
-    vae = _load(folder / "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype, **weights)
+    lazy_init = importlib.util.find_spec("accelerate") is not None  # diffusers' low_cpu_mem_usage needs accelerate
+    diffusers_kwargs = {"torch_dtype": dtype, "low_cpu_mem_usage": lazy_init, **weights}
+    unet = _load(folder / "unet", UNet2DConditionModel.from_pretrained, **diffusers_kwargs)
+    vae = _load(folder / "vae", AutoencoderKL.from_pretrained, **diffusers_kwargs)
     text_encoder = _load(
         folder / "text_encoder", CLIPTextModel.from_pretrained, dtype=dtype, trust_remote_code=False, **weights
     )
     tokenizer = _load(folder / "tokenizer", CLIPTokenizer.from_pretrained, trust_remote_code=False)
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:
+        raise DiffscoreError(
+            f"{folder / 'tokenizer'}: model_max_length {tokenizer.model_max_length} exceeds the text encoder's "
+            f"{positions} positions; set model_max_length in tokenizer_config.json (CLIP: 77)"
+        )
     return unet, vae, text_encoder, tokenizer
 
 

@@ -65,7 +65,9 @@ class StableDiffusionUNet(Backbone):
         """Token ids [B, model_max_length] as the pipeline makes them (max-length padding, truncation); warns once
         when a caption is longer than the tokenizer takes."""
         tok = self.tokenizer
-        captions = [str(c) for c in captions]
+        captions = list(captions)
+        if not all(isinstance(c, str) for c in captions):
+            raise TypeError(f"captions must be strings, got {captions!r:.80}")
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
         if not self._warned_truncation:
             lengths = [len(row) for row in tok(captions, padding=False, truncation=False, verbose=False).input_ids]

@@ -140,6 +140,7 @@ def test_code_the_folder_names_or_holds_never_runs(copy, tmp_path):
         ("scheduler/scheduler_config.json", {"beta_schedule": "sigmoid"}, "beta_schedule 'sigmoid'"),
         ("scheduler/scheduler_config.json", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
         ("scheduler/scheduler_config.json", {"beta_start": 0.5, "beta_end": 0.1}, "0 < beta_start < beta_end"),
+        ("tokenizer/tokenizer_config.json", {"model_max_length": 77}, "tokenizer: model_max_length 77 exceeds"),
     ],
 )
 def test_broken_folders_raise_one_line_naming_the_file(copy, path, changes, message):

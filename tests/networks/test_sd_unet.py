@@ -109,6 +109,8 @@ def test_bad_inputs_raise(pipe, backbone):
         backbone(x, t, CAPTIONS[:1])
     with pytest.raises(ValueError, match="list of 2 captions"):
         backbone(x, t, "one string")
+    with pytest.raises(TypeError, match="captions must be strings"):
+        backbone.encode([1, 2])
     with pytest.raises(ValueError, match="text embeddings"):
         backbone(x, t, torch.zeros(3, MAX_TOKENS, 32))
     with pytest.raises(ValueError, match="64-d text tokens"):
