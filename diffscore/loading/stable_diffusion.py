@@ -104,8 +104,9 @@ def check_model_index(folder: Path) -> dict[str, Any]:
     if pipeline not in PIPELINES:
         raise DiffscoreError(f"{path}: pipeline {pipeline!r} is not one diffscore reads; it reads {PIPELINES}")
     for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list):
-            continue
+        if name.startswith("_") or (name not in REQUIRED and not isinstance(entry, list)):
+            continue  # metadata and flags such as requires_safety_checker
+        entry = entry if isinstance(entry, list) else [entry]
         if name in IGNORED and (entry in ([None, None], []) or _allowed(entry, *IGNORED[name])):
             continue
         if name not in REQUIRED:

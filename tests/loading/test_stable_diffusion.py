@@ -131,6 +131,7 @@ def test_code_the_folder_names_or_holds_never_runs(copy, tmp_path):
     [
         ("model_index.json", {"vae": ...}, r"model_index.json: no vae component"),
         ("model_index.json", {"vae": ["diffusers", "AutoencoderTiny"]}, r"vae = \['diffusers', 'AutoencoderTiny'\]"),
+        ("model_index.json", {"unet": "UNet2DConditionModel"}, r"unet = \['UNet2DConditionModel'\]; diffscore reads"),
         ("vae/config.json", {"latent_channels": 8}, r"unet/config.json: in_channels 4 .* latent_channels 8"),
         ("unet/config.json", {"class_embed_type": "timestep"}, r"unet/config.json: \['class_embed_type'\]"),
         ("unet/config.json", {"cross_attention_dim": 64}, r"cross_attention_dim 64 .* hidden_size 32"),
