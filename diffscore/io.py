@@ -59,3 +59,14 @@ def write_json(path: str | Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=1, default=float))
+
+
+def check_memory(nbytes: float, what: str, hint: str) -> None:
+    """Refuse, in one line, to build something of ``nbytes`` that cannot fit in the memory available now."""
+    from diffscore.errors import DiffscoreError
+
+    if not hasattr(os, "sysconf"):
+        return
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if nbytes > free:
+        raise DiffscoreError(f"{what} needs about {nbytes / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free; {hint}")

@@ -37,6 +37,7 @@ from diffscore.lit.datamodules.from_file import config_datamodule, training_data
 from diffscore.lit.datamodules.images import ImageDataModule
 from diffscore.loading.model import LoadedModel
 from diffscore.loading.open import open_model
+from diffscore.outputs import check_folder, folder_output
 from diffscore.probes.gaussian import NetworkDenoiser, explained_variance_table
 
 EDM_DEFAULTS = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "P_mean": -1.2, "P_std": 1.2}
@@ -55,8 +56,14 @@ def _data_module(data_config: str | None, data: str | None, model: LoadedModel |
             raise DiffscoreError(f"--data {data} does not exist; pass an EDM dataset ZIP or folder of PNGs")
         return ImageDataModule(data, num_workers=0, pin_memory=False), Path(data).stem
     if model is not None:
-        return training_data(model, None, what_to_pass="--config X.yaml or --data PATH"), Path(model.path).stem
+        return training_data(model, None, what_to_pass="--config X.yaml or --data PATH"), run_name(model.path)
     raise DiffscoreError("say which data to read: --config X.yaml, --data PATH (an EDM ZIP or folder) or --ckpt_path")
+
+
+def run_name(ckpt: Path) -> str:
+    """A name for a checkpoint's suggestions: its run folder's for ``<run>/checkpoints/X.ckpt``, else its stem."""
+    ckpt = Path(ckpt).resolve()
+    return f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
 
 
 def _check_options(kl_tolerance: float, quantization_step: float, ev_threshold: float, num_points: int) -> None:
@@ -122,6 +129,8 @@ def suggest_noise(
     model = open_model(ckpt_path) if ckpt_path is not None else None
     dm, name = _data_module(data_config, data, model)
     folder = Path(out) if out is not None else Path("runs") / "suggest-noise" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    check_folder(folder, "--out", "suggest-noise")
     train = train_images(dm, max_images)
     if len(train) < 2:
         raise DiffscoreError("the training split has fewer than 2 items: a covariance needs at least 2")
@@ -134,10 +143,10 @@ def suggest_noise(
     teleport = teleport_level(list(ev), list(ev.values()), ev_threshold) if ev is not None else None
     summary = _summary(result, name, len(train), ev, teleport, ev_threshold)
     print(_format(summary), flush=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_yaml(folder / "noise.yaml", summary)
-    write_json(folder / "noise.json", summary)
-    plot_suggestion(folder / "noise.png", gaussian, result, ev, teleport, name, ev_threshold)
+    with folder_output(folder, "suggest-noise") as tmp:
+        _write_yaml(tmp / "noise.yaml", summary)
+        write_json(tmp / "noise.json", summary)
+        plot_suggestion(tmp / "noise.png", gaussian, result, ev, teleport, name, ev_threshold)
     print(f"diffscore: wrote {folder / 'noise.yaml'}, noise.json and noise.png", flush=True)
     return summary
 
