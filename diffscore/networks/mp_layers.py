@@ -78,8 +78,10 @@ class MPConv(nn.Module):
     Forced weight normalisation (EDM2 Eq. 66): in training mode with gradients enabled, the stored weight is first
     overwritten by normalize(w) (in place, outside autograd), as EDM2 does on every training forward; the output
     then uses normalize of that stored weight. :func:`normalize_mp_weights_` does the same for every MPConv of a
-    module, for a training loop that re-normalises after each optimizer step instead. In eval mode, or under
-    ``torch.no_grad()``, the stored weight is left alone.
+    module, for a training loop that re-normalises after each optimizer step instead; with the in-forward copy
+    turned off (:func:`set_forced_normalization`, e.g. for torch.compile) and one call before the first step,
+    that loop runs through the same weights as EDM2's. In eval mode, or under ``torch.no_grad()``, the stored
+    weight is left alone.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: list[int] | tuple[int, ...]) -> None:
@@ -89,9 +91,10 @@ class MPConv(nn.Module):
         self.in_channels = in_channels  # input channels (features for a linear layer)
         self.out_channels = out_channels  # output channels (features)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))  # [out, in, *kernel]
+        self.forced_normalization = True  # overwrite the stored weight by normalize(w) in training forwards
 
     def forward(self, x: Tensor, gain: float | Tensor = 1.0) -> Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.training and self.forced_normalization and torch.is_grad_enabled():
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight))  # forced weight normalisation
         w = self.weight.to(_compute_dtype(self.weight.dtype))
@@ -109,7 +112,8 @@ class MPConv(nn.Module):
 @torch.no_grad()
 def normalize_mp_weights_(module: nn.Module) -> int:
     """Overwrite the weight of every :class:`MPConv` in ``module`` by normalize(weight), in place (EDM2 Eq. 66,
-    forced weight normalisation); returns how many were normalised. Call it after each optimizer step."""
+    forced weight normalisation); returns how many were normalised. Call it before training and after each
+    optimizer step."""
     count = 0
     for layer in module.modules():
         if isinstance(layer, MPConv):
@@ -117,6 +121,15 @@ def normalize_mp_weights_(module: nn.Module) -> int:
             w.copy_(normalize(w.to(_compute_dtype(w.dtype))))
             count += 1
     return count
+
+
+def set_forced_normalization(module: nn.Module, enabled: bool) -> int:
+    """Turn the in-forward forced weight normalisation of every :class:`MPConv` in ``module`` on or off (for a
+    training loop that calls :func:`normalize_mp_weights_` after each optimizer step); returns how many."""
+    layers = [m for m in module.modules() if isinstance(m, MPConv)]
+    for layer in layers:
+        layer.forced_normalization = bool(enabled)
+    return len(layers)
 
 
 def pixel_norm(x: Tensor, dim: int = 1, eps: float = EPS) -> Tensor:

@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from diffscore.errors import DiffscoreError
 from diffscore.networks.backbone import config
 from diffscore.networks.edm2_unet import EDM2UNet
-from diffscore.networks.mp_layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, normalize_mp_weights_
+from diffscore.networks.mp_layers import (
+    MPConv,
+    MPFourier,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+    normalize_mp_weights_,
+    set_forced_normalization,
+)
 
 SIDE = 16
 
@@ -359,8 +368,40 @@ def test_forced_weight_normalisation_only_in_training_with_gradients():
         for p in net.parameters():
             p.mul_(3.0)
     count = sum(isinstance(m, MPConv) for m in net.modules())
-    assert normalize_mp_weights_(net) == count > 20
+    assert set_forced_normalization(net, False) == count > 20
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, c_noise, labels = (t.float() if t.is_floating_point() else t for t in inputs())
+    net.train()(x, c_noise, labels)  # turned off: a training forward leaves the weights alone
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert normalize_mp_weights_(net) == count
     for m in net.modules():
         if isinstance(m, MPConv):
             rms = m.weight.flatten(1).square().mean(1).sqrt()
             torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+
+
+def test_renormalising_after_each_step_runs_through_edm2s_weights():
+    """In-forward forced normalisation (EDM2) and, with it off, normalize_mp_weights_ before training and after
+    every optimizer step: the same weights and outputs, step after step."""
+    torch.manual_seed(0)
+    edm2 = EDM2UNet(**our_kwargs(CASES["cond"])).double()
+    post = EDM2UNet(**our_kwargs(CASES["cond"])).double()
+    post.load_state_dict(edm2.state_dict())
+    set_forced_normalization(post, False)
+    normalize_mp_weights_(post)
+    opts = [torch.optim.Adam(net.parameters(), lr=0.05) for net in (edm2, post)]
+    x, c_noise, labels = inputs()
+    for _ in range(3):
+        outs = []
+        for net, opt in zip((edm2, post), opts):
+            out = net.train()(x, c_noise, labels)
+            (out * x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            outs.append(out.detach())
+        normalize_mp_weights_(post)
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=0)
+    assert outs[0].abs().mean() > 1e-3
+    edm2(x, c_noise, labels)  # EDM2 normalises at its next forward
+    for (k, a), b in zip(edm2.state_dict().items(), post.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=k)
