@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffscore.loading.edm.pickle import read_edm_pickle
 from diffscore.errors import DiffscoreError
+from diffscore.loading.edm.pickle import read_edm_pickle
 from diffscore.loading.edm2.network import EDM2_SAMPLER, edm2_facts, load_edm2_network
 from tests.edm2_files import CLASSES, _class_at, encoder_record, write_edm2_network
 from tests.networks.test_edm2_unet import SIDE, EDM2Tensors, Prefixed, edm2_precond, edm2_unet, fourier, linear

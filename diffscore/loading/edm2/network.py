@@ -28,10 +28,10 @@ import torch
 from torch import Tensor
 
 from diffscore.core.precond_edm2 import EDM2Precond
-from diffscore.loading.edm.pickle import PersistentRecord, describe, record_state_dict
 from diffscore.errors import DiffscoreError
+from diffscore.loading.edm.options import EDMOptions, meta_network
+from diffscore.loading.edm.pickle import PersistentRecord, describe, record_state_dict
 from diffscore.networks.edm2_unet import EDM2Block, EDM2UNet
-from diffscore.networks.edm_options import EDMOptions, meta_network
 from diffscore.networks.logvar import LogVarHead
 from diffscore.networks.mp_layers import MPConv, MPFourier
 
