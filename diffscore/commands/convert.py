@@ -1,4 +1,5 @@
-"""`diffscore convert`: an NVlabs/edm network pickle as a diffscore checkpoint that loads with weights_only=True."""
+"""`diffscore convert`: an NVlabs/edm or NVlabs/edm2 network pickle as a diffscore checkpoint that loads with
+weights_only=True."""
 
 from __future__ import annotations
 
@@ -10,16 +11,18 @@ import torch
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
 from diffscore.loading.checkpoint import checkpoint_of
-from diffscore.loading.edm.network import open_edm_pickle
+from diffscore.loading.open import open_model
 from diffscore.outputs import check_replaceable
 
 
 def convert(src: str, out: str, overwrite: bool = False) -> Path:
-    """Write an NVlabs/edm network pickle as a diffscore checkpoint that loads with weights_only=True.
+    """Write an NVlabs/edm or NVlabs/edm2 network pickle as a diffscore checkpoint that loads with
+    weights_only=True.
 
-    edm-*.pkl, baseline-*.pkl or network-snapshot-*.pkl: the checkpoint holds the EMA weights, the preconditioning
-    and EDM's sampler defaults for that model, as tensors and plain data; the pickle is read without running the
-    code it embeds.
+    EDM's edm-*.pkl, baseline-*.pkl or network-snapshot-*.pkl, EDM2's edm2-img64-*.pkl, network-snapshot-*.pkl or
+    phema-*.pkl (pixel models): the checkpoint holds the EMA weights, the preconditioning (EDM2's with its
+    uncertainty head) and the original's sampler defaults for that model, as tensors and plain data; the pickle is
+    read without running the code it embeds.
 
     Args:
         src: the network pickle.
@@ -28,13 +31,13 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
     """
     src_path, out_path = Path(src), Path(out)
     if src_path.suffix != ".pkl":
-        raise DiffscoreError(f"--src {src} is not an NVlabs/edm network pickle (*.pkl)")
+        raise DiffscoreError(f"--src {src} is not an NVlabs/edm or edm2 network pickle (*.pkl)")
     if out_path.suffix != ".ckpt":
         raise DiffscoreError(f"--out {out} must name a .ckpt file")
     check_replaceable(out_path, "--out", "convert", overwrite)
-    model = open_edm_pickle(src_path)
+    model = open_model(src_path)
     with atomic_write(out_path) as tmp:
         torch.save({**checkpoint_of(model, lightning.__version__), "written_by": "diffscore convert"}, tmp)
-    steps = model.defaults.steps
-    print(f"diffscore: wrote {out_path}: {model.info['network']}; sampler heun, {steps} steps", flush=True)
+    d = model.defaults
+    print(f"diffscore: wrote {out_path}: {model.info['network']}; sampler {d.sampler}, {d.steps} steps", flush=True)
     return out_path

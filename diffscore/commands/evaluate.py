@@ -272,9 +272,19 @@ def summarize(sampler: Sampler, ckpt_path: str, wanted: set[str], protocol: str,
         "steps": sampler.steps,
         "teleport_skip": getattr(sampler, "teleport_skip", 0),
         "nfe": sampler.nfe,
+        **guidance_summary(sampler),
         "runs": runs,
         **(summarize_runs(runs) if protocol == "edm" else {}),
     }
+
+
+def guidance_summary(sampler: Sampler) -> dict[str, Any]:
+    """The guidance the samples were drawn with (scale, guiding network, interval), when there was any."""
+    o = sampler.options
+    if o.guidance == 1.0 and o.guide is None:
+        return {}
+    interval = list(o.guidance_interval) if o.guidance_interval is not None else None
+    return {"guidance": o.guidance, "guide": o.guide, "guidance_interval": interval}
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, float]:

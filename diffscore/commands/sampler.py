@@ -16,6 +16,7 @@ from diffscore.lit.datamodules.base import train_images
 from diffscore.lit.datamodules.from_file import training_data
 from diffscore.loading.files import read_torch_file
 from diffscore.loading.model import LoadedModel
+from diffscore.loading.open import open_guide
 from diffscore.sampling.base import Sampler
 from diffscore.sampling.options import SamplingOptions, TeleportOptions
 from diffscore.sampling.speed import COMPILE_PAYS_AFTER, worth_compiling
@@ -53,7 +54,8 @@ def compile_for(model: LoadedModel, options: SamplingOptions, samples_per_device
     compiled on a GPU only when the run is long enough to pay for the compile (sampling.speed.worth_compiling)."""
     if options.compile is not None or not model.trained.compiled or model.one_step or not torch.cuda.is_available():
         return options
-    nfe = model.sampler(replace(options, teleport=TeleportOptions())).nfe
+    plain = replace(options, teleport=TeleportOptions(), guidance=1.0, guide=None, guidance_interval=None)
+    nfe = model.sampler(plain).nfe
     if worth_compiling(samples_per_device, nfe):
         return options
     print(
@@ -71,14 +73,16 @@ def command_sampler(
     progress: bool = False,
     samples_per_device: int | None = None,
 ) -> Sampler:
-    """``model.sampler(options)``, with the teleport Gaussian if asked for; says which level teleportation starts
-    at and the evaluations it saves (a --teleport.sigma between grid levels moves to the next level down). With
-    ``samples_per_device``, a compile is skipped when the run is too short for it to pay (compile_for)."""
+    """``model.sampler(options)``, with the teleport Gaussian if asked for and the --guide network (opened once,
+    here); says which level teleportation starts at and the evaluations it saves (a --teleport.sigma between grid
+    levels moves to the next level down). With ``samples_per_device``, a compile is skipped when the run is too
+    short for it to pay (compile_for)."""
     if samples_per_device is not None:
         options = compile_for(model, options, samples_per_device)
-    if not options.teleport.wanted or model.one_step:  # (a one-step generator refuses --teleport)
-        return model.sampler(options, prompts=prompts, progress=progress)
-    plain = model.sampler(replace(options, teleport=TeleportOptions()), prompts=prompts)
+    guide = open_guide(options.guide, model.trusted) if options.guide is not None and not model.one_step else None
+    if not options.teleport.wanted or model.one_step:  # (a one-step generator refuses --teleport and --guide)
+        return model.sampler(options, prompts=prompts, progress=progress, guide=guide)
+    plain = model.sampler(replace(options, teleport=TeleportOptions()), prompts=prompts, guide=guide)
     plain.teleport_skip_for(options.teleport)  # every option checked before any data is read
     gaussian = teleport_gaussian(model, options.teleport)
     if gaussian.mean.numel() != math.prod(model.data_shape):
@@ -86,7 +90,7 @@ def command_sampler(
             f"--teleport.gaussian {options.teleport.gaussian} is a Gaussian of {gaussian.mean.numel()} values, but the "
             f"model makes {list(model.data_shape)}; fit it to this model's data (another file name)"
         )
-    sampler = model.sampler(options, prompts=prompts, gaussian=gaussian, progress=progress)
+    sampler = model.sampler(options, prompts=prompts, gaussian=gaussian, progress=progress, guide=guide)
     skip, level = sampler.teleport_skip, float(sampler.sigmas[sampler.teleport_skip])
     asked = f" (asked {options.teleport.sigma:g})" if options.teleport.sigma is not None else ""
     print(

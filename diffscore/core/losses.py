@@ -116,6 +116,33 @@ def edm2_loss(
     _check_sigma(x0, sigma)
     x = x0 + _per_sample(sigma, x0) * noise  # [B, ...]
     denoised, logvar = denoiser(x, sigma, cond, aug_label, return_logvar=True)
-    err = (denoised.float() - x0.float()).square().flatten(1).mean(1)  # [B]
-    logvar = logvar.float().reshape(x0.shape[0])  # [B]
-    return edm_loss_weight(sigma.float(), sigma_data) / logvar.exp() * err + logvar
+    return _uncertainty_weighted(denoised, logvar, x0, sigma, sigma_data)
+
+
+def _uncertainty_weighted(denoised: Tensor, logvar: Tensor, target: Tensor, sigma: Tensor, sd: float) -> Tensor:
+    """lambda(sigma) / exp(u) * mean_{C,H,W} (denoised - target)^2 + u -> [B] (EDM2 Eq. 21)."""
+    err = (denoised.float() - target.float()).square().flatten(1).mean(1)  # [B]
+    logvar = logvar.float().reshape(target.shape[0])  # [B]
+    return edm_loss_weight(sigma.float(), sd) / logvar.exp() * err + logvar
+
+
+def augmented_edm2_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    pipeline: Any,
+    cond: Tensor | None = None,
+    sigma_data: float = 0.5,
+) -> Tensor:
+    """EDM2's uncertainty-weighted loss under a training augmentation (``pipeline``, as :func:`augmented_loss`)
+    -> [B]: on the clean-augmented x0 with its label, or ScoreAug's pair (Hou et al. 2025) for a noisy-data
+    augmenter: D(T(x0 + sigma n); sigma, label(T)) against T(x0), with the logvar u(sigma) of the same call."""
+    x0, params, label = pipeline.draw(x0)
+    if params is None:
+        return edm2_loss(denoiser, x0, sigma, noise, cond, sigma_data, label)
+    _check_sigma(x0, sigma)
+    augment = pipeline.noisy
+    x = augment.apply(x0 + _per_sample(sigma, x0) * noise, params)  # [B, ...]
+    denoised, logvar = denoiser(x, sigma, cond, label, return_logvar=True)
+    return _uncertainty_weighted(denoised, logvar, augment.apply(x0, params), sigma, sigma_data)

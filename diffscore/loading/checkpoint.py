@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from diffscore.core.precond import EDMPrecond, PrecondSpec, build_precond
+from diffscore.core.precond import PrecondSpec
 from diffscore.errors import DiffscoreError
 from diffscore.loading.classes import BACKBONES, build
+from diffscore.loading.denoiser import build_denoiser, edm2_spec, spec_record
 from diffscore.loading.files import read_torch_file
 from diffscore.loading.legacy import modern_settings
 from diffscore.loading.model import LoadedModel
@@ -22,6 +23,7 @@ from diffscore.sampling.options import SamplerDefaults
 from diffscore.sampling.speed import Speed
 
 DIFFUSION_MODULE = "diffscore.lit.modules.diffusion.DiffusionModule"
+EDM2_MODULE = "EDM2Module"  # diffscore.lit.modules.edm2.EDM2Module: EDM2's preconditioning, saved without a record
 
 
 def _weights(state: Any, prefix: str, path: Path) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def _sampler_defaults(settings: dict[str, Any], path: Path) -> SamplerDefaults:
 def _diffusion(ckpt: dict[str, Any], path: Path, trust: bool) -> LoadedModel:
     settings = modern_settings(ckpt.get("hyper_parameters") or {})
     owner = str(settings.get("_class_path", DIFFUSION_MODULE))
-    if not owner.endswith("DiffusionModule") or "backbone" not in settings:
+    if not owner.endswith(("DiffusionModule", EDM2_MODULE)) or "backbone" not in settings:
         held = owner if "backbone" in settings else "no backbone record"
         raise DiffscoreError(
             f"{path} is not a diffscore DiffusionModule checkpoint (it holds {held}); pass a checkpoint written by "
@@ -58,8 +60,10 @@ def _diffusion(ckpt: dict[str, Any], path: Path, trust: bool) -> LoadedModel:
         )
     backbone = build(settings["backbone"], BACKBONES, "backbone")
     spec = settings.get("precond") or {}
+    if owner.endswith(EDM2_MODULE):
+        spec = {"name": edm2_spec().name, "kwargs": edm2_spec().kwargs}
     try:
-        denoiser = build_precond(PrecondSpec(**spec), backbone, float(settings.get("sigma_data", 0.5)))
+        denoiser = build_denoiser(PrecondSpec(**spec), backbone, float(settings.get("sigma_data", 0.5)))
     except (TypeError, ValueError) as e:
         raise DiffscoreError(f"{path}: its preconditioning {spec} cannot be built ({e})") from None
     load_weights(denoiser, _weights(ckpt.get("state_dict"), "denoiser.", path), path, "the denoiser's")
@@ -73,7 +77,12 @@ def _one_step(ckpt: dict[str, Any], path: Path, trust: bool) -> LoadedModel:
     info = ckpt["one_step_generator"]
     if not isinstance(info, dict) or "backbone" not in info:
         raise DiffscoreError(f"{path}: its one_step_generator record is damaged")
-    generator = EDMPrecond(build(info["backbone"], BACKBONES, "backbone"), float(info.get("sigma_data", 0.5)))
+    spec = info.get("precond") or {"name": "edm", "kwargs": None}  # EDM2's for an EDM2 teacher's generator
+    backbone = build(info["backbone"], BACKBONES, "backbone")
+    try:
+        generator = build_denoiser(PrecondSpec(**spec), backbone, float(info.get("sigma_data", 0.5)))
+    except (TypeError, ValueError) as e:
+        raise DiffscoreError(f"{path}: the generator's preconditioning {spec} cannot be built ({e})") from None
     load_weights(generator, _weights(ckpt.get("state_dict"), "generator.", path), path, "the generator's")
     settings = dict(ckpt.get("hyper_parameters") or {})
     sigma_init = float(info.get("sigma_init", 1.0))
@@ -103,7 +112,7 @@ def checkpoint_of(model: LoadedModel, lightning_version: str) -> dict[str, Any]:
     """A checkpoint that loads with weights_only=True and opens as ``model`` does (a diffusion model's denoiser,
     its sampler settings and preconditioning; no training state): what `diffscore convert` writes."""
     denoiser = model.denoiser("a diffscore checkpoint")
-    precond = model.settings.get("precond") or {"name": "edm", "kwargs": None}
+    precond = spec_record(denoiser, model.settings.get("precond"))
     return {
         "state_dict": {f"denoiser.{k}": v.detach().clone() for k, v in denoiser.state_dict().items()},
         "hyper_parameters": {

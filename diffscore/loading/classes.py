@@ -29,6 +29,7 @@ BACKBONES: ClassTable = {
     **spellings("diffscore.networks.adm", "ADMUNet", "diffscore.networks"),
     **spellings("diffscore.networks.mlp", "MLP", "diffscore.networks"),
     **spellings("diffscore.networks.theory_net", "TheoryNet", "diffscore.networks"),
+    **spellings("diffscore.networks.edm2_unet", "EDM2UNet", "diffscore.networks"),
 }
 AUGMENTERS: ClassTable = {
     **spellings("diffscore.core.augment", "NonLeakyAugment"),

@@ -2,10 +2,11 @@
 ``LoadedModel``, which every command and DisBack's teacher take.
 
 Kinds: a `diffscore fit` checkpoint of a diffusion model ("diffscore"; its EMA weights), of a DisBack run
-("one-step"; the generator), and an NVlabs/edm network pickle ("edm-pickle", read without running its code). The
+("one-step"; the generator), an NVlabs/edm network pickle ("edm-pickle") and an NVlabs/edm2 one ("edm2-pickle"),
+both read without running their code. The
 loaded model holds the network, its own sampler settings, the data section it names (plain data; the data module
 is built by diffscore.lit.datamodules.from_file), its saved settings and where it came from; ``sampler(options)``
-makes the sampler that draws from it.
+makes the sampler that draws from it (``guide=`` another LoadedModel: guidance by a second network).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from diffscore.sampling.one_step import OneStepSampler
 from diffscore.sampling.options import SamplerDefaults, SamplingOptions
 from diffscore.sampling.speed import Speed
 
-KINDS = ("diffscore", "one-step", "edm-pickle")
+KINDS = ("diffscore", "one-step", "edm-pickle", "edm2-pickle")
 
 
 @dataclass
@@ -75,7 +76,10 @@ class LoadedModel(BackboneFacts):
         return self.network
 
     def sampler(self, options: SamplingOptions | None = None, **resources: Any) -> DiffusionSampler | OneStepSampler:
-        """The sampler of this model under ``options``; ``resources``: prompts, gaussian, progress (diffusion)."""
+        """The sampler of this model under ``options``; ``resources``: prompts, gaussian, progress, guide (the
+        opened --guide: a LoadedModel or a denoiser) of a diffusion model."""
+        if isinstance(resources.get("guide"), LoadedModel):
+            resources["guide"] = resources["guide"].denoiser(f"--guide ({resources['guide'].path})")
         if self.one_step:
             resources.pop("progress", None)
             return OneStepSampler(self.network, self.sigma_init, options, **resources)

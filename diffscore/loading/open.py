@@ -4,15 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffscore.errors import DiffscoreError
 from diffscore.loading.checkpoint import open_checkpoint
-from diffscore.loading.edm.network import open_edm_pickle
+from diffscore.loading.edm.network import edm_pickle_model
+from diffscore.loading.edm.pickle import read_edm_pickle
+from diffscore.loading.edm2.model import edm2_pickle_model, is_edm2_pickle
 from diffscore.loading.model import LoadedModel
 
 
 def open_model(path: str | Path, trust: bool = False) -> LoadedModel:
-    """The model a file holds: an NVlabs/edm network pickle (``*.pkl``, never run) or a `diffscore fit` checkpoint
-    (``trust``: allow full unpickling). The file is opened once; every failure is one DiffscoreError line."""
+    """The model a file holds: an NVlabs/edm or NVlabs/edm2 network pickle (``*.pkl``, never run; told apart by
+    the network it records) or a `diffscore fit` checkpoint (``trust``: allow full unpickling). The file is opened
+    once; every failure is one DiffscoreError line."""
     path = Path(path)
     if path.suffix == ".pkl":
-        return open_edm_pickle(path)
+        data = read_edm_pickle(path)
+        return edm2_pickle_model(data, path) if is_edm2_pickle(data) else edm_pickle_model(data, path)
     return open_checkpoint(path, trust)
+
+
+def open_guide(path: str | Path, trust: bool = False) -> LoadedModel:
+    """The guiding network of --guide (guidance by a second network): any diffusion model ``open_model`` opens;
+    every failure is one DiffscoreError line naming --guide."""
+    try:
+        guide = open_model(path, trust)
+        guide.denoiser("guidance by a second network")
+    except DiffscoreError as e:
+        raise DiffscoreError(f"--guide {path}: {e}") from None
+    return guide

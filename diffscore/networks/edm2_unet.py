@@ -134,6 +134,7 @@ class EDM2UNet(Backbone):
         if not 0 <= label_dropout < 1:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.data_shape = (img_channels, resolution, resolution)
+        self.model_channels = model_channels  # the width (EDM2's size: 128 xs, 192 s, 256 m, ...)
         self.label_dim, self.augment_dim = label_dim, augment_dim
         self.label_balance, self.augment_balance = label_balance, augment_balance
         self.concat_balance, self.label_dropout = concat_balance, label_dropout

@@ -1,5 +1,6 @@
 """Sampling a diffusion model: Karras et al.'s sampler grid over a preconditioned denoiser, with optional churn,
-classifier-free guidance and analytical teleportation (Wang & Vastola 2024).
+guidance (classifier-free, or by a second network: autoguidance, Karras et al. 2024; optionally only in a noise
+interval) and analytical teleportation (Wang & Vastola 2024).
 
 A ``DiffusionSampler`` is made for one model and one choice of options; it checks the choice against the model
 when it is made (sampler name and steps, sampler options, teleport skip, guidance, condition) and then draws
@@ -44,7 +45,8 @@ class DiffusionSampler(Sampler):
 
     ``trained``: the speed switches the model trained with (the default on CUDA); ``prompts``: captions of a text
     model (seed s gets prompts[s % n]; default: options.prompt); ``gaussian``: the data's Gaussian for a teleport
-    skip; ``progress``: a bar over the network evaluations of each batch.
+    skip; ``progress``: a bar over the network evaluations of each batch; ``guide``: the opened --guide network
+    (a denoiser of the same data; conditioned like this one, or unconditional), which moves with ``networks``.
     """
 
     def __init__(
@@ -57,9 +59,13 @@ class DiffusionSampler(Sampler):
         prompts: Sequence[str] | None = None,
         gaussian: GaussianDenoiser | None = None,
         progress: bool = False,
+        guide: Preconditioning | None = None,
     ) -> None:
         options = options or SamplingOptions()
-        super().__init__(nn.ModuleDict({"denoiser": denoiser}), denoiser.backbone, options, prompts)
+        networks = nn.ModuleDict({"denoiser": denoiser} | ({"guide": guide} if guide is not None else {}))
+        super().__init__(networks, denoiser.backbone, options, prompts)
+        self.guide = guide
+        self._check_guide()
         self.denoiser, self.defaults, self.trained, self.progress = denoiser, defaults, trained, progress
         self.name = options.sampler or defaults.sampler
         self.steps = options.steps or defaults.steps
@@ -73,8 +79,33 @@ class DiffusionSampler(Sampler):
         self.teleport_skip = self.teleport_skip_for(options.teleport)
         if self.teleport_skip and gaussian is None:
             raise DiffscoreError("teleportation needs the Gaussian of the training data (--teleport.gaussian)")
-        if options.guidance != 1.0 and not self.conditional:
-            raise DiffscoreError("--guidance needs a conditional model (class labels or text); this one is not")
+        if options.guidance != 1.0 and not self.conditional and guide is None:
+            raise DiffscoreError(
+                "--guidance without --guide needs a conditional model (class labels or text; classifier-free "
+                "guidance); this one is not: give a guiding network with --guide"
+            )
+
+    def _check_guide(self) -> None:
+        """The guide models the same data: the same shape, and the same labels or captions (or none: an
+        unconditional guide, EDM2's classifier-free guidance by a separate network)."""
+        where = f"--guide {self.options.guide}" if self.options.guide else "the guide"
+        if self.guide is None:
+            if self.options.guide is not None:
+                raise DiffscoreError(f"{where} was not opened: pass the opened model to the sampler as guide=")
+            return
+        facts = self.guide.backbone
+        if tuple(facts.data_shape) != self.data_shape:
+            raise DiffscoreError(
+                f"{where} makes {list(facts.data_shape)} samples, the model {list(self.data_shape)}; "
+                "guide with a model of the same data"
+            )
+        if facts.label_dim not in (0, self.label_dim):
+            raise DiffscoreError(
+                f"{where} has {facts.label_dim} classes, the model {self.label_dim}; guide with a model of the same "
+                "classes or an unconditional one"
+            )
+        if facts.text_encoder is not None and not self.text_conditioned:
+            raise DiffscoreError(f"{where} reads captions, the model does not; guide with a model of the same kind")
 
     def _check_sampler(self) -> None:
         try:
@@ -130,9 +161,7 @@ class DiffusionSampler(Sampler):
         sampler = get_sampler(self.name)
         if "round_sigma" in inspect.signature(sampler).parameters:
             extra["round_sigma"] = self.denoiser.round_sigma
-        denoiser = fast_denoiser(self.denoiser, self.speed())
-        if self.options.guidance != 1.0:
-            denoiser = guided_denoiser(denoiser, self.options.guidance)
+        denoiser = self._guided(fast_denoiser(self.denoiser, self.speed()))
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -145,3 +174,19 @@ class DiffusionSampler(Sampler):
         finally:
             if bar is not None:
                 bar.close()
+
+    def _guided(self, denoiser):
+        """``denoiser`` under the options' guidance: by the guide network if there is one (an unconditional guide
+        is called without the condition), else classifier-free; only in the guidance interval if one is given."""
+        w, interval = self.options.guidance, self.options.guidance_interval
+        if w == 1.0:
+            return denoiser
+        guiding = None
+        if self.guide is not None:
+            guide_net = fast_denoiser(self.guide, self.speed())
+            conditional = self.guide.backbone.label_dim > 0 or self.guide.backbone.text_encoder is not None
+
+            def guiding(x, sigma, cond=None, aug_label=None):
+                return guide_net(x, sigma, cond if conditional else None, aug_label)
+
+        return guided_denoiser(denoiser, w, guiding=guiding, interval=tuple(interval) if interval else None)

@@ -28,14 +28,16 @@ class OneStepSampler(Sampler):
         options: SamplingOptions | None = None,
         *,
         prompts: Sequence[str] | None = None,
+        guide: Preconditioning | None = None,
     ) -> None:
         options = options or SamplingOptions()
         super().__init__(nn.ModuleDict({"generator": generator}), generator.backbone, options, prompts)
         chosen = options.steps not in (None, 1) or options.sampler is not None or options.sampler_kwargs
-        if chosen or options.teleport.wanted or options.guidance != 1.0:
+        guided = options.guidance != 1.0 or options.guide is not None or guide is not None
+        if chosen or options.teleport.wanted or guided or options.guidance_interval is not None:
             raise DiffscoreError(
                 "this model is a one-step generator (NFE = 1): leave out --steps, --sampler, --sampler_kwargs, "
-                "--teleport and --guidance"
+                "--teleport, --guidance, --guide and --guidance_interval"
             )
         self.generator, self.sigma_init = generator, float(sigma_init)
 

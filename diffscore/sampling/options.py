@@ -33,6 +33,18 @@ def check_sampler_kwargs(kwargs: Any, option: str) -> None:
             raise DiffscoreError(f"{option}: {key} must be a finite number, got {value!r}")
 
 
+def check_guidance_interval(interval: Any) -> None:
+    """A guidance interval is two noise levels 0 <= lo < hi (hi may be infinite: no upper limit)."""
+    if interval is None:
+        return
+    values = list(interval) if isinstance(interval, list | tuple) else None
+    if values is None or len(values) != 2 or not all(_number(v) and not math.isnan(v) for v in values):
+        raise DiffscoreError(f"--guidance_interval must be two noise levels [lo, hi], got {interval!r}")
+    lo, hi = values
+    if not 0 <= lo < hi or math.isinf(lo):
+        raise DiffscoreError(f"--guidance_interval [{lo}, {hi}] needs 0 <= lo < hi (guidance for sigma in (lo, hi])")
+
+
 @dataclass(frozen=True)
 class TeleportOptions:
     """Skip the first sampler steps with the closed-form PF-ODE of the data's Gaussian (Wang & Vastola 2024).
@@ -81,7 +93,14 @@ class SamplingOptions:
         rho: the grid's exponent.
         class_label: one class for every sample of a class-conditional model (default: a label drawn per seed).
         prompt: the caption of every sample of a text-conditioned model (default: the empty caption).
-        guidance: classifier-free guidance scale w (1 = the conditional model as trained; MusicScore: 4).
+        guidance: guidance scale w: D = D_ref + w (D - D_ref) (1 = the model as trained). D_ref is the --guide
+            network's output if one is given (autoguidance: a smaller or shorter-trained model, Karras et al. 2024;
+            EDM2's img64-s + xs: w 1.7), else the model's own unconditional output (classifier-free guidance,
+            Ho & Salimans 2022; MusicScore: 4).
+        guide: the guiding network: any model file --ckpt_path takes (a diffscore checkpoint, an NVlabs/edm or
+            edm2 pickle) of the same data shape; conditioned on the same labels or unconditional.
+        guidance_interval: guide only at noise levels sigma in (lo, hi], e.g. [0.28, 5.42] (Kynkaanniemi et al.
+            2024); elsewhere D is the model's own (default: guide at every level).
         teleport: skip the first steps with the Gaussian model of the training data.
         precision: on a GPU, "bf16" (autocast) or "32" (default: as the model trained; NVlabs/edm pickles: 32).
         compile: on a GPU, torch.compile the denoiser (default: as the model trained).
@@ -98,6 +117,8 @@ class SamplingOptions:
     class_label: int | None = None
     prompt: str | None = None
     guidance: float = 1.0
+    guide: str | None = None
+    guidance_interval: tuple[float, float] | None = None
     teleport: TeleportOptions = field(default_factory=TeleportOptions)
     precision: str | None = None
     compile: bool | None = None
@@ -124,6 +145,9 @@ class SamplingOptions:
             raise DiffscoreError(f"--guidance must be a finite number, got {self.guidance!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise DiffscoreError(f"--precision must be bf16 or 32, got {self.precision!r}")
+        if self.guide is not None and (not isinstance(self.guide, str) or not self.guide.strip()):
+            raise DiffscoreError(f"--guide must name a model file, got {self.guide!r}")
+        check_guidance_interval(self.guidance_interval)
         if not isinstance(self.teleport, TeleportOptions):
             raise DiffscoreError("--teleport takes its options as --teleport.skip, --teleport.sigma, ...")
 

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.ema import ema_module
+from diffscore.lit.callbacks.sample_grid import CallbackGuide
 from diffscore.lit.callbacks.status import say
 from diffscore.lit.datamodules.base import train_images
 from diffscore.lit.datamodules.tensor import heldout_images
@@ -27,7 +28,6 @@ from diffscore.metrics.suite import (
     reference_statistics,
     sample_features,
 )
-from diffscore.sampling.options import SamplingOptions
 
 
 def append_jsonl(trainer: Trainer, record: dict[str, Any]) -> None:
@@ -109,7 +109,8 @@ class RunLog(Callback):
 
 class SampleQuality(Callback):
     """Every ``every_n_steps`` steps, sample the EMA weights (fixed seeds) and log sample quality as ``eval/*``:
-    FD-digits for 8x8 digits, FID when Inception weights are available, and the memorized fraction."""
+    FD-digits for 8x8 digits, FID when Inception weights are available, and the memorized fraction; with
+    ``guidance`` (and a ``guide`` file: guidance by a second network) of the guided samples."""
 
     def __init__(
         self,
@@ -120,6 +121,8 @@ class SampleQuality(Callback):
         inception_weights: str | None = None,  # needed for fid (else fid is skipped with a warning)
         seed: int = 1_000_000,  # first seed (apart from the grid's)
         batch_size: int = 500,
+        guidance: float = 1.0,  # guidance scale w (1: none)
+        guide: str | None = None,  # the guiding network's file (as --guide; None: classifier-free guidance)
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -128,6 +131,7 @@ class SampleQuality(Callback):
         self.inception_weights = inception_weights
         self.seed = seed
         self.batch_size = batch_size
+        self.guiding = CallbackGuide(guide, guidance, steps=num_steps)
         self._ready = False
         self._last = -1
 
@@ -180,7 +184,7 @@ class SampleQuality(Callback):
         what = ", ".join(sorted(self.wanted))
         say(trainer, f"step {trainer.global_step}: sample quality of {self.num_samples} EMA samples ({what})")
         feats: dict[str, list] = {"seeds": []}
-        sampler = module.sampler(SamplingOptions(steps=self.num_steps))
+        sampler = self.guiding.sampler(module)
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
             x = sampler.generate(seeds).float()

@@ -14,6 +14,8 @@ from diffscore.lit.callbacks.ema import ema_module
 from diffscore.lit.callbacks.status import say
 from diffscore.lit.datamodules.tensor import TensorDataModule
 from diffscore.lit.run_dir import run_dir
+from diffscore.loading.model import LoadedModel
+from diffscore.loading.open import open_guide
 from diffscore.sampling.options import SamplingOptions
 
 
@@ -45,10 +47,29 @@ def scatter_figure(samples: Tensor, reference: Tensor | None, title: str):
     return fig
 
 
+class CallbackGuide:
+    """The guiding network of a sampling callback (``guide``: a model file, opened once, on first use) and the
+    options it samples with; the guide follows the module's device."""
+
+    def __init__(self, guide: str | None, guidance: float, **options) -> None:
+        self.options = SamplingOptions(guidance=guidance, guide=guide, **options)  # checked here, at config time
+        self._model: LoadedModel | None = None
+
+    def sampler(self, module: LightningModule):
+        """``module.sampler`` under the options, with the guide on the module's device."""
+        if self.options.guide is None:
+            return module.sampler(self.options)
+        if self._model is None:
+            self._model = open_guide(self.options.guide)
+        return module.sampler(self.options, guide=self._model.network.to(module.device))
+
+
 class SampleGrid(Callback):
     """Every ``every_n_steps`` optimizer steps and at the end of fit, sample ``num_samples`` fixed seeds with the
     module's default sampler on the EMA weights (the raw weights if no EMA callback) and write
-    ``<log_dir>/samples/grid_step<N>.png``; image data give an image grid, vector data a scatter plot."""
+    ``<log_dir>/samples/grid_step<N>.png``; image data give an image grid, vector data a scatter plot. ``guidance``
+    with ``guide`` samples with guidance by a second network (a model file; autoguidance), with ``guidance`` alone
+    classifier-free guidance."""
 
     def __init__(
         self,
@@ -57,12 +78,15 @@ class SampleGrid(Callback):
         seed: int = 0,  # first seed; the same seeds every time, so grids are comparable over training
         num_steps: int | None = None,  # sampler steps (default: the module's num_steps)
         sampler: str | None = None,  # sampler name (default: the module's sampler)
+        guidance: float = 1.0,  # guidance scale w (1: none)
+        guide: str | None = None,  # the guiding network's file (as --guide; None: classifier-free guidance)
     ) -> None:
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.seed = seed
         self.num_steps = num_steps
         self.sampler = sampler
+        self.guiding = CallbackGuide(guide, guidance, steps=num_steps, sampler=sampler)
         self.last_path: Path | None = None
         self._last_step = -1
 
@@ -81,7 +105,7 @@ class SampleGrid(Callback):
             return None
         module = ema_module(trainer, pl_module)
         seeds = range(self.seed, self.seed + self.num_samples)
-        sampler = module.sampler(SamplingOptions(steps=self.num_steps, sampler=self.sampler))
+        sampler = self.guiding.sampler(module)
         say(trainer, f"step {step}: sampling the {self.num_samples}-sample grid ({sampler.nfe} evaluations each)")
         samples = sampler.generate(seeds).float().cpu()
         path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"

@@ -17,11 +17,12 @@ from torchmetrics import MeanMetric
 from diffscore.core.augment import NonLeakyAugment, ScoreAugment
 from diffscore.core.augment_pipeline import AugmentPipeline
 from diffscore.core.losses import augmented_loss, edm_loss
-from diffscore.core.precond import PrecondSpec, build_precond
+from diffscore.core.precond import PrecondSpec
 from diffscore.core.recorded import config as recorded_config
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.lit.modules.settings import NonFinitePolicy, TrainingSpeed
+from diffscore.loading.denoiser import build_denoiser
 from diffscore.networks.backbone import Backbone, BackboneFacts
 from diffscore.networks.group_norm import set_fused_norm
 from diffscore.sampling.diffusion import DiffusionSampler
@@ -104,7 +105,7 @@ class DiffusionModule(BackboneFacts, LightningModule):
         augment: list[NonLeakyAugment | ScoreAugment] | None = None,  # training augmenters, in label order
         nonfinite: NonFinitePolicy = NonFinitePolicy(),  # a non-finite loss: stop the run or skip the step
         speed: TrainingSpeed = TrainingSpeed(),  # GPU switches: compile, channels_last, fused_norm
-        precond: PrecondSpec = PrecondSpec(),  # preconditioning (Karras et al. Table 1): edm, or vp / ve / iddpm
+        precond: PrecondSpec = PrecondSpec(),  # preconditioning (Karras et al. Table 1): edm, vp / ve / iddpm, edm2
     ) -> None:
         super().__init__()
         if not isinstance(backbone, Backbone):
@@ -118,7 +119,7 @@ class DiffusionModule(BackboneFacts, LightningModule):
         precond = _group(PrecondSpec, precond, "precond")
         try:
             self.augment = AugmentPipeline(augment or [], backbone.augment_dim, len(backbone.data_shape) == 3)
-            self.denoiser = build_precond(precond, backbone, sigma_data)
+            self.denoiser = build_denoiser(precond, backbone, sigma_data)
         except ValueError as e:
             raise DiffscoreError(f"model: {e} (set model.backbone.init_args.augment_dim / model.precond)") from None
         # The hyper-parameters are this module's own arguments as plain data (also when it is built while
@@ -154,6 +155,11 @@ class DiffusionModule(BackboneFacts, LightningModule):
     @property
     def backbone(self) -> nn.Module:
         return self.denoiser.backbone
+
+    @property
+    def sigma_data(self) -> float:
+        """The data's standard deviation of the loss weight (a subclass may fix it rather than save it)."""
+        return float(self.hparams.get("sigma_data", 0.5))
 
     def sampler(self, options: SamplingOptions | None = None, **resources: Any) -> DiffusionSampler:
         """A sampler of the current weights (diffscore.sampling.DiffusionSampler) under ``options``."""
@@ -290,7 +296,7 @@ class DiffusionModule(BackboneFacts, LightningModule):
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         for i, s in enumerate(self.val_sigmas):
             sigma = torch.full((x0.shape[0],), s, device=x0.device)
-            loss = edm_loss(self.train_denoiser, x0, sigma, noise, self._cond(labels), self.hparams.sigma_data)
+            loss = edm_loss(self.train_denoiser, x0, sigma, noise, self._cond(labels), self.sigma_data)
             self.val_metrics[f"{split}_{i}"].update(loss)
 
     def on_validation_epoch_end(self) -> None:

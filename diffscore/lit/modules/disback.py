@@ -42,6 +42,7 @@ from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
 from diffscore.lit.run_dir import run_dir
+from diffscore.loading.denoiser import spec_record
 from diffscore.loading.open import open_model
 from diffscore.networks.backbone import BackboneFacts
 from diffscore.networks.backbone import config as backbone_config
@@ -336,6 +337,7 @@ class DisBackModule(BackboneFacts, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["one_step_generator"] = {
             "backbone": self.teacher_backbone_config,
+            "precond": spec_record(self.generator),  # EDM2's for an EDM2 teacher (its logvar head rides along)
             "sigma_data": self.sigma_data,
             "sigma_init": self.sigma_init,
         }

@@ -85,7 +85,11 @@ def open_edm_pickle(path: str | Path) -> LoadedModel:
     """The EMA network of an NVlabs/edm pickle as a LoadedModel (kind "edm-pickle"; fp32; no data section: the
     pickle names its data set's path, which is recorded, never opened)."""
     path = Path(path)
-    data = read_edm_pickle(path)
+    return edm_pickle_model(read_edm_pickle(path), path)
+
+
+def edm_pickle_model(data: dict[str, Any], path: Path) -> LoadedModel:
+    """``open_edm_pickle`` on a pickle already read (``read_edm_pickle(path)``'s dict)."""
     net, model = network_record(data, path)
     precond, precond_kwargs = _precond_kwargs(net)
     state = record_state_dict(net)

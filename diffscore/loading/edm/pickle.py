@@ -214,6 +214,8 @@ class _EDMUnpickler(pickle.Unpickler):
         raise _InvalidError("a persistent id (as torch.save writes), which an EDM network pickle never holds")
 
 
+NUMPY_ARRAY_GLOBALS = ("_reconstruct", "ndarray")  # how pickle rebuilds a numpy array (numpy.core.multiarray)
+
 _ATOMS = (Tensor, torch.Size, str, bytes, int, float, type(None), np.generic, np.dtype, torch.device, torch.dtype)
 
 
@@ -309,6 +311,12 @@ def _unpickle(path: Path) -> Any:
 
 def _load_error(path: Path, head: bytes, e: Exception) -> str:
     """The one-line message for an exception raised while unpickling ``path`` (which starts with ``head``)."""
+    if isinstance(e, _RefusedGlobalError) and str(e).split(".")[-1] in NUMPY_ARRAY_GLOBALS:
+        return (
+            f"{path}: refused to load the global {e}: the file holds numpy arrays, which EDM's networks never do but "
+            "an NVlabs/edm2 latent model's encoder (StabilityVAEEncoder) does; latent EDM2 models need the VAE "
+            "support that the Stable Diffusion work (issue 33) adds; nothing was run"
+        )
     if isinstance(e, _RefusedGlobalError):
         return f"{path}: refused to load the global {e} (not on the EDM network pickle allow-list); nothing was run"
     if isinstance(e, _InvalidError):
