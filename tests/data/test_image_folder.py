@@ -149,7 +149,7 @@ def test_duplicate_zip_members_are_refused(tmp_path):
 
 @pytest.mark.parametrize("side, verify", [(100_000, True), (10_000, True), (10_000, False)])
 def test_decompression_bomb_is_one_line(tmp_path, side, verify):
-    from tests.data.test_convert import bomb_png
+    from tests.data.test_dataset_writer import bomb_png
 
     d = tmp_path / "d"
     d.mkdir()
