@@ -1,4 +1,4 @@
-"""diffscore/data/edm_pickle.py: EDM-format pickles written here (no EDM installed), read without running them.
+"""diffscore/loading/edm/pickle.py: EDM-format pickles written here (no EDM installed), read without running them.
 
 The stand-in classes below mirror the attribute layout of NVlabs/edm's training/networks.py; ``EDMPickler`` pickles
 them exactly as ``torch_utils.persistence`` does: ``_reconstruct_persistent_obj(dict(type='class', version=6,
