@@ -92,31 +92,48 @@ class BoundedReader:
     def __init__(self, stream, where: str, max_bytes: int | None) -> None:
         self._stream, self.where, self.max_bytes = stream, where, max_bytes
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes (all when negative), asked of the stream a MiB at a time: a ZIP member inflates
-        only what is asked for, so a member that inflates past its declared size costs at most a MiB."""
+    def _room(self, size: int | None) -> int | None:
+        """``size`` (None: all) limited to one byte past the cap."""
         want = None if size is None or size < 0 else size
-        if self.max_bytes is not None:  # never more than one byte past the cap
-            room = self.max_bytes + 1 - self.tell()
-            want = room if want is None else min(want, room)
-        chunks, got = [], 0
-        try:
-            while want is None or got < want:
-                data = self._stream.read(_CHUNK if want is None else min(_CHUNK, want - got))
-                if not data:
-                    break
-                chunks.append(data)
-                got += len(data)
-        except DiffscoreError:
-            raise
-        except Exception as e:  # noqa: BLE001 - zipfile/zlib/OS errors of a damaged file
-            raise DiffscoreError(f"{self.where} cannot be read ({type(e).__name__}: {e})") from None
+        if self.max_bytes is None:
+            return want
+        room = self.max_bytes + 1 - self.tell()
+        return room if want is None else min(want, room)
+
+    def _check_cap(self) -> None:
         if self.max_bytes is not None and self.tell() > self.max_bytes:
             raise DiffscoreError(
                 f"{self.where} holds more than {self.max_bytes:,} bytes, the most diffscore reads from such a file; "
                 "remove it or shrink it"
             )
+
+    def _guarded(self, read, *args) -> bytes:
+        try:
+            return read(*args)
+        except DiffscoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - zipfile/zlib/OS errors of a damaged file
+            raise DiffscoreError(f"{self.where} cannot be read ({type(e).__name__}: {e})") from None
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (all when negative), asked of the stream a MiB at a time: a ZIP member inflates
+        only what is asked for, so a member that inflates past its declared size costs at most a MiB."""
+        want, chunks, got = self._room(size), [], 0
+        while want is None or got < want:
+            data = self._guarded(self._stream.read, _CHUNK if want is None else min(_CHUNK, want - got))
+            if not data:
+                break
+            chunks.append(data)
+            got += len(data)
+        self._check_cap()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def readline(self, size: int = -1) -> bytes:
+        """One line (pickle's protocol 0 reads lines), within the cap like read."""
+        want = self._room(size)
+        data = self._guarded(self._stream.readline, -1 if want is None else want)
+        self._check_cap()
+        return data
 
     def readable(self) -> bool:
         return True
