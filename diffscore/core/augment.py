@@ -103,15 +103,16 @@ class ScoreAugment:
     transform, chosen with probabilities proportional to ``weights`` (the key "identity" included);
     ``mode="composed"``: each transform is applied independently with probability ``weights[name]``, in the
     order brightness, cutout, translate, flips, rot90. Parameters are drawn in units of the image (fractions of
-    H and W) and resolved to pixels from the images ``apply`` gets: at every size the pixel shift is uniform
-    over -m..m (m = round(translate_frac * side)), the cutout side uniform over round(cutout_frac * min(H, W))
-    (at least 1) and its centre uniform over the pixels, the laws of drawing them in pixels for that size.
+    H and W) and resolved to pixels from the images ``apply`` gets: at every size a drawn shift moves 1..m pixels
+    in its direction, uniformly (m = round(translate_frac * side), at least 1 and below the side), the cutout side
+    is uniform over round(cutout_frac * min(H, W)) (at least 1) and its centre uniform over the pixels.
 
     Label [B, 11]: one-hot rot90 k (3), hflip, vflip, shift / W and / H, cutout side / min(H, W), cutout centre
     offset from the image centre / W and / H (0 without cutout), ln(brightness), all read from the fractions.
-    Zero iff the parameters are the identity. A translation drawn below a pixel at the applied size (at most
-    1 / (2m + 1) of the draws per axis, as when the pixel shift is drawn directly) moves nothing.
-    """
+    It describes the transform ``apply`` makes at any size: the parameters are quantised to what ``apply`` does
+    (not ``apply`` made sub-pixel: interpolation would blur the noise below level sigma). A shift t != 0 never
+    resolves to 0 pixels; composed draws use the canonical rot90^k hflip^h (vflip = rot180 hflip), so no nonzero
+    label (hflip + vflip + rot180) is the identity. Zero label <=> identity, at every image size."""
 
     label_dim = 11
 
@@ -170,7 +171,6 @@ class ScoreAugment:
     ) -> AugParams:
         """Draws parameters for ``batch`` images of any size (translation and cutout as fractions of the side)."""
         on = self._chosen(batch, device, generator)
-        zero_long = torch.zeros(batch, dtype=torch.long, device=device)
         zero = torch.zeros(batch, device=device)
 
         def unit() -> Tensor:  # uniform in [0, 1)
@@ -178,12 +178,15 @@ class ScoreAugment:
 
         f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
         log_b = _uniform(batch, math.log(self.brightness[0]), math.log(self.brightness[1]), device, generator)
+        rot90 = torch.where(on["rot90"], torch.randint(1, 4, (batch,), device=device, generator=generator), 0)
+        hflip, vflip = on["hflip"], on["vflip"]
+        if self.mode == "composed" and self.weights.get("rot90", 0) > 0:
+            # rot90^k vflip^v hflip^h = rot90^(k + 2v) hflip^(h xor v): the same transform, in canonical form
+            rot90, hflip, vflip = (rot90 + 2 * vflip.long()) % 4, hflip ^ vflip, torch.zeros_like(vflip)
         return AugParams(
-            rot90=torch.where(
-                on["rot90"], torch.randint(1, 4, (batch,), device=device, generator=generator), zero_long
-            ),
-            hflip=on["hflip"],
-            vflip=on["vflip"],
+            rot90=rot90,
+            hflip=hflip,
+            vflip=vflip,
             shift_x=torch.where(on["translate"], f * (2 * unit() - 1), zero),
             shift_y=torch.where(on["translate"], f * (2 * unit() - 1), zero),
             cutout_size=torch.where(on["cutout"], c_lo + (c_hi - c_lo) * unit(), zero),
@@ -195,15 +198,14 @@ class ScoreAugment:
     def resolve(self, params: AugParams, height: int, width: int) -> PixelAugParams:
         """Translation and cutout in pixels for ``height`` x ``width`` images.
 
-        A shift fraction t in [-f, f] falls in one of 2m + 1 equal bins, m = round(f * side): the bin's offset from
-        the middle one is the pixel shift (t = 0 -> 0; about round(t * side)). The cutout side fraction falls in
-        one of the bins of the pixel sides round(cutout_frac * min(H, W)); a centre fraction c -> floor(c * side).
-        """
+        A shift fraction t in (0, f] falls in one of m equal bins, m = round(f * side) clamped to 1..side - 1: the
+        bin's number is the pixel shift (about t * side), -t gives its negative, only t = 0 gives 0. The cutout
+        side fraction falls in a bin of the sides round(cutout_frac * min(H, W)); a centre c -> floor(c * side)."""
         f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
 
-        def shift(t: Tensor, side: int) -> Tensor:
-            m = round(f * side)  # python's round, as the pixel draw always used
-            return torch.zeros_like(t, dtype=torch.long) if m == 0 else _bin((t + f) / (2 * f), -m, m)
+        def shift(t: Tensor, side: int) -> Tensor:  # [B] long; t = 0 (always so when f = 0) stays 0
+            m = min(max(1, round(f * side)), side - 1)  # python's round, as the pixel draw always used
+            return t.sign().long() * _bin((t.abs() / max(f, 1e-12)).clamp(max=1 - 1e-7), 1, m)
 
         lo, hi = (max(1, round(c * min(height, width))) for c in (c_lo, c_hi))
         has_cut = params.cutout_size > 0
@@ -221,6 +223,8 @@ class ScoreAugment:
         H, W = _check_images(x)
         if H != W and self.weights.get("rot90", 0) > 0:  # from the options, not the draw: no host sync
             raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
+        if min(H, W) < 2 and self.translate_frac > 0 and self.weights.get("translate", 0) > 0:
+            raise ValueError(f"ScoreAugment translate needs images of at least 2x2 pixels, got {H}x{W}")
         px = self.resolve(params, H, W)
         view = (x.shape[0], 1, 1, 1)
         out = x * params.brightness.to(x.dtype).view(view)
