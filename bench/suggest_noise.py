@@ -332,7 +332,12 @@ def main() -> None:
     p.add_argument("--max_steps", type=int, help="the same step count for every task (a smoke test)")
     p.add_argument("--steps", nargs="*", default=[], help="per-task step counts, e.g. gmm=1000 pages=300")
     p.add_argument("--study", default="suggest", choices=["suggest", "sigma_data"])
+    p.add_argument(
+        "--override", nargs="*", default=[], help="per-task fit options, e.g. digits=--data.init_args.batch_size=128"
+    )
     args = p.parse_args()
+    for task, _, option in (item.partition("=") for item in args.override):
+        OVERRIDES[task].append(option)
     if args.study == "sigma_data":
         ARMS[:] = SIGMA_DATA_ARMS
     if args.max_steps:

@@ -46,7 +46,7 @@ from diffscore.data.edm_unpickler import (
     one_line,
 )
 from diffscore.errors import DiffscoreError
-from diffscore.io import open_user_file
+from diffscore.io import check_finite_weights, open_user_file
 
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C  # the first object of a legacy (non-zip) torch.save file
 MAX_ELEMENTS_PER_BYTE = 1.0  # tensor elements a file may declare per byte of its size (edm_unpickler's docstring)
@@ -199,9 +199,10 @@ def read_edm_pickle(path: str | Path, max_elements_per_byte: float = MAX_ELEMENT
 
     Returns the pickled dict (``ema``, and usually ``loss_fn``, ``augment_pipe``, ``dataset_kwargs``) with every
     EDM/torch object as a :class:`PersistentRecord`; a file holding a bare network gives ``{"ema": record}``.
-    Raises DiffscoreError (one line naming the file) for a missing, empty, truncated, foreign or tampered file, and
-    for one whose tensors declare more than ``max_elements_per_byte`` elements per byte of the file (module
-    docstring; raise it only for a trusted file whose tensors share storages).
+    Raises DiffscoreError (one line naming the file) for a missing, empty, truncated, foreign or tampered file, for
+    non-finite weights in ``ema`` (naming the first), and for one whose tensors declare more than
+    ``max_elements_per_byte`` elements per byte of the file (edm_unpickler's docstring; raise it only for a trusted
+    file whose tensors share storages).
     """
     path = Path(path)
     if not max_elements_per_byte > 0:
@@ -221,6 +222,7 @@ def read_edm_pickle(path: str | Path, max_elements_per_byte: float = MAX_ELEMENT
     if not isinstance(ema, PersistentRecord) or not ema.source_sha256:
         what = f"{ema.module_name}.{ema.class_name}" if isinstance(ema, PersistentRecord) else type(ema).__name__
         raise DiffscoreError(f"{path}: 'ema' is a {what}, not an EDM network (a torch_utils.persistence class)")
+    check_finite_weights(record_state_dict(ema), path)  # NaN/Inf weights would give NaN samples with exit 0
     return data
 
 

@@ -424,3 +424,15 @@ def test_views_sharing_one_storage_are_limited_by_the_file_size_unless_the_calle
     ordinary = dump_edm(tmp_path / "ordinary.pkl", snapshot(small_net()))  # each tensor stored once
     n = sum(t.numel() for t in record_state_dict(read_edm_pickle(ordinary)["ema"]).values())
     assert n < ordinary.stat().st_size / 4 + 1000  # fp32: a quarter element per byte, far below the default 1
+
+
+def test_non_finite_weights_are_refused_naming_the_first(tmp_path):
+    net = small_net()
+    with torch.no_grad():
+        net.model.enc["8x8_conv"].weight[0, 0, 1, 1] = float("inf")
+        net.model.dec["8x8_aux_conv"].bias[0] = float("nan")
+    message = one_line_error(dump_edm(tmp_path / "nan.pkl", snapshot(net)), "holds 1 non-finite value")
+    assert message == (
+        f"{tmp_path / 'nan.pkl'}: weight model.enc.8x8_conv.weight holds 1 non-finite value (NaN/Inf) of 108; the "
+        "file is damaged or comes from a diverged run: use an earlier checkpoint"
+    )
