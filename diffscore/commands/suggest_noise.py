@@ -34,8 +34,8 @@ from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot, write_json
 
 SIGMA_DATA_RULE = (
-    "sigma_data = RMS about zero, sqrt((tr Sigma + |mu|^2) / D): the magnitude of x0 the network sees, which "
-    "EDM's c_in, c_skip, c_out make unit (bench/RESULTS.md, issue 34)"
+    "sigma_data = the RMS about zero, sqrt((tr Sigma + |mu|^2) / D): the magnitude of the data the network sees, "
+    "which EDM's c_in, c_skip, c_out make unit (bench/RESULTS.md, issue 34)"
 )
 EDM_DEFAULTS = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "P_mean": -1.2, "P_std": 1.2}
 YAML_KEYS = ("sigma_data", "sigma_min", "sigma_max", "P_mean", "P_std")  # DiffusionModule's argument names
@@ -169,9 +169,9 @@ def _format(summary: dict[str, Any]) -> str:
     lines = [f"noise settings for {summary['data']} ({summary['num_train']} training items, D = {summary['dim']}):"]
     lines += [f"  {k:<10} {v:>10.4g}   (EDM {EDM_DEFAULTS[k]:g})" for k, v in summary["suggested"].items()]
     scales = summary["data_scales"]
+    lines.append(f"  {SIGMA_DATA_RULE}:")
     lines.append(
-        f"  {SIGMA_DATA_RULE}; per-pixel std {scales['per_pixel']:.4g}, pooled std {scales['pooled']:.4g}, "
-        f"RMS {scales['rms']:.4g}"
+        f"    per-pixel std {scales['per_pixel']:.4g}, pooled std {scales['pooled']:.4g}, RMS {scales['rms']:.4g}"
     )
     lo, hi = summary["band"]
     lines.append(
