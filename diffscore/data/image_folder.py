@@ -202,14 +202,14 @@ class ImageFolderDataset(Dataset):
 
     def _read_labels(self) -> Tensor:
         where = self._where("dataset.json")
-        try:
-            with self._open("dataset.json") as f:
-                table = read_labels_json(f, where)
-        except FileNotFoundError:
+        exists = "dataset.json" in self._zipfile().namelist() if self._is_zip else (self.path / "dataset.json").exists()
+        if not exists and not (self.path / "dataset.json").is_symlink():
             raise DiffscoreError(
                 f'data.cond is set but {where} does not exist; add it ({{"labels": [[file, label], ...]}}) '
                 "or set data.cond false"
-            ) from None
+            )
+        with self._open("dataset.json") as f:
+            table = read_labels_json(f, where)
         if table is None:
             raise DiffscoreError(f'data.cond is set but {where} says "labels": null; add labels or set data.cond false')
         missing = next((name for name in self.names if name not in table), None)

@@ -71,7 +71,7 @@ def broken(tmp_path, kind):
         )
     elif kind == "no dataset.json":
         (d / "dataset.json").unlink()
-        bad = "dataset.json"
+        bad = "dataset.json does not exist; add it"
     elif kind == "empty folder":
         for p in sorted(d.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
