@@ -120,9 +120,11 @@ def _dispatch(argv: list[str]) -> Callable[[], Any]:
         from diffscore.commands.config_checks import check_config_files
         from diffscore.commands.lightning import DiffscoreCLI
 
-        check_config_files(argv)
+        def lightning() -> Any:
+            check_config_files(argv)
+            return DiffscoreCLI(args=argv)
 
-        return lambda: DiffscoreCLI(args=argv)
+        return lightning
     command, rest = subcommand_of(argv)
     if command is None:
         known = "probe gaussian|ntk" if argv[0] == "probe" else f"{argv[0]!r}"

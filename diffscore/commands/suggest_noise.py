@@ -40,6 +40,10 @@ from diffscore.loading.open import open_model
 from diffscore.outputs import check_folder, folder_output
 from diffscore.probes.gaussian import NetworkDenoiser, explained_variance_table
 
+SIGMA_DATA_RULE = (
+    "sigma_data = the RMS about zero, sqrt((tr Sigma + |mu|^2) / D): the magnitude of the data the network sees, "
+    "which EDM's c_in, c_skip, c_out make unit (bench/RESULTS.md, issue 34)"
+)
 EDM_DEFAULTS = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "P_mean": -1.2, "P_std": 1.2}
 YAML_KEYS = ("sigma_data", "sigma_min", "sigma_max", "P_mean", "P_std")  # DiffusionModule's argument names
 EV_SIGMAS = tuple(float(s) for s in torch.logspace(-2, math.log10(80.0), 22, dtype=torch.float64))
@@ -106,13 +110,14 @@ def suggest_noise(
 ) -> dict[str, Any]:
     """Suggest EDM's noise settings for a data set from its Gaussian model (rules: diffscore/core/noise_levels.py).
 
-    sigma_data = sqrt(tr(Sigma)/D); sigma_max = the smallest sigma with KL(N(mu, Sigma + sigma^2 I) || N(0, sigma^2 I))
-    <= kl_tolerance (the sampler starts at N(0, sigma_max^2 I); the level for a start at N(mu, .) is reported as
-    sigma_max_centered); sigma_min = where the Gaussian posterior's rms error per coordinate equals
-    quantization_step / sqrt(12); P_mean/P_std = the lognormal with 90% of its mass where the Gaussian denoiser's
-    error sum_k lambda_k sigma^2 / (lambda_k + sigma^2) is between 5% and 95% of tr(Sigma). With a checkpoint: the
-    teleportation level, the smallest sigma from which up the network's score has EV >= ev_threshold against the
-    Gaussian score (Wang & Vastola 2024), for `diffscore sample --teleport.sigma`.
+    sigma_data = sqrt((tr(Sigma) + ||mu||^2)/D), the RMS about zero (EDM's unit-magnitude derivation applied to the
+    data the network sees, mean included; SIGMA_DATA_RULE); sigma_max = the smallest sigma with
+    KL(N(mu, Sigma + sigma^2 I) || N(0, sigma^2 I)) <= kl_tolerance (the sampler starts at N(0, sigma_max^2 I); the
+    level for a start at N(mu, .) is reported as sigma_max_centered); sigma_min = where the Gaussian posterior's
+    rms error per coordinate equals quantization_step / sqrt(12); P_mean/P_std = the lognormal with 90% of its mass
+    where the Gaussian denoiser's error sum_k lambda_k sigma^2 / (lambda_k + sigma^2) is between 5% and 95% of
+    tr(Sigma). With a checkpoint: the teleportation level, the smallest sigma from which up the network's score has
+    EV >= ev_threshold against the Gaussian score (Wang & Vastola 2024), for `diffscore sample --teleport.sigma`.
 
     Args:
         data_config: a training YAML whose data: section names the data (`--config X.yaml` works too).
@@ -158,6 +163,7 @@ def _summary(
     return {
         "data": name,
         "num_train": n,
+        "sigma_data_rule": SIGMA_DATA_RULE,
         "suggested": {k: float(f"{getattr(result, k):.6g}") for k in YAML_KEYS},
         "edm_defaults": dict(EDM_DEFAULTS),
         **result.as_dict(),
@@ -171,6 +177,11 @@ def _summary(
 def _format(summary: dict[str, Any]) -> str:
     lines = [f"noise settings for {summary['data']} ({summary['num_train']} training items, D = {summary['dim']}):"]
     lines += [f"  {k:<10} {v:>10.4g}   (EDM {EDM_DEFAULTS[k]:g})" for k, v in summary["suggested"].items()]
+    scales = summary["data_scales"]
+    lines.append(f"  {SIGMA_DATA_RULE}:")
+    lines.append(
+        f"    per-pixel std {scales['per_pixel']:.4g}, pooled std {scales['pooled']:.4g}, RMS {scales['rms']:.4g}"
+    )
     lo, hi = summary["band"]
     lines.append(
         f"  mmse 5%-95% band: sigma {lo:.4g} .. {hi:.4g}; sigma_max_centered {summary['sigma_max_centered']:.4g}"

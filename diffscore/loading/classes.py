@@ -32,7 +32,7 @@ BACKBONES: ClassTable = {
     **spellings("diffscore.networks.edm2_unet", "EDM2UNet", "diffscore.networks"),
 }
 AUGMENTERS: ClassTable = {
-    **spellings("diffscore.core.augment", "NonLeakyAugment"),
+    **spellings("diffscore.core.nonleaky_augment", "NonLeakyAugment", "diffscore.core.augment"),
     **spellings("diffscore.core.augment", "ScoreAugment"),
 }
 
