@@ -187,3 +187,16 @@ def test_evaluate_takes_a_guide_and_records_it(tiny_ckpt, tmp_path):
     p, g = json.loads(plain.read_text()), json.loads(guided.read_text())
     assert "guide" not in p and g["guidance"] == 1.5 and g["guide"] == str(tiny_ckpt)
     assert g["guidance_interval"] == [0.1, 50] and g["runs"][0]["fd_digits"] == p["runs"][0]["fd_digits"]
+
+
+def test_an_edm2_pickle_is_a_disback_teacher(tmp_path):
+    from diffscore.core.precond_edm2 import EDM2Precond
+    from diffscore.lit.modules import DisBackModule
+
+    path = write(tmp_path)
+    student = DisBackModule(teacher_ckpt=str(path), num_path=2, record_interval=1, backtrack_interval=1)
+    teacher = open_model(path).network
+    x, sigma, labels = torch.randn(2, 3, SIDE, SIDE), torch.tensor([0.5, 2.0]), torch.tensor([1, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(student.teacher(x, sigma, labels), teacher(x, sigma, labels), rtol=0, atol=0)
+    assert isinstance(student.generator, EDM2Precond) and student.teacher_data_config is None

@@ -145,3 +145,66 @@ def test_presets_and_bad_settings_are_one_line():
     m = EDM2Module(tiny_unet(model_channels=128), preset="edm2-img64-xs")
     row = edm2_preset("edm2-img64-xs")
     assert (m.ref_lr, m.lr_decay_batches, m.hparams.P_mean, m.hparams.P_std) == (row.lr, 35000, -0.8, 1.6)
+
+
+# -- the five lines on an EDM2 network -------------------------------------------------------------------------
+def test_teleportation_on_an_edm2_model_is_the_gaussian_flow_then_heun(edm2_run, tmp_path):
+    """`sample --teleport.skip 2` of the EDM2 run: the closed-form Gaussian PF-ODE to the third level, then Heun
+    on the EDM2 denoiser (Wang & Vastola 2024), composed here by hand."""
+    from diffscore.core.gaussian import GaussianDenoiser, teleport
+    from diffscore.core.samplers import heun
+    from diffscore.core.schedules import karras_sigmas
+    from diffscore.sampling.seeds import seed_generators, seeded_noise
+
+    out, gauss = tmp_path / "t.npz", tmp_path / "g.pt"
+    args = ["sample", "--ckpt_path", edm2_run, "--out", out, "--num_samples", "3", "--steps", "6"]
+    assert run_cli([*args, "--teleport.skip", "2", "--teleport.gaussian", gauss]) == 0
+    x = seeded_noise(seed_generators(range(3), "cpu"), (1, 8, 8), "cpu") * 80.0
+    x, rest = teleport(GaussianDenoiser.load(gauss), x, karras_sigmas(6), 2)
+    with torch.no_grad():
+        manual = heun(open_model(edm2_run).network, x, rest)
+    np.testing.assert_allclose(np.load(out)["samples"], manual.numpy(), atol=1e-5)
+
+
+def test_probe_gaussian_of_an_edm2_model(edm2_run, tmp_path):
+    args = ["probe", "gaussian", "--ckpt_path", edm2_run, "--out", tmp_path / "p", "--num_points", "32"]
+    assert run_cli([*args, "--gmm_components", "[2]"]) == 0
+    table = __import__("json").loads((tmp_path / "p" / "ev.json").read_text())
+    assert set(table) == {"gaussian", "gmm2", "delta"}
+    assert all(math.isfinite(v) for row in table.values() for v in row.values())
+
+
+def test_disback_with_an_edm2_teacher_trains_and_its_generator_samples(edm2_run, tmp_path):
+    """The teacher is the EDM2 run's EMA denoiser (its logvar head carried, never used); generator and fake score
+    are EDM2 copies; the one-step checkpoint reopens with EDM2's preconditioning and samples."""
+    from lightning.pytorch import Trainer
+
+    from diffscore.lit.datamodules.distill import DistillBatches
+    from diffscore.lit.modules.disback import DisBackModule
+
+    torch.manual_seed(0)
+    module = DisBackModule(
+        str(edm2_run), path_dir=str(tmp_path / "path"), num_path=2, record_interval=1, backtrack_interval=1,
+        generator_steps=3,
+    )  # fmt: skip
+    teacher = open_model(edm2_run).network
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        torch.testing.assert_close(module.teacher(x, sigma), teacher(x, sigma), rtol=0, atol=0)
+    assert isinstance(module.generator, EDM2Precond) and isinstance(module.fake, EDM2Precond)
+    before = {k: v.clone() for k, v in module.generator.state_dict().items()}
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, DistillBatches(batch_size=4, batches_per_epoch=5))
+    assert int(module.generator_step) == 3
+    after = module.generator.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    ckpt = tmp_path / "g.ckpt"
+    trainer.save_checkpoint(ckpt)
+    loaded = open_model(ckpt)
+    assert loaded.one_step and isinstance(loaded.network, EDM2Precond)
+    out = tmp_path / "s.npz"
+    assert run_cli(["sample", "--ckpt_path", ckpt, "--out", out, "--num_samples", "2"]) == 0
+    assert np.isfinite(np.load(out)["samples"]).all()
