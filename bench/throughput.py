@@ -1,10 +1,12 @@
 """GPU throughput of the DDPM++ denoiser: training and Heun-35 sampling, fp32 / bf16 / bf16 + channels-last +
 torch.compile, for the CIFAR-10 (32x32, batch 256) and FFHQ-64 (batch 128) configurations, and on request
-(``--configs imagenet-64``) EDM's class-conditional ImageNet-64 ADM (296M parameters, batch 128).
+(``--configs imagenet-64``) EDM's class-conditional ImageNet-64 ADM (296M parameters, batch 128) and
+(``--configs edm2-s-64``) EDM2-S at ImageNet-64 (EDM2's training step, batch 64 per GPU as EDM2's 2048 on 32 GPUs).
 
     python bench/throughput.py                      # one GPU, a few minutes; JSON lines, then a table
     python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --profile 5   # where the step's time goes
     python bench/throughput.py --configs cifar10-32 --modes bf16+cl+compile --max-batch 1664  # largest batch that fits
+    python bench/throughput.py --configs edm2-s-64 imagenet-64 --modes fp16 bf16+cl+compile  # EDM2-S beside ADM
 
 Training: EDM loss (lognormal sigma), backward, Adam (fused where the mode says); warm-up excluded, median of
 repeats, no host sync inside the timed steps. GFLOP/img from torch.utils.flop_counter (forward); achieved
@@ -25,12 +27,15 @@ from collections import defaultdict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffscore.core.losses import edm_loss
+from diffscore.core.losses import edm2_loss, edm_loss
 from diffscore.core.precond import EDMPrecond
+from diffscore.core.precond_edm2 import EDM2Precond
 from diffscore.core.samplers import heun, nfe
 from diffscore.core.schedules import LogNormalSigma, karras_sigmas
-from diffscore.networks import ADMUNet, UNet
+from diffscore.networks import ADMUNet, EDM2UNet, UNet
 from diffscore.networks.group_norm import set_fused_norm
+from diffscore.networks.logvar import LogVarHead
+from diffscore.networks.mp_layers import normalize_mp_weights_, set_forced_normalization
 
 CONFIGS = {  # net: the backbone class and its kwargs; the rest: batches
     "cifar10-32": dict(
@@ -41,6 +46,12 @@ CONFIGS = {  # net: the backbone class and its kwargs; the rest: batches
     ),
     # EDM's ImageNet-64 (ADM's defaults, 1,000 classes, dropout 0.10): batch 4,096 on 32 GPUs, 128 per GPU
     "imagenet-64": dict(net=ADMUNet, data_shape=[3, 64, 64], label_dim=1000, train_batch=128, sample_batch=256),
+    # EDM2-S at ImageNet-64 (experiments/edm2_img64_s.yaml; 1,000 classes): batch 2,048 on 32 GPUs, 64 per GPU.
+    # Its step is EDM2's: EDM2Precond with the logvar head, the uncertainty-weighted loss at P_mean -0.8 / P_std
+    # 1.6, Adam (0.9, 0.99), forced weight normalisation after the optimizer step. Its own fp16 step: mode fp16.
+    "edm2-s-64": dict(
+        net=EDM2UNet, data_shape=[3, 64, 64], label_dim=1000, preset="s", train_batch=64, sample_batch=256, edm2=True
+    ),
 }
 DEFAULT_CONFIGS = ["cifar10-32", "ffhq-64"]
 MODES = {
@@ -69,7 +80,15 @@ DEFAULT_MODES = ["fp32", "bf16", "bf16+cl+compile"]  # the others on request (ma
 
 def build_net(cfg: dict) -> torch.nn.Module:
     """The config's backbone (on the CPU), from its ``net`` class and kwargs."""
-    return cfg["net"](**{k: v for k, v in cfg.items() if k not in ("net", "train_batch", "sample_batch")})
+    return cfg["net"](**{k: v for k, v in cfg.items() if k not in ("net", "train_batch", "sample_batch", "edm2")})
+
+
+def training_parts(cfg: dict, net: torch.nn.Module) -> tuple[torch.nn.Module, object, LogNormalSigma, tuple]:
+    """(denoiser, loss, sigma law, Adam betas) of the config's training step: EDM's, or EDM2's for ``edm2``."""
+    if cfg.get("edm2"):
+        set_forced_normalization(net, False)  # renormalised after each optimizer step instead (as EDM2Module)
+        return EDM2Precond(net, LogVarHead()), edm2_loss, LogNormalSigma(-0.8, 1.6), (0.9, 0.99)
+    return EDMPrecond(net), edm_loss, LogNormalSigma(), (0.9, 0.999)
 
 
 def labels(net: torch.nn.Module, n: int) -> torch.Tensor | None:
@@ -154,26 +173,30 @@ def run(
     mem = torch.channels_last if opts["channels_last"] else torch.contiguous_format
     net = net.to(memory_format=mem)
     set_fused_norm(net, opts.get("fused_norm", False))
-    denoiser = EDMPrecond(net)
+    denoiser, loss_fn, law, betas = training_parts(cfg, net)
+    denoiser = denoiser.cuda()
     graphs = opts.get("compile_mode") == "reduce-overhead"
     fwd = torch.compile(denoiser, mode=opts.get("compile_mode")) if opts["compile"] else denoiser
     params = sum(p.numel() for p in net.parameters())
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         denoiser(torch.randn(1, *cfg["data_shape"], device="cuda"), torch.ones(1, device="cuda"), labels(net, 1))
     gflop = fc.get_total_flops() / 1e9
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=opts["fused"])
+    opt = torch.optim.Adam(denoiser.parameters(), lr=1e-4, betas=betas, fused=opts["fused"])
     B = batch or cfg["train_batch"]
     x0 = (torch.rand(B, *cfg["data_shape"], device="cuda") * 2 - 1).contiguous(memory_format=mem)
-    law, cond = LogNormalSigma(), labels(net, B)
+    cond = labels(net, B)
 
     def step():
         if graphs:  # a new training step: the graphs' static outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=opts["dtype"] or torch.float32, enabled=opts["dtype"] is not None):
-            loss = edm_loss(fwd, x0, law(B, device="cuda"), torch.randn_like(x0), cond).mean()
+            loss = loss_fn(fwd, x0, law(B, device="cuda"), torch.randn_like(x0), cond).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.get("edm2"):
+            with torch.no_grad():
+                normalize_mp_weights_(net)
 
     for _ in range(3 if opts["compile"] else 2):
         step()
