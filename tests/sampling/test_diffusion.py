@@ -93,7 +93,7 @@ def test_teleportation_with_the_exact_gaussian_skips_steps_without_changing_the_
 
 def test_choices_the_model_cannot_take_are_one_line():
     denoiser, defaults = ExactDenoiser(gaussian()), SamplerDefaults()
-    with pytest.raises(DiffscoreError, match="--guidance needs a conditional model"):
+    with pytest.raises(DiffscoreError, match="--guidance without --guide needs a conditional model"):
         DiffusionSampler(denoiser, defaults, SamplingOptions(guidance=2.0))
     with pytest.raises(DiffscoreError, match="--class_label 0 is out of range for a model with 0 classes"):
         DiffusionSampler(denoiser, defaults, SamplingOptions(class_label=0))
