@@ -208,3 +208,20 @@ def test_disback_with_an_edm2_teacher_trains_and_its_generator_samples(edm2_run,
     out = tmp_path / "s.npz"
     assert run_cli(["sample", "--ckpt_path", ckpt, "--out", out, "--num_samples", "2"]) == 0
     assert np.isfinite(np.load(out)["samples"]).all()
+
+
+def test_an_edm2_run_resumes_with_its_schedule_and_normalised_weights(in_tmp):
+    """`fit --ckpt_path last.ckpt` of an EDM2 run: the scheduler continues (lr at step 6 is EDM2's formula) and the
+    raw weights stay normalised (no renormalisation pass is needed at the start of a resumed run)."""
+    assert run_cli(["fit", "--config", EDM2_DIGITS, *TINY_EDM2, "--trainer.max_steps=3"]) == 0
+    (ckpt,) = in_tmp.glob("runs/**/checkpoints/last.ckpt")
+    assert run_cli(["fit", "--config", EDM2_DIGITS, *TINY_EDM2, "--trainer.max_steps=6", f"--ckpt_path={ckpt}"]) == 0
+    resumed = max(in_tmp.glob("runs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    state = torch.load(resumed, weights_only=True)
+    assert state["global_step"] == 6
+    (lr,) = state["lr_schedulers"][0]["_last_lr"]
+    assert lr == pytest.approx(0.01 * 6 * 32 / 20000, rel=1e-9)
+    for key, w in state["current_model_state"].items():
+        if key.endswith(".weight") and w.ndim in (2, 4):
+            rms = w.double().flatten(1).square().mean(1).sqrt()
+            torch.testing.assert_close(rms, torch.ones_like(rms), atol=2e-4, rtol=0)
