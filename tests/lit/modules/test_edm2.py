@@ -225,3 +225,13 @@ def test_an_edm2_run_resumes_with_its_schedule_and_normalised_weights(in_tmp):
         if key.endswith(".weight") and w.ndim in (2, 4):
             rms = w.double().flatten(1).square().mean(1).sqrt()
             torch.testing.assert_close(rms, torch.ones_like(rms), atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "option, needle",
+    [("--model.init_args.backbone.init_args.preset=q", "EDM2 preset 'q'"), ("--model.init_args.preset=x", "'x'")],
+)
+def test_a_preset_that_does_not_exist_is_one_line(in_tmp, capsys, option, needle):
+    assert run_cli(["fit", "--config", EDM2_DIGITS, option, "--trainer.fast_dev_run=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "does not exist" in err, err
