@@ -235,3 +235,16 @@ def test_a_preset_that_does_not_exist_is_one_line(in_tmp, capsys, option, needle
     assert run_cli(["fit", "--config", EDM2_DIGITS, option, "--trainer.fast_dev_run=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "does not exist" in err, err
+
+
+def test_probe_ntk_of_an_edm2_model(edm2_run, tmp_path):
+    """The empirical NTK of the EDM2 denoiser (torch.func through the MP layers): finite measurements, and no drift
+    against itself."""
+    import json
+
+    out = tmp_path / "ntk"
+    args = ["probe", "ntk", "--ckpt_path", edm2_run, "--reference_ckpt", edm2_run, "--out", out]
+    assert run_cli([*args, "--num_points", "4", "--num_kernel_points", "4", "--num_projections", "1"]) == 0
+    cmd = json.loads((out / "ntk.json").read_text())
+    assert cmd["ntk/drift"] == 0.0 and math.isfinite(cmd["ntk/eig0"]) and cmd["ntk/eig0"] > 0
+    assert math.isfinite(cmd["ntk/score_error_heldout"])
