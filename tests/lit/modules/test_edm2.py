@@ -4,6 +4,7 @@ loss summed over the pixels as EDM2's ``loss.sum() / batch``, ScoreAug's label t
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -46,7 +47,13 @@ def edm2_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        code = run_cli(["fit", "--config", EDM2_DIGITS, *TINY_EDM2, "--trainer.max_steps=4"])
+        callbacks = [  # the config's EMAs and checkpoints; post-hoc EMA snapshots at steps 2 and 4
+            {"class_path": "diffscore.lit.callbacks.EDMEMA", "init_args": {"halflife_images": 500000}},
+            {"class_path": "diffscore.lit.callbacks.PostHocEMA", "init_args": {"snapshot_every_images": 64}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+        ]
+        snapshots = f"--trainer.callbacks={json.dumps(callbacks)}"
+        code = run_cli(["fit", "--config", EDM2_DIGITS, *TINY_EDM2, "--trainer.max_steps=4", snapshots])
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -169,7 +176,7 @@ def test_teleportation_on_an_edm2_model_is_the_gaussian_flow_then_heun(edm2_run,
 def test_probe_gaussian_of_an_edm2_model(edm2_run, tmp_path):
     args = ["probe", "gaussian", "--ckpt_path", edm2_run, "--out", tmp_path / "p", "--num_points", "32"]
     assert run_cli([*args, "--gmm_components", "[2]"]) == 0
-    table = __import__("json").loads((tmp_path / "p" / "ev.json").read_text())
+    table = json.loads((tmp_path / "p" / "ev.json").read_text())
     assert set(table) == {"gaussian", "gmm2", "delta"}
     assert all(math.isfinite(v) for row in table.values() for v in row.values())
 
@@ -240,11 +247,30 @@ def test_a_preset_that_does_not_exist_is_one_line(in_tmp, capsys, option, needle
 def test_probe_ntk_of_an_edm2_model(edm2_run, tmp_path):
     """The empirical NTK of the EDM2 denoiser (torch.func through the MP layers): finite measurements, and no drift
     against itself."""
-    import json
-
     out = tmp_path / "ntk"
     args = ["probe", "ntk", "--ckpt_path", edm2_run, "--reference_ckpt", edm2_run, "--out", out]
     assert run_cli([*args, "--num_points", "4", "--num_kernel_points", "4", "--num_projections", "1"]) == 0
     cmd = json.loads((out / "ntk.json").read_text())
     assert cmd["ntk/drift"] == 0.0 and math.isfinite(cmd["ntk/eig0"]) and cmd["ntk/eig0"] > 0
     assert math.isfinite(cmd["ntk/score_error_heldout"])
+
+
+def test_non_finite_gradients_are_zeroed_before_the_step():
+    """EDM2's force_finite: NaN/Inf gradient entries become 0, finite ones are kept."""
+    module = EDM2Module(tiny_unet())
+    p = max(module.parameters(), key=lambda q: q.numel())
+    p.grad = torch.ones_like(p)
+    p.grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    module.on_before_optimizer_step(None)
+    assert torch.equal(p.grad.view(-1)[:3], torch.zeros(3)) and (p.grad.view(-1)[3:] == 1).all()
+
+
+def test_phema_of_an_edm2_run_is_an_edm2_checkpoint(edm2_run, tmp_path):
+    """`diffscore phema` on an EDM2 run writes a checkpoint that opens with EDM2's preconditioning and samples."""
+    run = edm2_run.parent.parent
+    assert run_cli(["phema", "--run", run, "--sigma_rel", "0.08", "--out", tmp_path / "ph", "--plot", "false"]) == 0
+    (ckpt,) = (tmp_path / "ph").glob("*.ckpt")
+    model = open_model(ckpt)
+    assert isinstance(model.network, EDM2Precond) and model.defaults.steps == 4
+    out = tmp_path / "s.npz"
+    assert run_cli(["sample", "--ckpt_path", ckpt, "--out", out, "--num_samples", "2"]) == 0
