@@ -175,6 +175,26 @@ def edited(tmp, ckpt, edit):
     return p
 
 
+def nan_in_a_weight(c):
+    next(v for v in c["state_dict"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+
+
+def sigma_data_as_text(c):
+    c["hyper_parameters"]["sigma_data"] = "half"
+
+
+class RunsShell:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+def names_os_system(tmp):
+    torch.save({"state_dict": {}, "x": RunsShell()}, tmp / "evil.ckpt")
+    return tmp / "evil.ckpt"
+
+
 def drop_a_weight(c):
     c["state_dict"].pop(next(iter(c["state_dict"])))
 
@@ -415,6 +435,27 @@ CASES = {
     "a ZIP member inflating to a gigabyte": (
         lambda t, c: ffhq_fit(zip_bomb_dataset(t)),
         "bomb.zip:00000/img00000002.png declares 1,073,741,857 bytes",
+    ),
+    "NaN in a checkpoint's weights": (
+        lambda t, c: ["sample", "--ckpt_path", edited(t, c, nan_in_a_weight), "--out", t / "o.npz"],
+        "holds 1 non-finite value (NaN/Inf)",
+    ),
+    "a checkpoint naming os.system": (
+        lambda t, c: ["sample", "--ckpt_path", names_os_system(t), "--out", t / "o.npz"],
+        f"asks to import {RunsShell().__reduce__()[0].__module__}.system",
+    ),
+    "a saved hyper-parameter of the wrong type": (
+        lambda t, c: ["sample", "--ckpt_path", edited(t, c, sigma_data_as_text), "--out", t / "o.npz"],
+        "could not convert string to float: 'half'",
+    ),
+    "--sampler_kwargs of the wrong type": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--sampler_kwargs", '{"s_churn": "x"}'],
+        "--sampler_kwargs: Expected a <class 'float'>",
+    ),
+    "an accelerator this install lacks": (lambda t, c: [*FIT, "--trainer.accelerator=tpu"], "torch_xla"),
+    "resuming a digits checkpoint with gmm.yaml": (
+        lambda t, c: ["fit", "--config", REPO / "experiments" / "gmm.yaml", "--ckpt_path", c],
+        "was trained on DigitsDataModule, but the config's data is GMMDataModule",
     ),
 }
 

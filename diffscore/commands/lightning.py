@@ -129,6 +129,13 @@ class DiffscoreCLI(LightningCLI):
             raise DiffscoreError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
         hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         given = self.config[sub].model
+        saved_data = (ckpt.get("datamodule_hyper_parameters") or {}).get("_class_path")
+        given_data = (self.config[sub].get("data") or {}).get("class_path")
+        if isinstance(saved_data, str) and given_data and not same_class(saved_data, given_data):
+            raise DiffscoreError(
+                f"--ckpt_path {path} was trained on {saved_data.rpartition('.')[2]}, but the config's data is "
+                f"{given_data.rpartition('.')[2]}; pass the config it was trained with"
+            )
         if str(hp.get("_class_path", "")).endswith("DiffusionModule"):  # an older main's checkpoint, in today's form
             augment = (given.get("init_args") or {}).get("augment") or []
             hp = modern_settings(hp, [a.as_dict() if hasattr(a, "as_dict") else a for a in augment])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import zipfile
@@ -276,16 +277,25 @@ def _write(out: Path, items: Iterable, total: int, src: Path, resolution: int | 
     from tqdm import tqdm
 
     as_zip = out.suffix.lower() == ".zip"
-    if out.exists() and out.is_dir() == as_zip:  # --overwrite, checked: a folder replaces a ZIP or the reverse
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    with atomic_write(out, directory=not as_zip) as tmp:
-        output = _Output(tmp, as_zip)
-        try:
-            progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
-            labels, shape = _write_images(output, progress, total, src, resolution, transform)
-            output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
-        finally:
-            output.close()
+    old = None  # --overwrite (checked) of a folder by a ZIP or the reverse: set aside, removed once the new is whole
+    if out.exists() and out.is_dir() == as_zip:
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+    try:
+        with atomic_write(out, directory=not as_zip) as tmp:
+            output = _Output(tmp, as_zip)
+            try:
+                progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
+                labels, shape = _write_images(output, progress, total, src, resolution, transform)
+                output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
+            finally:
+                output.close()
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # the failed write loses nothing
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     return shape
 
 

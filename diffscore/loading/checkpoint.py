@@ -14,6 +14,7 @@ import torch
 
 from diffscore.core.precond import EDMPrecond, PrecondSpec, build_precond
 from diffscore.errors import DiffscoreError
+from diffscore.io import check_finite_weights
 from diffscore.loading.classes import BACKBONES, build
 from diffscore.loading.files import read_torch_file
 from diffscore.loading.legacy import modern_settings
@@ -31,7 +32,9 @@ def _weights(state: Any, prefix: str, path: Path) -> dict[str, Any]:
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, whose: str) -> None:
-    """Load ``state`` into ``module`` strictly; a mismatch is one line naming the file."""
+    """Load ``state`` into ``module`` strictly; a mismatch, or a NaN/Inf weight (NaN samples with exit 0), is one
+    line naming the file."""
+    check_finite_weights(state, path)
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
