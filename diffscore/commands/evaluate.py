@@ -201,7 +201,7 @@ def planned_count(evaluation: EvaluationOptions, model: LoadedModel) -> int:
 
 def default_count(model: LoadedModel, held: torch.Tensor | None) -> int:
     """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
-    FD-digits and its floor are at the same N), else EDM's 50,000."""
+    FD-digits and the held-out digits' reference are at the same N), else EDM's 50,000."""
     return len(held) if held is not None and tuple(model.data_shape) == (1, 8, 8) else 50_000
 
 

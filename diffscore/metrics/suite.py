@@ -84,8 +84,8 @@ def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[
     if "fd_digits" in wanted:
         stats = feature_statistics(feats["digits"].numpy())
         result["fd_digits"] = frechet_distance(*stats, ref["digits_mu"], ref["digits_sigma"])
-        result["fd_digits_floor"] = ref["digits_floor"]
-        result["fd_digits_floor_n"] = ref["digits_floor_n"]  # FD grows as N shrinks: compare at equal N
+        result["fd_digits_heldout"] = ref["digits_heldout"]
+        result["fd_digits_heldout_n"] = ref["digits_heldout_n"]  # FD grows as N shrinks: compare at equal N
     if "memorization" in wanted:
         ratio = feats["d1"] / feats["d2"].clamp_min(1e-12)
         result["memorized_fraction"] = float((ratio < COPY_RATIO).float().mean())
@@ -120,8 +120,8 @@ def reference_statistics(
     wanted: set[str], ref_path: str | None, train: Tensor | None, held: Tensor | None, inception=None, digits=None
 ) -> dict[str, Any]:
     """What the metrics compare with: Inception statistics (from ``ref_path`` or the training images ``train``),
-    the digits-feature statistics of ``train`` and the FD-digits floor of the held-out digits ``held`` against
-    them, and the leakage of real digits."""
+    the digits-feature statistics of ``train`` and the FD-digits of the held-out digits ``held`` against them (a
+    reference: what real data not trained on scores), and the leakage of real digits."""
     ref: dict[str, Any] = {}
     if wanted & INCEPTION_METRICS:
         if ref_path is not None:  # checked as read: finite, a covariance, of Inception's pool features
@@ -145,8 +145,8 @@ def reference_statistics(
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
     if "fd_digits" in wanted:  # images and classifier may sit on different devices (GPU training, CPU splits)
         ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits_features(train, digits))
-        ref["digits_floor_n"] = len(held) if held is not None else 0
-        ref["digits_floor"] = (
+        ref["digits_heldout_n"] = len(held) if held is not None else 0
+        ref["digits_heldout"] = (
             frechet_distance(*feature_statistics(digits_features(held, digits)), ref["digits_mu"], ref["digits_sigma"])
             if held is not None
             else float("nan")
