@@ -48,6 +48,7 @@ def check_memory(count: int, shape: tuple[int, ...], factor: int = 2) -> None:
         )
 
 
+NPZ_KEYS = ("seeds", "samples", "noise", "latents")  # what a .npz holds (latents: latent models only)
 MARKER = ".diffscore-samples"  # in every PNG folder `diffscore sample` writes: --overwrite may replace only these
 
 
@@ -83,11 +84,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _write(out: Path, seeds: torch.Tensor, samples: torch.Tensor) -> None:
-    """A .npz of seeds and samples, or a folder of ``<seed>.png``; never left half-written."""
+def _write(out: Path, merged: dict[str, torch.Tensor]) -> None:
+    """A .npz of seeds, samples, noise (and a latent model's latents), or a folder of ``<seed>.png``; never left
+    half-written."""
+    seeds, samples = merged["seeds"], merged["samples"]
     if out.suffix == ".npz":
         with atomic_write(out) as tmp, open(tmp, "wb") as f:
-            np.savez(f, seeds=seeds.numpy(), samples=samples.numpy())
+            np.savez(f, **{k: v.numpy() for k, v in merged.items() if k in NPZ_KEYS})
         return
     if samples.ndim != 4:
         raise DiffscoreError(f"samples of shape {tuple(samples.shape[1:])} are not images; use --out FILE.npz")
@@ -113,21 +116,25 @@ def sample(
     of PNGs or a .npz file; sample i uses seed ``seed + i``.
 
     Args:
-        ckpt_path: a checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt) or an NVlabs/edm network
-            pickle (edm-*.pkl, network-snapshot-*.pkl; read without running its code).
+        ckpt_path: a checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt), an NVlabs/edm network
+            pickle (edm-*.pkl, network-snapshot-*.pkl; read without running its code) or a diffusers Stable
+            Diffusion folder.
         out: a folder (one PNG per seed, ``<seed>.png``) or a ``.npz`` file (arrays ``seeds``, ``samples`` in
-            data space; vector data need .npz).
+            data space (a latent model's decoded images), ``noise`` (each seed's unit initial draw, before the
+            multiplication by sigma_max) and, for a latent model, ``latents``; vector data need .npz).
         num_samples: how many samples; seeds ``seed .. seed + num_samples - 1``.
         seed: the first seed.
         overwrite: replace an existing output that `diffscore sample` wrote.
-        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
+        trust_checkpoint: allow a checkpoint that needs full unpickling, or a folder's pickled *.bin weights (only
+            for files you trust).
     """
     check_counts(num_samples=num_samples)
     check_seeds(seed, num_samples)
     out_path = Path(out)
     _check_out(out_path, overwrite)
     model = open_model(ckpt_path, trust_checkpoint)
-    check_memory(num_samples, tuple(model.data_shape))
+    latent = math.prod(model.data_shape)  # the noise, and a latent model's latents, travel with the images
+    check_memory(num_samples, (math.prod(model.image_shape) + latent * (2 if model.decoder is not None else 1),))
     sampler = command_sampler(model, options, progress=True)
     seeds = list(range(seed, seed + num_samples))
     writer = ShardWriter(parts_folder(out_path))
@@ -135,7 +142,7 @@ def sample(
     merged = predict_over_seeds(sampler, seeds, writer, options.batch_size, where)
     if merged is None:
         return None
-    _write(out_path, merged["seeds"], merged["samples"])
+    _write(out_path, merged)
     rate = writer.rate()
     after_first = f", {rate:.1f} img/s per device after the first batch" if rate else ""
     print(

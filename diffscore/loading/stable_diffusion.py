@@ -194,7 +194,7 @@ def check_weights(directory: Path, trust: bool = False, variant: str | None = No
     if pickles and not trust:
         raise DiffscoreError(
             f"{directory / pickles[0]}: pickled weights can run code when loaded; convert them to .safetensors, "
-            "or pass trust=True if you trust the file's source"
+            "or pass --trust_checkpoint true (trust=True) if you trust the file's source"
         )
     if not pickles:
         what = f"{variant!r} " if variant else ""

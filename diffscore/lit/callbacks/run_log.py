@@ -183,7 +183,7 @@ class SampleQuality(Callback):
         sampler = module.sampler(SamplingOptions(steps=self.num_steps))
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
-            x = sampler.generate(seeds).float()
+            x = sampler.images(seeds).float()
             feats["seeds"].append(torch.tensor(seeds))
             memo = self.train if "memorization" in self.wanted else None
             for k, v in sample_features(x, self.inception, self.digits, memo, "leakage" in self.wanted).items():
