@@ -284,3 +284,27 @@ def stable_diffusion_denoiser(parts: StableDiffusionParts, quantize: bool = Fals
     return DiscreteDDPMPrecond(
         parts.backbone, **parts.schedule, prediction_type=parts.prediction_type, quantize=quantize
     )
+
+
+def read_vae(folder: str | os.PathLike, trust: bool = False) -> tuple[nn.Module, float, Path]:
+    """(AutoencoderKL, scaling_factor, the vae/ folder read) of a Stable Diffusion folder (its ``vae/``) or of a
+    folder holding one AutoencoderKL (config.json + weights); checked and read as ``read_stable_diffusion`` does."""
+    folder = Path(folder).expanduser()
+    if (folder / "model_index.json").is_file():
+        check_model_index(folder)
+        folder = folder / "vae"
+    config = _read_json(folder / "config.json")
+    if config.get("_class_name") != "AutoencoderKL":
+        raise DiffscoreError(f"{folder / 'config.json'}: a {config.get('_class_name')}, not an AutoencoderKL; {LAYOUT}")
+    if config.get("shift_factor") is not None or config.get("latents_mean") is not None:
+        raise DiffscoreError(f"{folder / 'config.json'}: shifted/normalised latents are not supported")
+    _offline()
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise DiffscoreError(f"{folder}: reading a VAE needs diffusers ({e}); pip install 'diffscore[sd]'") from None
+    check_weights(folder, trust)
+    lazy_init = importlib.util.find_spec("accelerate") is not None
+    kwargs = {"use_safetensors": None if trust else True, "low_cpu_mem_usage": lazy_init}
+    vae = _load(folder, AutoencoderKL.from_pretrained, **kwargs)
+    return vae.eval().requires_grad_(False), float(config.get("scaling_factor", 0.18215)), folder

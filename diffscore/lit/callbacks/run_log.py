@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.ema import ema_module
 from diffscore.lit.callbacks.status import say
-from diffscore.lit.datamodules.base import train_images
+from diffscore.lit.datamodules.latents import reference_images
 from diffscore.lit.datamodules.tensor import heldout_images
 from diffscore.lit.modules.diffusion import DiffusionModule
 from diffscore.lit.run_dir import run_dir
@@ -152,7 +152,7 @@ class SampleQuality(Callback):
 
             self.digits = load_classifier(device=pl_module.device)
         dm = trainer.datamodule
-        self.train = train_images(dm).to(pl_module.device) if len(shape) == 3 else None
+        self.train = reference_images(dm).to(pl_module.device) if len(shape) == 3 else None
         held = heldout_images(dm)
         self.reference = reference_statistics(self.wanted, None, self.train, held, self.inception, self.digits)
         self._ready = True
