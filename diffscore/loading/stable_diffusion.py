@@ -226,6 +226,9 @@ def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dt
         raise DiffscoreError(
             f"{folder}: reading Stable Diffusion needs diffusers and transformers ({e}); pip install 'diffscore[sd]'"
         ) from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per small component read would bury diffscore's lines
 
     for name in ("unet", "vae", "text_encoder"):
         check_weights(folder / name, trust, variant)
