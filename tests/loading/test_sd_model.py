@@ -86,3 +86,14 @@ def test_the_folders_own_sampler_settings(folder):
     assert float(sampler.sigmas[-2]) == pytest.approx(denoiser.sigma_min, rel=1e-12)
     assert 14.5 < denoiser.sigma_max < 14.7 and 0.029 < denoiser.sigma_min < 0.03  # SD's scaled_linear levels
     assert model.image_shape == (3, LATENT_SIZE * VAE_SCALE, LATENT_SIZE * VAE_SCALE)
+
+
+def test_a_prompt_longer_than_the_tokenizer_takes_is_truncated_with_one_warning(folder, tmp_path):
+    """20 x "music score" (40 tokens) is cut to the tokenizer's 16 (start, 14 words, end): the samples are those of
+    7 x "music score", and the command warns once, not once per batch."""
+    base = ["sample", "--ckpt_path", folder, "--num_samples", "3", "--batch_size", "1", "--steps", "2"]
+    with pytest.warns(UserWarning, match="truncated to the text encoder's 16") as caught:
+        assert run_cli([*base, "--out", tmp_path / "long.npz", "--prompt", " ".join(["music score"] * 20)]) == 0
+    assert len([w for w in caught if "truncated" in str(w.message)]) == 1
+    assert run_cli([*base, "--out", tmp_path / "cut.npz", "--prompt", " ".join(["music score"] * 7)]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "long.npz")["samples"], np.load(tmp_path / "cut.npz")["samples"])
