@@ -1,7 +1,14 @@
-"""Training with `diffscore suggest-noise`'s settings vs EDM's defaults (issue 23): digits, gmm, synthetic score pages.
+"""Training with `diffscore suggest-noise`'s settings vs EDM's defaults (issue 23): digits, gmm, synthetic score pages;
+and (``--study sigma_data``, issue 34) the three candidate rules for sigma_data against EDM's 0.5.
 
     PYTHONPATH=. python bench/suggest_noise.py --out runs/suggest_noise --seeds 0 1 2 --parallel 2
     PYTHONPATH=. python bench/suggest_noise.py --out runs/suggest_noise --stage summarize --plot bench/suggest_noise
+    PYTHONPATH=. python bench/suggest_noise.py --study sigma_data --tasks digits pages --out runs/sigma_data \
+      --plot bench/sigma_data
+
+The sigma_data study trains each task's config as shipped (EDM's P_mean, P_std, sigma_min, sigma_max) with only
+``model.sigma_data`` changed: "edm" 0.5, "per_pixel" sqrt(tr(Sigma)/D), "pooled" the std of all values about their
+one mean, "rms" sqrt(E||x0||^2 / D) (diffscore.core.noise_levels.data_scales of the training split).
 
 For each task the suggestion is computed once from the config's training split (the command itself, its YAML then
 passed as a second ``--config``); the "edm" arm is the config as shipped (sigma_data 0.5, P_mean -1.2, P_std 1.2,
@@ -46,7 +53,8 @@ OVERRIDES = {  # shortened runs for a shared 2-core CPU
     "pages": ["--model.init_args.backbone.init_args.channel_mult=[1,2]"],
 }
 PAGES_RESOLUTION = 16
-ARMS = ("edm", "suggested")
+ARMS = ["edm", "suggested"]  # the study's arms (--study sigma_data: SIGMA_DATA_ARMS)
+SIGMA_DATA_ARMS = ["edm", "per_pixel", "pooled", "rms"]
 CALLBACKS = [
     {"class_path": "diffscore.lit.callbacks.EDMEMA", "init_args": {"halflife_images": 500000, "rampup_ratio": 0.05}},
     {"class_path": "diffscore.lit.callbacks.RunLog", "init_args": {"every_n_steps": 50}},
@@ -72,11 +80,33 @@ def suggest(out: Path, tasks: list[str]) -> dict[str, dict]:
     return {t: suggest_noise(data_config=str(task_config(t, out)), out=str(out / t / "suggest")) for t in tasks}
 
 
+def sigma_data_candidates(out: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
+    """{task: {arm: sigma_data}} of the sigma_data study, from each task's training split (written to
+    <out>/<task>/sigma_data.json)."""
+    from diffscore.core.gaussian import GaussianDenoiser
+    from diffscore.core.noise_levels import data_scales
+    from diffscore.lit.datamodules.base import train_images
+    from diffscore.lit.datamodules.from_file import datamodule_from_section
+
+    result = {}
+    for task in tasks:
+        dm = datamodule_from_section(yaml.safe_load(task_config(task, out).read_text())["data"])
+        gaussian = GaussianDenoiser.from_data(train_images(dm))
+        result[task] = {"edm": 0.5, **data_scales(gaussian.mean, gaussian.eigvals, gaussian.dim)}
+        (out / task).mkdir(parents=True, exist_ok=True)
+        (out / task / "sigma_data.json").write_text(json.dumps(result[task], indent=1))
+        print(task, result[task], flush=True)
+    return result
+
+
 def fit_args(task: str, arm: str, seed: int, out: Path) -> list[str]:
     steps = STEPS[task]
     args = ["fit", f"--config={task_config(task, out)}"]
     if arm == "suggested":
         args.append(f"--config={out / task / 'suggest' / 'noise.yaml'}")
+    elif arm in SIGMA_DATA_ARMS and (out / task / "sigma_data.json").is_file():
+        value = json.loads((out / task / "sigma_data.json").read_text())[arm]
+        args.append(f"--model.init_args.sigma_data={value:.6g}")
     return args + [
         f"--seed_everything={seed}",
         f"--trainer.max_steps={steps}",
@@ -133,7 +163,7 @@ def heldout_mse(run: Path, sigma_data: float) -> dict[str, float]:
 def digits_metrics(model, ctx: dict) -> dict[str, float]:
     from diffscore.metrics.digits_classifier import fd_digits
 
-    x = model.generate(list(range(500))).float().cpu()
+    x = model.sampler().generate(list(range(500))).float().cpu()
     return {"fd_digits": fd_digits(x, ctx["train"], ctx["clf"])}
 
 
@@ -155,10 +185,10 @@ def gmm_metrics(model, ctx: dict) -> dict[str, float]:
     for s in np.geomspace(0.01, 10, 13):
         x = x0 + s * torch.randn(x0.shape, generator=g, dtype=torch.float64)
         sig = torch.full((len(x),), float(s))
-        d_net = model.denoiser(x.float(), sig).double()
+        d_net = model.network(x.float(), sig).double()
         d_ref = mixture(x, sig)
         per_sigma[f"{s:.3g}"] = float(((d_net - d_ref) ** 2).sum() / ((d_ref - x) ** 2).sum())
-    samples = model.generate(list(range(2000))).double().cpu()
+    samples = model.sampler().generate(list(range(2000))).double().cpu()
     fresh = mixture.sample(2000, generator=g)
     return {
         "score_error": float(np.mean(list(per_sigma.values()))),
@@ -170,23 +200,22 @@ def gmm_metrics(model, ctx: dict) -> dict[str, float]:
 
 @torch.no_grad()
 def pages_metrics(model, ctx: dict) -> dict[str, float]:
-    from diffscore.lit.sampling import SamplingOptions
-
     from bench.musicscore_guidance import pixels
+    from diffscore.sampling.options import SamplingOptions
 
     captions, target = ctx["captions"], ctx["target"]
-    samples = model.generate(list(range(len(captions))), SamplingOptions(num_steps=18, prompts=captions))
+    sampler = model.sampler(SamplingOptions(steps=18), prompts=captions)
+    samples = sampler.generate(list(range(len(captions))))
     pred = ctx["clf"].predict(pixels(samples.float().cpu()))
     return {"layout_accuracy": float((pred == target).mean())}
 
 
 def task_context(task: str, out: Path) -> dict:
     """What a task's metric needs, built once: reference digits, the exact mixture, the layout classifier."""
-    from diffscore.lit.checkpoint import build
-
     from diffscore.lit.datamodules.base import train_images
+    from diffscore.lit.datamodules.from_file import datamodule_from_section
 
-    dm = build(yaml.safe_load(task_config(task, out).read_text())["data"], "data")
+    dm = datamodule_from_section(yaml.safe_load(task_config(task, out).read_text())["data"])
     if task == "digits":
         from diffscore.metrics.digits_classifier import load_classifier
 
@@ -209,13 +238,14 @@ METRICS = {"digits": digits_metrics, "gmm": gmm_metrics, "pages": pages_metrics}
 
 
 def measure(out: Path, tasks: list[str], seeds: list[int]) -> dict:
-    from diffscore.lit.checkpoint import load_model
+    from diffscore.loading.open import open_model
 
     torch.set_num_threads(2)
     result = {"steps": STEPS, "overrides": OVERRIDES, "pages_resolution": PAGES_RESOLUTION, "tasks": {}}
     for task in tasks:
         ctx = task_context(task, out)
-        entry = {"suggested": json.loads((out / task / "suggest" / "noise.json").read_text()), "runs": {}}
+        settings = out / task / ("suggest/noise.json" if "suggested" in ARMS else "sigma_data.json")
+        entry = {"suggested": json.loads(settings.read_text()), "runs": {}}
         entry.update({k: ctx[k] for k in ("classifier_accuracy", "chance") if k in ctx})
         for arm in ARMS:
             for seed in seeds:
@@ -225,9 +255,9 @@ def measure(out: Path, tasks: list[str], seeds: list[int]) -> dict:
                     entry["runs"][f"{arm}_s{seed}"] = json.loads(cached.read_text())
                     continue
                 t0 = time.time()
-                model = load_model(next(run.glob("**/checkpoints/last.ckpt"))).eval()
+                model = open_model(next(run.glob("**/checkpoints/last.ckpt")))
                 row = METRICS[task](model, ctx)
-                row["heldout_mse"] = heldout_mse(run, float(model.denoiser.sigma_data))
+                row["heldout_mse"] = heldout_mse(run, float(model.network.sigma_data))
                 row["seconds"] = round(time.time() - t0, 1)
                 cached.write_text(json.dumps(row, indent=1))
                 entry["runs"][f"{arm}_s{seed}"] = row
@@ -250,8 +280,10 @@ def summarize(result: dict) -> None:
             entry["summary"][arm] = stats
         mse = {arm: _mean_mse(entry, arm) for arm in ARMS}
         entry["heldout_mse_mean_over_seeds"] = mse
-        ratios = [mse["suggested"][s] / mse["edm"][s] for s in mse["edm"]]
-        entry["heldout_mse_ratio_geomean"] = float(np.exp(np.mean(np.log(ratios))))
+        for arm in ARMS[1:]:  # geometric mean over the val sigmas of arm / edm
+            ratios = [mse[arm][s] / mse["edm"][s] for s in mse["edm"]]
+            key = "heldout_mse_ratio_geomean" + ("" if arm == "suggested" else f"_{arm}")
+            entry[key] = float(np.exp(np.mean(np.log(ratios))))
 
 
 def _mean_mse(entry: dict, arm: str) -> dict[str, float]:
@@ -300,7 +332,15 @@ def main() -> None:
     p.add_argument("--plot", default="bench/suggest_noise", help="writes <plot>.json and <plot>.png")
     p.add_argument("--max_steps", type=int, help="the same step count for every task (a smoke test)")
     p.add_argument("--steps", nargs="*", default=[], help="per-task step counts, e.g. gmm=1000 pages=300")
+    p.add_argument("--study", default="suggest", choices=["suggest", "sigma_data"])
+    p.add_argument(
+        "--override", nargs="*", default=[], help="per-task fit options, e.g. digits=--data.init_args.batch_size=128"
+    )
     args = p.parse_args()
+    for task, _, option in (item.partition("=") for item in args.override):
+        OVERRIDES[task].append(option)
+    if args.study == "sigma_data":
+        ARMS[:] = SIGMA_DATA_ARMS
     if args.max_steps:
         STEPS.update({t: args.max_steps for t in STEPS})
     STEPS.update({k: int(v) for k, _, v in (item.partition("=") for item in args.steps)})
@@ -308,7 +348,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.stage in ("all", "train"):
-        suggest(out, args.tasks)
+        sigma_data_candidates(out, args.tasks) if args.study == "sigma_data" else suggest(out, args.tasks)
         launch(out, args.tasks, args.seeds, args.parallel)
         print(f"trained in {time.time() - t0:.0f} s", flush=True)
     if args.stage in ("all", "summarize"):

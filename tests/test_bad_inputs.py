@@ -48,7 +48,103 @@ def dataset(tmp, kind):
         (d / "dataset.json").write_text(json.dumps({"labels": [[f"00000/img{i:08d}.png", -i] for i in range(3)]}))
     elif kind == "json":
         (d / "dataset.json").write_text("{oops")
+    elif kind == "corrupt-idat":  # valid headers, garbled compressed pixels (all: the first batch meets one)
+        from tests.data.test_image_folder import corrupt_idat_png
+
+        for i, img in enumerate(random_images(3, 8)):
+            (d / f"00000/img{i:08d}.png").write_bytes(corrupt_idat_png(img))
+    elif kind == "huge-label":  # a one-hot of 1e9 classes per batch
+        (d / "dataset.json").write_text(json.dumps({"labels": [[f"00000/img{i:08d}.png", 10**9] for i in range(3)]}))
+    elif kind == "dev-zero":
+        target.unlink()
+        target.symlink_to("/dev/zero")
     return d
+
+
+def zip_bomb_dataset(tmp):
+    """An EDM ZIP whose third image has a valid 8x8 PNG header and then inflates to a gigabyte."""
+    from tests.test_io import GIB, add_deflated_member, zeros_deflate
+
+    path = write_dataset(tmp / "bomb.zip", random_images(2, 8), as_zip=True)
+    head = png_bytes(random_images(1, 8)[0])[:33]
+    return add_deflated_member(path, "00000/img00000002.png", zeros_deflate(GIB, head), GIB + len(head))
+
+
+def source_with(tmp, kind):
+    """A `diffscore dataset` source folder with a FIFO named *.png, or a label that is a string."""
+    import os
+
+    src = tmp / "src"
+    src.mkdir()
+    write_dataset(src, random_images(2, 8), [0, 1])
+    if kind == "fifo":
+        os.mkfifo(src / "00000/zz.png")
+    else:
+        (src / "dataset.json").write_text(
+            json.dumps({"labels": [["00000/img00000000.png", 0], ["00000/img00000001.png", "7"]]})
+        )
+    return src
+
+
+def inception_weights(tmp, edit=None):
+    """Random Inception weights in torch-fidelity's format (as tests/conftest.py's random_inception), after
+    ``edit(state)``."""
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    with (
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None),
+    ):
+        torch.manual_seed(0)
+        state = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path="x"
+        ).state_dict()
+    if edit is not None:
+        edit(state)
+    torch.save(state, tmp / "inception.pth")
+    return tmp / "inception.pth"
+
+
+def runs_code(tmp):
+    from tests.metrics.test_inception import RunsCode
+
+    torch.save(RunsCode(tmp / "ran"), tmp / "evil.pth")
+    return tmp / "evil.pth"
+
+
+def nan_weight(state):
+    state["fc.weight"][0, 0] = float("nan")
+
+
+def reference(tmp, kind):
+    """Reference statistics (.npz) with NaN, a negative covariance, or of 64-dimensional (digits) features."""
+    d = 64 if kind == "digits" else 2048
+    mu, sigma = np.zeros(d), np.eye(d)
+    if kind == "nan":
+        mu[5] = np.nan
+    elif kind == "negative":
+        sigma = -sigma
+    np.savez(tmp / "ref.npz", mu=mu, sigma=sigma)
+    return tmp / "ref.npz"
+
+
+def edm_pickle(tmp, kind):
+    """An EDM network pickle with a tensor grown by BUILD after its check, or of stride-0 views declaring 2.1 GB."""
+    from tests.loading.test_edm_pickle import (
+        GrownAfterTheCheck,
+        conv_tamper,
+        dump_edm,
+        small_net,
+        snapshot,
+        stride0_network,
+        with_buffer,
+    )
+
+    if kind == "grown":
+        return dump_edm(tmp / "grown.pkl", snapshot(small_net()), tamper=conv_tamper(with_buffer(GrownAfterTheCheck())))
+    return stride0_network(tmp / "huge.pkl", layers=56)
 
 
 def foreign_checkpoint(tmp):
@@ -147,6 +243,7 @@ def latent_zip(tmp):
 
 
 FIT = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2"]
+EVALUATE_FID = ["evaluate", "--metrics", "fid", "--num_samples", "4", "--steps", "1"]
 PROBE_NTK = ["probe", "ntk", "--num_points", "2", "--num_kernel_points", "4", "--num_projections", "1"]
 SD_TINY = ["fit", "--config", REPO / "experiments" / "musicscore_sd_tiny.yaml", "--trainer.max_steps=1"]
 
@@ -304,6 +401,87 @@ CASES = {
     "missing CIFAR-10": (
         lambda t, c: ["fit", "--config", REPO / "experiments" / "cifar10.yaml", f"--data.init_args.root={t}"],
         "cifar-10-python.tar.gz",
+    ),
+    # issue 34, class 1: code execution through the Inception weights (the swapped file: tests/metrics)
+    "Inception weights that would run code": (
+        lambda t, c: [*EVALUATE_FID, "--ckpt_path", c, "--inception_weights", runs_code(t)],
+        "evil.pth is not a plain weights file (UnpicklingError)",
+    ),
+    # class 2: a PNG with corrupt compressed data crashed `fit` (exit 139 in torchvision's decoder)
+    "corrupt compressed PNG data": (
+        lambda t, c: ffhq_fit(dataset(t, "corrupt-idat")),
+        ".png is not a readable image (broken data stream when reading image file)",
+    ),
+    # class 3: the EDM-pickle tensor check bypassed by BUILD; a network declared far larger than its file
+    "EDM pickle tensor grown after its check": (
+        lambda t, c: ["sample", "--ckpt_path", edm_pickle(t, "grown"), "--out", t / "o.npz"],
+        "holds state set on a Tensor after it was built (BUILD)",
+    ),
+    "EDM pickle of stride-0 views declaring 2.1 GB": (
+        lambda t, c: ["sample", "--ckpt_path", edm_pickle(t, "huge"), "--out", t / "o.npz"],
+        "(9,437,184 elements) on a storage of 1: a view that repeats its storage",
+    ),
+    # class 5: silently wrong results
+    "NaN in the Inception weights": (
+        lambda t, c: [*EVALUATE_FID, "--ckpt_path", c, "--inception_weights", inception_weights(t, nan_weight)],
+        "inception.pth: weight fc.weight holds 1 non-finite value (NaN/Inf)",
+    ),
+    "reference statistics with NaN": (
+        lambda t, c: [
+            *EVALUATE_FID,
+            "--ckpt_path",
+            c,
+            "--inception_weights",
+            inception_weights(t),
+            "--ref",
+            reference(t, "nan"),
+        ],
+        "ref.npz: mu holds NaN or Inf values",
+    ),
+    "reference statistics with a negative covariance": (
+        lambda t, c: [
+            *EVALUATE_FID,
+            "--ckpt_path",
+            c,
+            "--inception_weights",
+            inception_weights(t),
+            "--ref",
+            reference(t, "negative"),
+        ],
+        "negative beyond round-off; it is no covariance",
+    ),
+    "reference statistics of digits features for FID": (
+        lambda t, c: [
+            *EVALUATE_FID,
+            "--ckpt_path",
+            c,
+            "--inception_weights",
+            inception_weights(t),
+            "--ref",
+            reference(t, "digits"),
+        ],
+        "holds statistics of 64-dimensional features, but they are compared with 2048-dimensional ones",
+    ),
+    "a label of 1e9 classes": (
+        lambda t, c: [*ffhq_fit(dataset(t, "huge-label")), "--data.init_args.cond=true"],
+        "is 1000000000; labels must be integers >= 0 and < 100,000",
+    ),
+    "a string label written by dataset": (
+        lambda t, c: ["dataset", "--source", source_with(t, "label"), "--dest", t / "out.zip"],
+        "the label of 00000/img00000001.png is '7'; labels must be integers",
+    ),
+    # class 6: hangs and memory
+    "a FIFO named .png in a dataset source": (
+        lambda t, c: ["dataset", "--source", source_with(t, "fifo"), "--dest", t / "out.zip"],
+        "zz.png is a FIFO (named pipe), not a regular file; remove it",
+    ),
+    "a link to /dev/zero named .png": (
+        lambda t, c: ffhq_fit(dataset(t, "dev-zero")),
+        "img00000001.png is a character device, not a regular file; remove it",
+    ),
+    "a ZIP member inflating to a gigabyte": (
+        lambda t, c: ffhq_fit(zip_bomb_dataset(t)),
+        "bomb.zip:00000/img00000002.png declares 1,073,741,857 bytes",
     ),
 }
 

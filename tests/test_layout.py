@@ -21,6 +21,7 @@ FLOORS = {
     "data": 2,
     "core": 1,
     "io": 0,
+    "outputs": 0,
     "errors": 0,
 }
 MAX_FILE_LINES = 400

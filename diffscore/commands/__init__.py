@@ -3,18 +3,13 @@ other subcommand is a function whose signature and docstring jsonargparse turns 
 
 from __future__ import annotations
 
-import errno
 import importlib
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from diffscore.errors import DiffscoreError, Stopped
+from diffscore.commands.boundary import fail, guarded, sigterm_raises
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "refstats",
-        "diffscore.commands.evaluate:refstats",
+        "diffscore.commands.refstats:refstats",
         DATA,
         "Inception (or digits) reference statistics of a data set",
     ),
@@ -119,13 +114,6 @@ def function_of(subcommand: Subcommand) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def _fail(message: str) -> None:
-    if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original one-line message
-        message = message.strip().splitlines()[-1].split("DiffscoreError: ", 1)[-1]
-    print(f"diffscore: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def _dispatch(argv: list[str]) -> Callable[[], Any]:
     if not argv or argv[0] in ("-h", "--help"):
         return lambda: print(usage(), end="")
@@ -133,18 +121,18 @@ def _dispatch(argv: list[str]) -> Callable[[], Any]:
         from diffscore.commands.config_checks import check_config_files
         from diffscore.commands.lightning import DiffscoreCLI
 
-        check_config_files(argv)
+        def lightning() -> Any:
+            check_config_files(argv)
+            return DiffscoreCLI(args=argv)
 
-        return lambda: DiffscoreCLI(args=argv)
+        return lightning
     command, rest = subcommand_of(argv)
     if command is None:
         known = "probe gaussian|ntk" if argv[0] == "probe" else f"{argv[0]!r}"
-        return lambda: _fail(f"unknown subcommand {known}\n{usage()}")
-    if command.name == "refstats" and any(a == "--config" or a.startswith("--config=") for a in rest):
-        return lambda: _fail("refstats takes the YAML whose data: section to use as --data_config X.yaml")
+        return lambda: fail(f"unknown subcommand {known}\n{usage()}")
     if command.name == "report" and rest and not rest[0].startswith("-"):  # `diffscore report RUN_DIR`
         rest = ["--run_dir", *rest]
-    if command.name == "suggest-noise":  # `--config X.yaml` names the training config to read, not jsonargparse's own
+    if command.name in ("suggest-noise", "refstats"):  # `--config X.yaml`: the training config whose data to read
         rest = [("--data_config" + a[8:]) if a == "--config" or a.startswith("--config=") else a for a in rest]
     if command.name == "phema":  # `--sigma_rel 0.03 0.05` (space-separated) as jsonargparse's one-token list
         from diffscore.commands.phema import join_list_options
@@ -152,7 +140,11 @@ def _dispatch(argv: list[str]) -> Callable[[], Any]:
         rest = join_list_options(rest)
     from diffscore.commands.parsing import call
 
-    return lambda: call(function_of(command), f"diffscore {command.name}", rest)
+    def run() -> Any:
+        with sigterm_raises():
+            return call(function_of(command), f"diffscore {command.name}", rest)
+
+    return run
 
 
 def quiet_console() -> None:
@@ -163,6 +155,8 @@ def quiet_console() -> None:
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
+    # validate/test take the EMA weights the checkpoint holds; the averaging state only matters to fit
+    warnings.filterwarnings("ignore", message=r"You're using the WeightAveraging callback, but loading a checkpoint")
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if _no_tip not in logger.filters:  # main() runs many times in one process (tests)
         logger.addFilter(_no_tip)
@@ -173,42 +167,10 @@ def _no_tip(record) -> bool:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the `diffscore` console script."""
+    """Entry point of the `diffscore` console script: every failure is one line (diffscore.commands.boundary)."""
     argv = sys.argv[1:] if args is None else list(args)
     quiet_console()
-    try:
-        _dispatch(argv)()
-    except DiffscoreError as e:
-        if os.environ.get("DIFFSCORE_DEBUG"):
-            raise
-        _fail(str(e))
-    except FileNotFoundError as e:
-        if os.environ.get("DIFFSCORE_DEBUG"):
-            raise
-        _fail(f"file not found: {e.filename or e}; check the path")
-    except MisconfigurationException as e:  # Lightning's word for a bad trainer/callback setting
-        if os.environ.get("DIFFSCORE_DEBUG"):
-            raise
-        _fail(f"{str(e).strip().splitlines()[0]}  (check the trainer options of the config)")
-    except OSError as e:
-        if e.errno != errno.ENOSPC or os.environ.get("DIFFSCORE_DEBUG"):
-            raise
-        _fail(f"no space left on the device writing {e.filename or 'the output'}; free space and run again")
-    except Stopped as e:
-        print(
-            f"diffscore: stopped by {e.signal_name}; nothing was written (its temporary parts are removed)",
-            file=sys.stderr,
-        )
-        raise SystemExit(e.code) from None
-    except KeyboardInterrupt:
-        print("diffscore: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-    except SIGTERMException:
-        print(
-            "diffscore: stopped by SIGTERM (a checkpoint was saved if the config has PreemptionCheckpoint)",
-            file=sys.stderr,
-        )
-        raise SystemExit(143) from None
+    guarded(_dispatch(argv))
 
 
 __all__ = ["main"]

@@ -11,6 +11,7 @@ from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
 from diffscore.loading.checkpoint import checkpoint_of
 from diffscore.loading.edm.network import open_edm_pickle
+from diffscore.outputs import check_replaceable
 
 
 def convert(src: str, out: str, overwrite: bool = False) -> Path:
@@ -23,20 +24,17 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
     Args:
         src: the network pickle.
         out: the .ckpt to write.
-        overwrite: replace an existing .ckpt at ``out``.
+        overwrite: replace a .ckpt that `diffscore convert` wrote at ``out``.
     """
     src_path, out_path = Path(src), Path(out)
     if src_path.suffix != ".pkl":
         raise DiffscoreError(f"--src {src} is not an NVlabs/edm network pickle (*.pkl)")
     if out_path.suffix != ".ckpt":
         raise DiffscoreError(f"--out {out} must name a .ckpt file")
-    if not out_path.parent.is_dir():
-        raise DiffscoreError(f"output folder {out_path.parent} does not exist; create it or choose another --out")
-    if out_path.exists() and not (overwrite and out_path.is_file()):
-        raise DiffscoreError(f"{out} already exists; choose another --out, or pass --overwrite true to replace it")
+    check_replaceable(out_path, "--out", "convert", overwrite)
     model = open_edm_pickle(src_path)
     with atomic_write(out_path) as tmp:
-        torch.save(checkpoint_of(model, lightning.__version__), tmp)
+        torch.save({**checkpoint_of(model, lightning.__version__), "written_by": "diffscore convert"}, tmp)
     steps = model.defaults.steps
     print(f"diffscore: wrote {out_path}: {model.info['network']}; sampler heun, {steps} steps", flush=True)
     return out_path

@@ -1,4 +1,4 @@
-"""`diffscore evaluate` and `diffscore refstats`: sample quality of a checkpoint, over any number of devices.
+"""`diffscore evaluate`: sample quality of a model, over any number of devices.
 
 Samples are drawn per seed (as `diffscore sample`), split over devices without duplicates; each device turns
 its samples into features at once (Inception pool3 + logits, digits-classifier features, nearest-training-image
@@ -23,21 +23,19 @@ import torch
 from diffscore.commands.sample import check_counts, check_seeds
 from diffscore.commands.sampler import command_sampler
 from diffscore.errors import DiffscoreError
-from diffscore.io import atomic_write, pyplot, write_json
+from diffscore.io import atomic_write, check_memory, pyplot, write_json
 from diffscore.lit.datamodules.base import Captioned
-from diffscore.lit.datamodules.from_file import config_datamodule, model_datamodule
-from diffscore.lit.datamodules.latents import reference_images
+from diffscore.lit.datamodules.from_file import model_datamodule
+from diffscore.lit.datamodules.latents import reference_images, train_reference
 from diffscore.lit.datamodules.tensor import heldout_images
-from diffscore.lit.predict import Devices, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.lit.predict import Devices, ShardWriter, devices_in_use, parts_folder, predict_over_seeds
 from diffscore.loading.model import LoadedModel
 from diffscore.loading.open import open_model
-from diffscore.metrics.frechet import feature_statistics, save_statistics
 from diffscore.metrics.memorization import COPY_RATIO
 from diffscore.metrics.suite import (
     ALL_METRICS,
     DIGITS_METRICS,
     INCEPTION_METRICS,
-    KID_REFERENCE_SIZE,
     STATS_METRICS,
     auto_metrics,
     compute_metrics,
@@ -45,8 +43,11 @@ from diffscore.metrics.suite import (
     reference_statistics,
     sample_features,
 )
+from diffscore.outputs import check_replaceable
 from diffscore.sampling.base import Sampler
 from diffscore.sampling.options import SamplingOptions
+
+FEATURE_BYTES = 16 * 1024  # what one sample's seed and features (Inception pool + logits, float32) take, about
 
 
 class FeatureWriter(ShardWriter):
@@ -75,14 +76,17 @@ def captions_of(model: LoadedModel, dm, prompts: str | None) -> list[str] | None
 
 
 def _parse_seeds(seeds: str | None, num_samples: int) -> list[int]:
-    if seeds is None:
-        return list(range(num_samples))
-    try:
-        lo, hi = (int(v) for v in seeds.split("-"))
-    except ValueError:
-        raise DiffscoreError(f"--seeds must look like 0-49999, got {seeds!r}") from None
+    """The seeds of one range: --seeds LO-HI, or 0..num_samples-1; refused up front if their features cannot fit."""
+    lo, hi, what = 0, num_samples - 1, f"--num_samples {num_samples}"
+    if seeds is not None:
+        try:
+            lo, hi = (int(v) for v in seeds.split("-"))
+        except ValueError:
+            raise DiffscoreError(f"--seeds must look like 0-49999, got {seeds!r}") from None
+        what = f"--seeds {seeds}"
     if hi < lo or lo < 0:
-        raise DiffscoreError(f"--seeds {seeds} is an empty or negative range")
+        raise DiffscoreError(f"{what} is an empty or negative range")
+    check_memory((hi - lo + 1) * FEATURE_BYTES, what, "evaluate fewer samples per seed range")
     return list(range(lo, hi + 1))
 
 
@@ -146,7 +150,8 @@ def evaluate(
     model = open_model(ckpt_path, trust_checkpoint)
     wanted = wanted_metrics(evaluation.metrics, model)
     dm = model_datamodule(model)
-    sampler = command_sampler(model, options, captions_of(model, dm, evaluation.prompts))
+    per_device = -(-planned_count(evaluation, model) // devices_in_use(where))
+    sampler = command_sampler(model, options, captions_of(model, dm, evaluation.prompts), False, per_device)
     features = FeatureSet(wanted, dm, evaluation, evaluation.inception_weights)
     ranges = seed_ranges(evaluation, default_count(model, features.held))
     parts = parts_folder(Path(out) if out else Path(".diffscore-evaluate"))
@@ -167,10 +172,17 @@ def evaluate(
 
 
 def _check_out(out: str | None) -> None:
-    if out is not None and not Path(out).parent.is_dir():
-        raise DiffscoreError(f"output folder {Path(out).parent} does not exist; create it or choose another --out")
-    if out is not None and (Path(out).is_dir() or Path(out).name in ("", ".", "..")):
+    """--out names a results file that is new or one `diffscore evaluate` wrote (and so is its histogram)."""
+    if out is None:
+        return
+    if Path(out).is_dir() or Path(out).name in ("", ".", ".."):
         raise DiffscoreError(f"--out {out} is a folder; --out names the results file, e.g. {Path(out) / 'eval.json'}")
+    check_replaceable(Path(out), "--out", "evaluate")
+    check_replaceable(_histogram_path(Path(out)), "--out's histogram", "evaluate")
+
+
+def _histogram_path(out: Path) -> Path:
+    return out.with_suffix(".nn_ratio.png")
 
 
 def seed_ranges(evaluation: EvaluationOptions, default: int) -> list[list[int]]:
@@ -183,6 +195,16 @@ def seed_ranges(evaluation: EvaluationOptions, default: int) -> list[list[int]]:
     return ranges
 
 
+def planned_count(evaluation: EvaluationOptions, model: LoadedModel) -> int:
+    """About how many samples the evaluation draws (before the data are read): for deciding whether to compile."""
+    if evaluation.seeds is not None:
+        lo, _, hi = evaluation.seeds.partition("-")
+        count = int(hi) - int(lo) + 1 if lo.isdigit() and hi.isdigit() else 1
+    else:
+        count = evaluation.num_samples or (400 if tuple(model.image_shape) == (1, 8, 8) else 50_000)
+    return count * (3 if evaluation.protocol == "edm" else 1)
+
+
 def default_count(model: LoadedModel, held: torch.Tensor | None) -> int:
     """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
     FD-digits and its floor are at the same N), else EDM's 50,000."""
@@ -191,9 +213,9 @@ def default_count(model: LoadedModel, held: torch.Tensor | None) -> int:
 
 def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Tensor]) -> None:
     """The summary as JSON at ``out`` and, with memorization, the nearest-neighbour ratios' histogram beside it."""
-    write_json(out, summary)
+    write_json(out, {**summary, "written_by": "diffscore evaluate"})
     if "memorization" in summary["metrics"]:
-        _histogram(feats, out.with_suffix(".nn_ratio.png"))
+        _histogram(feats, _histogram_path(out))
     print(f"diffscore: wrote {out}", flush=True)
 
 
@@ -226,7 +248,7 @@ class FeatureSet:
             raise DiffscoreError(
                 "this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits/fid_k"
             )
-        train = reference_images(dm) if needs_train else None
+        train = train_reference(dm) if needs_train else None
         self.inception = self.digits = None
         if wanted & INCEPTION_METRICS:
             from diffscore.metrics.inception import InceptionFeatures
@@ -296,60 +318,5 @@ def _histogram(feats: dict[str, torch.Tensor], path: Path) -> None:
     ax.set_ylabel("samples")
     ax.legend()
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", metadata={"Software": "diffscore evaluate"})
     plt.close(fig)
-
-
-def refstats(
-    out: str,
-    ckpt_path: str | None = None,
-    data_config: str | None = None,
-    features: str = "inception",
-    inception_weights: str | None = None,
-    max_images: int | None = None,
-    batch_size: int = 256,
-) -> Path:
-    """Reference statistics (mu, sigma, and features for KID) of a data set's training images.
-
-    Args:
-        out: the .npz to write (keys mu, sigma, kid_features; EDM's files with mu/sigma are read as well).
-        ckpt_path: take the data set from this checkpoint, or
-        data_config: from the ``data:`` section of this YAML (e.g. experiments/ffhq.yaml).
-        features: "inception" (for FID/KID) or "digits" (FD-digits).
-        inception_weights: path of the Inception weights (see `diffscore evaluate --help`).
-        max_images: use at most this many images.
-        batch_size: images per forward pass.
-    """
-    if (ckpt_path is None) == (data_config is None):
-        raise DiffscoreError("give exactly one of --ckpt_path and --data_config")
-    if not Path(out).parent.is_dir():
-        raise DiffscoreError(f"output folder {Path(out).parent} does not exist")
-    if data_config is not None:
-        dm = config_datamodule(data_config)
-    else:
-        if not Path(ckpt_path).is_file():
-            raise DiffscoreError(f"checkpoint {ckpt_path} does not exist")
-        dm = model_datamodule(open_model(ckpt_path))
-        if dm is None:
-            raise DiffscoreError(f"{ckpt_path} does not name its data; use --data_config")
-    images = reference_images(dm, "train", max_images)
-    if features == "inception":
-        from diffscore.metrics.inception import InceptionFeatures
-
-        net = InceptionFeatures(inception_weights)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        net.to(device)
-        feats = torch.cat(
-            [net(images[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(images), batch_size)]
-        )
-    elif features == "digits":
-        from diffscore.metrics.digits_classifier import digits_features
-
-        feats = torch.from_numpy(digits_features(images))
-    else:
-        raise DiffscoreError(f"--features must be 'inception' or 'digits', got {features!r}")
-    f = feats.numpy()
-    mu, sigma = feature_statistics(f)
-    save_statistics(out, mu, sigma, kid_features=f[:KID_REFERENCE_SIZE].astype(np.float32), num_images=len(f))
-    print(f"diffscore: wrote statistics of {len(f)} images ({features}) to {out}", flush=True)
-    return Path(out)

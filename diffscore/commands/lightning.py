@@ -198,6 +198,18 @@ class DiffscoreCLI(LightningCLI):
                 raise DiffscoreError.last from None
             raise
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if subcommand in ("validate", "test"):  # Lightning's table repeats every value per data loader
+            kwargs["verbose"] = False
+        return kwargs
+
+    def after_validate(self) -> None:
+        print_loss_table(self.trainer, ("heldout", "train_eval", "gap"), "val/loss")
+
+    def after_test(self) -> None:
+        print_loss_table(self.trainer, ("test",), "test/loss")
+
     def before_fit(self) -> None:
         path = self.config.fit.get("init_from")
         if path is None:
@@ -232,3 +244,17 @@ class DiffscoreCLI(LightningCLI):
                 lines.append(f"  sample grid: {cb.last_path}")
         if lines:
             print(f"diffscore: fit finished after {trainer.global_step} steps.", *lines, sep="\n", flush=True)
+
+
+def print_loss_table(trainer: Trainer, splits: tuple[str, ...], mean_key: str) -> None:
+    """The loss per sigma bucket (a row each) of ``splits`` (a column each), and their mean, once on rank zero."""
+    if not trainer.is_global_zero:
+        return
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    sigmas = sorted({float(k.rsplit("_s", 1)[1]) for k in metrics if "/loss_s" in k})
+    print(f"\n{'sigma':>10}" + "".join(f"{split:>14}" for split in splits))
+    for s in sigmas:
+        cells = [metrics.get(f"{split}/loss_s{s:g}") for split in splits]
+        print(f"{s:>10g}" + "".join(f"{c:>14.6g}" if c is not None else f"{'-':>14}" for c in cells))
+    if mean_key in metrics:
+        print(f"{mean_key} (mean over the buckets): {metrics[mean_key]:.6g}")

@@ -24,8 +24,8 @@ from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, pyplot
 from diffscore.lit.callbacks.phema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
 from diffscore.loading.files import read_torch_file
+from diffscore.outputs import check_folder, folder_output
 
-MARKER = "phema.json"  # written last into --out; its "written_by" says the folder may be replaced
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "loops", "current_model_state", "averaging_state")
 TRAINING_STATE += ("rng_states",)
 
@@ -63,8 +63,35 @@ def read_snapshots(run: Path) -> list[dict[str, Any]]:
             raise DiffscoreError(f"{f} is not a readable PostHocEMA snapshot ({type(e).__name__}); delete it") from None
         if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
             raise DiffscoreError(f"{f} is not a PostHocEMA snapshot ({SNAPSHOT_FORMAT}); move it out of {folder}")
+        check_snapshot(snap, f, snaps[0]["ema"][0] if snaps else None)
         snaps.append({**snap, "file": f.name})
     return sorted(snaps, key=lambda s: s["images"])
+
+
+def check_snapshot(snap: dict[str, Any], path: Path, first: dict[str, torch.Tensor] | None) -> None:
+    """A snapshot's fields have the types and lengths PostHocEMA writes, its averages are finite and name the same
+    tensors, of the same shapes, as the first snapshot's; else one line naming the file and the field."""
+
+    def bad(what: str) -> DiffscoreError:
+        return DiffscoreError(f"{path} is a damaged PostHocEMA snapshot ({what}); delete it or move it away")
+
+    number = (int, float)
+    if not isinstance(snap.get("images"), int) or not isinstance(snap.get("step"), int) or snap["images"] < 0:
+        raise bad("images/step are not counts")
+    rels, gammas, ema = snap.get("sigma_rels"), snap.get("gammas"), snap.get("ema")
+    if not all(isinstance(v, list | tuple) and v and all(isinstance(x, number) for x in v) for v in (rels, gammas)):
+        raise bad("sigma_rels/gammas are not lists of numbers")
+    if not isinstance(ema, list | tuple) or len(ema) != len(rels) or len(gammas) != len(rels):
+        raise bad("one EMA per tracked sigma_rel is expected")
+    for average in ema:
+        if not isinstance(average, dict) or not all(isinstance(t, torch.Tensor) for t in average.values()):
+            raise bad("an EMA that is not a mapping of tensors")
+        reference = first if first is not None else ema[0]
+        if {k: tuple(v.shape) for k, v in average.items()} != {k: tuple(v.shape) for k, v in reference.items()}:
+            raise bad("its tensors are not the ones of the run's other snapshots")
+        nonfinite = next((k for k, t in average.items() if not torch.isfinite(t.float()).all()), None)
+        if nonfinite is not None:
+            raise bad(f"{nonfinite} is not finite")
 
 
 def _basis(snaps: list[dict[str, Any]], use: list[float] | None) -> list[tuple[int, int, float, int]]:
@@ -125,22 +152,6 @@ def _check_targets(sigma_rel: list[float]) -> list[float]:
     return targets
 
 
-def _check_out(out: Path) -> None:
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not _written_by_us(out)):
-        raise DiffscoreError(
-            f"--out {out} exists and was not written by `diffscore phema`; choose a new folder or remove it"
-        )
-    if not out.parent.is_dir():
-        raise DiffscoreError(f"the parent of --out, {out.parent}, does not exist; create it or choose another --out")
-
-
-def _written_by_us(out: Path) -> bool:
-    try:
-        return json.loads((out / MARKER).read_text()).get("written_by") == "diffscore phema"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def combine(snaps, basis, weights: torch.Tensor, names: list[str]) -> list[dict[str, torch.Tensor]]:
     """sum_i x_im * snapshot_i for every target m, accumulated in float64, one snapshot file at a time."""
     out = [{n: None for n in names} for _ in range(weights.shape[1])]
@@ -175,7 +186,7 @@ def phema(
         run: the run folder (holding checkpoints/ and phema/).
         sigma_rel: relative EMA lengths to reconstruct, in (0, 0.3003]; the further from the tracked ones, the
             less exact (each one's profile error is printed and kept in phema.json).
-        out: folder to write (new, or one `diffscore phema` wrote before, which is replaced).
+        out: folder to write: new, or one `diffscore phema` wrote before (its own files are replaced, others stay).
         ckpt: the checkpoint that gives configuration and buffers (default: <run>/checkpoints/last.ckpt).
         from_sigma_rels: combine only the snapshots of these tracked profiles (default: all tracked ones).
         at_images: the EMA at this earlier time (training images; a snapshot's time), from the snapshots up to
@@ -186,7 +197,7 @@ def phema(
     targets = _check_targets(sigma_rel)
     if not run_path.is_dir():
         raise DiffscoreError(f"--run {run} is not a folder; pass the run folder that holds checkpoints/ and phema/")
-    _check_out(out_path)
+    check_folder(out_path, "--out", "phema")
     snaps = _up_to(read_snapshots(run_path), at_images, run_path)
     use = None if from_sigma_rels is None else [float(s) for s in from_sigma_rels]
     basis = _basis(snaps, use)
@@ -214,7 +225,7 @@ def phema(
         for m, (s, g, e) in enumerate(zip(targets, target_gammas, errors, strict=True))
     ]
     written = []
-    with atomic_write(out_path, directory=True) as tmp:
+    with folder_output(out_path, "phema") as tmp:
         for state, rec in zip(states, records, strict=True):
             path = tmp / f"phema-{rec['sigma_rel']:.3f}.ckpt"
             torch.save(_checkpoint(base, state, rec), path)
@@ -226,7 +237,7 @@ def phema(
             )
         if plot:
             plot_reconstruction(tmp / "phema.png", records, t_end)
-        (tmp / MARKER).write_text(json.dumps({"written_by": "diffscore phema", "targets": records}, indent=1))
+        (tmp / "phema.json").write_text(json.dumps({"written_by": "diffscore phema", "targets": records}, indent=1))
     print(f"diffscore: wrote {len(written)} checkpoints to {out_path}", flush=True)
     return written
 

@@ -20,6 +20,7 @@ from diffscore.lit.datamodules.tensor import GMMDataModule
 from diffscore.loading.classes import config_differences
 from diffscore.loading.model import LoadedModel
 from diffscore.loading.open import open_model
+from diffscore.outputs import check_folder, folder_output
 from diffscore.probes.gaussian import (
     NetworkDenoiser,
     build_references,
@@ -30,9 +31,10 @@ from diffscore.probes.gaussian import (
 from diffscore.probes.ntk import BackboneOutput, NTKMeasurer, NTKSettings, plain_sgd_eta
 
 
-def _out_folder(out: str | None) -> Path | None:
-    if out is not None and not Path(out).parent.is_dir():
-        raise DiffscoreError(f"output folder {Path(out).parent} does not exist")
+def _out_folder(out: str | None, command: str) -> Path | None:
+    """--out: a new folder or one this probe wrote (its own files are replaced, others stay)."""
+    if out is not None:
+        check_folder(Path(out), "--out", command)
     return None if out is None else Path(out)
 
 
@@ -53,7 +55,7 @@ def probe_gaussian(
         data: the training data (an EDM dataset ZIP or folder; default: the checkpoint's, which an NVlabs/edm
             pickle does not have).
     """
-    folder = _out_folder(out)
+    folder = _out_folder(out, "probe gaussian")
     model = open_model(ckpt_path)
     denoiser = model.denoiser("probe gaussian")
     train = train_images(training_data(model, data))
@@ -61,8 +63,9 @@ def probe_gaussian(
     table = explained_variance_table(NetworkDenoiser(denoiser), train, refs, num_points=num_points)
     print(format_table(table))
     if folder is not None:
-        write_json(folder / "ev.json", {k: {str(s): v for s, v in r.items()} for k, r in table.items()})
-        plot_table(table, folder / "ev.png", Path(ckpt_path).name)
+        with folder_output(folder, "probe gaussian") as tmp:
+            write_json(tmp / "ev.json", {k: {str(s): v for s, v in r.items()} for k, r in table.items()})
+            plot_table(table, tmp / "ev.png", Path(ckpt_path).name)
         print(f"diffscore: wrote {folder / 'ev.json'} and {folder / 'ev.png'}")
     return table
 
@@ -122,7 +125,7 @@ def probe_ntk(
         out: folder for ntk.json (default: print only).
         data: the training data (an EDM dataset ZIP or folder; default: the checkpoint's).
     """
-    folder = _out_folder(out)
+    folder = _out_folder(out, "probe ntk")
     model = open_model(ckpt_path)
     denoiser = model.denoiser("probe ntk").requires_grad_(True)  # the kernel differentiates in the weights
     dm = training_data(model, data)
@@ -144,6 +147,7 @@ def probe_ntk(
     print(f"exact score: {m.exact_name}; kernel: {m.kernel}")
     print("\n".join(f"{k:<{width}}  {v:.6g}" for k, v in result.items()))
     if folder is not None:
-        write_json(folder / "ntk.json", result)
+        with folder_output(folder, "probe ntk") as tmp:
+            write_json(tmp / "ntk.json", result)
         print(f"diffscore: wrote {folder / 'ntk.json'}")
     return result

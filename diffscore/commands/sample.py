@@ -8,7 +8,6 @@ interrupted run leaves nothing.
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -17,9 +16,10 @@ import torch
 
 from diffscore.commands.sampler import command_sampler
 from diffscore.errors import DiffscoreError
-from diffscore.io import atomic_write
-from diffscore.lit.predict import Devices, ShardWriter, parts_folder, predict_over_seeds
+from diffscore.io import atomic_write, check_memory
+from diffscore.lit.predict import Devices, ShardWriter, devices_in_use, parts_folder, predict_over_seeds
 from diffscore.loading.open import open_model
+from diffscore.outputs import check_folder, check_replaceable, folder_output
 from diffscore.sampling.options import SamplingOptions
 
 
@@ -36,70 +36,51 @@ def check_seeds(first: int, count: int) -> None:
         raise DiffscoreError(f"seeds {first}..{first + count - 1} must lie in 0..2**63-1; choose a smaller --seed")
 
 
-def check_memory(count: int, shape: tuple[int, ...], factor: int = 2) -> None:
+def check_samples_fit(count: int, shape: tuple[int, ...], factor: int = 2) -> None:
     """Refuse a sample count whose float32 results (kept per batch, then merged: ``factor`` copies) cannot fit in
     the memory available now."""
-    need = count * math.prod(shape) * 4 * factor
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
-    if free is not None and need > free:
-        raise DiffscoreError(
-            f"--num_samples {count} needs about {need / 2**30:.1f} GiB for the samples but {free / 2**30:.1f} GiB is "
-            "free; draw them in parts (--seed S --num_samples N for consecutive ranges)"
-        )
+    hint = "draw them in parts (--seed S --num_samples N for consecutive ranges)"
+    check_memory(count * math.prod(shape) * 4 * factor, f"--num_samples {count}", hint)
 
 
 NPZ_KEYS = ("seeds", "samples", "noise", "latents")  # what a .npz holds (latents: latent models only)
-MARKER = ".diffscore-samples"  # in every PNG folder `diffscore sample` writes: --overwrite may replace only these
-
-
-def _written_by_sample(out: Path) -> bool:
-    if out.is_dir():
-        return (out / MARKER).is_file()
-    try:
-        with np.load(out) as data:
-            return {"seeds", "samples"} <= set(data.files)
-    except (OSError, ValueError):
-        return False
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
+    """--out may be new, or (with --overwrite) what `diffscore sample` wrote there before (diffscore.outputs)."""
     if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
         raise DiffscoreError(f"--out {out} is the working folder or above it; name a new folder or FILE.npz")
-    if not out.parent.is_dir():
-        raise DiffscoreError(
-            f"output folder {out.parent} does not exist (or is not a folder); create it or choose another --out"
-        )
-    if not os.access(out.parent, os.W_OK):
-        raise DiffscoreError(f"output folder {out.parent} is not writable; choose another --out")
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if out.is_file() != (out.suffix == ".npz"):
-        raise DiffscoreError(f"{out} exists and is not a {'file' if out.suffix == '.npz' else 'folder'}")
-    if not overwrite:
-        raise DiffscoreError(f"{out} already exists; remove it, choose another --out, or pass --overwrite true")
-    if not _written_by_sample(out):
-        raise DiffscoreError(
-            f"{out} was not written by `diffscore sample` (no {MARKER} marker / seeds+samples arrays): "
-            "--overwrite replaces only diffscore's own samples; remove it yourself or choose another --out"
-        )
+    if out.suffix == ".npz":
+        check_replaceable(out, "--out", "sample", overwrite)
+    else:
+        check_folder(out, "--out", "sample", overwrite)
+
+
+def png(image: torch.Tensor, path: Path) -> None:
+    """An image [C, H, W] in [-1, 1] as an 8-bit PNG (grey for one channel), rounded as EDM's generate.py rounds."""
+    from PIL import Image
+
+    pixels = (image.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()  # [H, W, C]
+    if pixels.shape[2] == 1:
+        Image.fromarray(pixels[:, :, 0], mode="L").save(path, format="png")
+    else:
+        Image.fromarray(pixels, mode="RGB").save(path, format="png")
 
 
 def _write(out: Path, merged: dict[str, torch.Tensor]) -> None:
-    """A .npz of seeds, samples, noise (and a latent model's latents), or a folder of ``<seed>.png``; never left
-    half-written."""
+    """A .npz of seeds, samples, noise (and a latent model's latents), or a folder of ``<seed>.png``; written whole
+    before it replaces anything."""
     seeds, samples = merged["seeds"], merged["samples"]
     if out.suffix == ".npz":
+        arrays = {k: v.numpy() for k, v in merged.items() if k in NPZ_KEYS}
         with atomic_write(out) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **{k: v.numpy() for k, v in merged.items() if k in NPZ_KEYS})
+            np.savez(f, **arrays, written_by=np.array("diffscore sample"))
         return
-    if samples.ndim != 4:
+    if samples.ndim != 4 or samples.shape[1] not in (1, 3):
         raise DiffscoreError(f"samples of shape {tuple(samples.shape[1:])} are not images; use --out FILE.npz")
-    from torchvision.utils import save_image
-
-    with atomic_write(out, directory=True) as tmp:
-        (tmp / MARKER).write_text("samples written by `diffscore sample`; --overwrite may replace this folder\n")
+    with folder_output(out, "sample") as tmp:
         for s, img in zip(seeds.tolist(), samples):
-            save_image((img.clamp(-1, 1) + 1) / 2, tmp / f"{s:06d}.png", format="png")
+            png(img, tmp / f"{s:06d}.png")
 
 
 def sample(
@@ -134,8 +115,9 @@ def sample(
     _check_out(out_path, overwrite)
     model = open_model(ckpt_path, trust_checkpoint)
     latent = math.prod(model.data_shape)  # the noise, and a latent model's latents, travel with the images
-    check_memory(num_samples, (math.prod(model.image_shape) + latent * (2 if model.decoder is not None else 1),))
-    sampler = command_sampler(model, options, progress=True)
+    check_samples_fit(num_samples, (math.prod(model.image_shape) + latent * (2 if model.decoder is not None else 1),))
+    per_device = -(-num_samples // devices_in_use(where))
+    sampler = command_sampler(model, options, progress=True, samples_per_device=per_device)
     seeds = list(range(seed, seed + num_samples))
     writer = ShardWriter(parts_folder(out_path))
     t0 = time.perf_counter()

@@ -37,8 +37,13 @@ from diffscore.lit.datamodules.from_file import config_datamodule, training_data
 from diffscore.lit.datamodules.images import ImageDataModule
 from diffscore.loading.model import LoadedModel
 from diffscore.loading.open import open_model
+from diffscore.outputs import check_folder, folder_output
 from diffscore.probes.gaussian import NetworkDenoiser, explained_variance_table
 
+SIGMA_DATA_RULE = (
+    "sigma_data = the RMS about zero, sqrt((tr Sigma + |mu|^2) / D): the magnitude of the data the network sees, "
+    "which EDM's c_in, c_skip, c_out make unit (bench/RESULTS.md, issue 34)"
+)
 EDM_DEFAULTS = {"sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0, "P_mean": -1.2, "P_std": 1.2}
 YAML_KEYS = ("sigma_data", "sigma_min", "sigma_max", "P_mean", "P_std")  # DiffusionModule's argument names
 EV_SIGMAS = tuple(float(s) for s in torch.logspace(-2, math.log10(80.0), 22, dtype=torch.float64))
@@ -55,8 +60,14 @@ def _data_module(data_config: str | None, data: str | None, model: LoadedModel |
             raise DiffscoreError(f"--data {data} does not exist; pass an EDM dataset ZIP or folder of PNGs")
         return ImageDataModule(data, num_workers=0, pin_memory=False), Path(data).stem
     if model is not None:
-        return training_data(model, None, what_to_pass="--config X.yaml or --data PATH"), Path(model.path).stem
+        return training_data(model, None, what_to_pass="--config X.yaml or --data PATH"), run_name(model.path)
     raise DiffscoreError("say which data to read: --config X.yaml, --data PATH (an EDM ZIP or folder) or --ckpt_path")
+
+
+def run_name(ckpt: Path) -> str:
+    """A name for a checkpoint's suggestions: its run folder's for ``<run>/checkpoints/X.ckpt``, else its stem."""
+    ckpt = Path(ckpt).resolve()
+    return f"{ckpt.parent.parent.name}-{ckpt.stem}" if ckpt.parent.name == "checkpoints" else ckpt.stem
 
 
 def _check_options(kl_tolerance: float, quantization_step: float, ev_threshold: float, num_points: int) -> None:
@@ -99,13 +110,14 @@ def suggest_noise(
 ) -> dict[str, Any]:
     """Suggest EDM's noise settings for a data set from its Gaussian model (rules: diffscore/core/noise_levels.py).
 
-    sigma_data = sqrt(tr(Sigma)/D); sigma_max = the smallest sigma with KL(N(mu, Sigma + sigma^2 I) || N(0, sigma^2 I))
-    <= kl_tolerance (the sampler starts at N(0, sigma_max^2 I); the level for a start at N(mu, .) is reported as
-    sigma_max_centered); sigma_min = where the Gaussian posterior's rms error per coordinate equals
-    quantization_step / sqrt(12); P_mean/P_std = the lognormal with 90% of its mass where the Gaussian denoiser's
-    error sum_k lambda_k sigma^2 / (lambda_k + sigma^2) is between 5% and 95% of tr(Sigma). With a checkpoint: the
-    teleportation level, the smallest sigma from which up the network's score has EV >= ev_threshold against the
-    Gaussian score (Wang & Vastola 2024), for `diffscore sample --teleport.sigma`.
+    sigma_data = sqrt((tr(Sigma) + ||mu||^2)/D), the RMS about zero (EDM's unit-magnitude derivation applied to the
+    data the network sees, mean included; SIGMA_DATA_RULE); sigma_max = the smallest sigma with
+    KL(N(mu, Sigma + sigma^2 I) || N(0, sigma^2 I)) <= kl_tolerance (the sampler starts at N(0, sigma_max^2 I); the
+    level for a start at N(mu, .) is reported as sigma_max_centered); sigma_min = where the Gaussian posterior's
+    rms error per coordinate equals quantization_step / sqrt(12); P_mean/P_std = the lognormal with 90% of its mass
+    where the Gaussian denoiser's error sum_k lambda_k sigma^2 / (lambda_k + sigma^2) is between 5% and 95% of
+    tr(Sigma). With a checkpoint: the teleportation level, the smallest sigma from which up the network's score has
+    EV >= ev_threshold against the Gaussian score (Wang & Vastola 2024), for `diffscore sample --teleport.sigma`.
 
     Args:
         data_config: a training YAML whose data: section names the data (`--config X.yaml` works too).
@@ -122,6 +134,8 @@ def suggest_noise(
     model = open_model(ckpt_path) if ckpt_path is not None else None
     dm, name = _data_module(data_config, data, model)
     folder = Path(out) if out is not None else Path("runs") / "suggest-noise" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    check_folder(folder, "--out", "suggest-noise")
     train = train_images(dm, max_images)
     if len(train) < 2:
         raise DiffscoreError("the training split has fewer than 2 items: a covariance needs at least 2")
@@ -134,10 +148,10 @@ def suggest_noise(
     teleport = teleport_level(list(ev), list(ev.values()), ev_threshold) if ev is not None else None
     summary = _summary(result, name, len(train), ev, teleport, ev_threshold)
     print(_format(summary), flush=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_yaml(folder / "noise.yaml", summary)
-    write_json(folder / "noise.json", summary)
-    plot_suggestion(folder / "noise.png", gaussian, result, ev, teleport, name, ev_threshold)
+    with folder_output(folder, "suggest-noise") as tmp:
+        _write_yaml(tmp / "noise.yaml", summary)
+        write_json(tmp / "noise.json", summary)
+        plot_suggestion(tmp / "noise.png", gaussian, result, ev, teleport, name, ev_threshold)
     print(f"diffscore: wrote {folder / 'noise.yaml'}, noise.json and noise.png", flush=True)
     return summary
 
@@ -149,6 +163,7 @@ def _summary(
     return {
         "data": name,
         "num_train": n,
+        "sigma_data_rule": SIGMA_DATA_RULE,
         "suggested": {k: float(f"{getattr(result, k):.6g}") for k in YAML_KEYS},
         "edm_defaults": dict(EDM_DEFAULTS),
         **result.as_dict(),
@@ -162,6 +177,11 @@ def _summary(
 def _format(summary: dict[str, Any]) -> str:
     lines = [f"noise settings for {summary['data']} ({summary['num_train']} training items, D = {summary['dim']}):"]
     lines += [f"  {k:<10} {v:>10.4g}   (EDM {EDM_DEFAULTS[k]:g})" for k, v in summary["suggested"].items()]
+    scales = summary["data_scales"]
+    lines.append(f"  {SIGMA_DATA_RULE}:")
+    lines.append(
+        f"    per-pixel std {scales['per_pixel']:.4g}, pooled std {scales['pooled']:.4g}, RMS {scales['rms']:.4g}"
+    )
     lo, hi = summary["band"]
     lines.append(
         f"  mmse 5%-95% band: sigma {lo:.4g} .. {hi:.4g}; sigma_max_centered {summary['sigma_max_centered']:.4g}"

@@ -1,4 +1,5 @@
-"""Augmentations with a conditioning label: ScoreAug's transforms of noisy data and EDM's non-leaky pipeline.
+"""Augmentations with a conditioning label: ScoreAug's transforms of noisy data (here) and EDM's non-leaky pipeline
+(core/nonleaky_augment.py, re-exported here: configs name ``diffscore.core.augment.NonLeakyAugment``).
 
 Both classes share one interface: ``sample_params`` draws per-sample parameters (randomness at the edge),
 ``apply`` is a pure function of (images, parameters), and ``label`` is the [B, A] vector the backbone is
@@ -8,13 +9,15 @@ conditioned on; the identity transform has the all-zero label, so sampling with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from diffscore.core.nonleaky_augment import NonLeakyAugment, NonLeakyParams
 from diffscore.core.recorded import Recorded
+
+__all__ = ["NonLeakyAugment", "NonLeakyParams", "ScoreAugment", "AugParams", "PixelAugParams"]
 
 SCOREAUG_TRANSFORMS = ("rot90", "hflip", "vflip", "translate", "cutout", "brightness")
 
@@ -105,15 +108,16 @@ class ScoreAugment(Recorded):
     transform, chosen with probabilities proportional to ``weights`` (the key "identity" included);
     ``mode="composed"``: each transform is applied independently with probability ``weights[name]``, in the
     order brightness, cutout, translate, flips, rot90. Parameters are drawn in units of the image (fractions of
-    H and W) and resolved to pixels from the images ``apply`` gets: at every size the pixel shift is uniform
-    over -m..m (m = round(translate_frac * side)), the cutout side uniform over round(cutout_frac * min(H, W))
-    (at least 1) and its centre uniform over the pixels, the laws of drawing them in pixels for that size.
+    H and W) and resolved to pixels from the images ``apply`` gets: at every size a drawn shift moves 1..m pixels
+    in its direction, uniformly (m = round(translate_frac * side), at least 1 and below the side), the cutout side
+    is uniform over round(cutout_frac * min(H, W)) (at least 1) and its centre uniform over the pixels.
 
     Label [B, 11]: one-hot rot90 k (3), hflip, vflip, shift / W and / H, cutout side / min(H, W), cutout centre
     offset from the image centre / W and / H (0 without cutout), ln(brightness), all read from the fractions.
-    Zero iff the parameters are the identity. A translation drawn below a pixel at the applied size (at most
-    1 / (2m + 1) of the draws per axis, as when the pixel shift is drawn directly) moves nothing.
-    """
+    It describes the transform ``apply`` makes at any size: the parameters are quantised to what ``apply`` does
+    (not ``apply`` made sub-pixel: interpolation would blur the noise below level sigma). A shift t != 0 never
+    resolves to 0 pixels; composed draws use the canonical rot90^k hflip^h (vflip = rot180 hflip), so no nonzero
+    label (hflip + vflip + rot180) is the identity. Zero label <=> identity, at every image size."""
 
     label_dim = 11
 
@@ -172,7 +176,6 @@ class ScoreAugment(Recorded):
     ) -> AugParams:
         """Draws parameters for ``batch`` images of any size (translation and cutout as fractions of the side)."""
         on = self._chosen(batch, device, generator)
-        zero_long = torch.zeros(batch, dtype=torch.long, device=device)
         zero = torch.zeros(batch, device=device)
 
         def unit() -> Tensor:  # uniform in [0, 1)
@@ -180,12 +183,15 @@ class ScoreAugment(Recorded):
 
         f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
         log_b = _uniform(batch, math.log(self.brightness[0]), math.log(self.brightness[1]), device, generator)
+        rot90 = torch.where(on["rot90"], torch.randint(1, 4, (batch,), device=device, generator=generator), 0)
+        hflip, vflip = on["hflip"], on["vflip"]
+        if self.mode == "composed" and self.weights.get("rot90", 0) > 0:
+            # rot90^k vflip^v hflip^h = rot90^(k + 2v) hflip^(h xor v): the same transform, in canonical form
+            rot90, hflip, vflip = (rot90 + 2 * vflip.long()) % 4, hflip ^ vflip, torch.zeros_like(vflip)
         return AugParams(
-            rot90=torch.where(
-                on["rot90"], torch.randint(1, 4, (batch,), device=device, generator=generator), zero_long
-            ),
-            hflip=on["hflip"],
-            vflip=on["vflip"],
+            rot90=rot90,
+            hflip=hflip,
+            vflip=vflip,  # fmt: skip
             shift_x=torch.where(on["translate"], f * (2 * unit() - 1), zero),
             shift_y=torch.where(on["translate"], f * (2 * unit() - 1), zero),
             cutout_size=torch.where(on["cutout"], c_lo + (c_hi - c_lo) * unit(), zero),
@@ -197,15 +203,14 @@ class ScoreAugment(Recorded):
     def resolve(self, params: AugParams, height: int, width: int) -> PixelAugParams:
         """Translation and cutout in pixels for ``height`` x ``width`` images.
 
-        A shift fraction t in [-f, f] falls in one of 2m + 1 equal bins, m = round(f * side): the bin's offset from
-        the middle one is the pixel shift (t = 0 -> 0; about round(t * side)). The cutout side fraction falls in
-        one of the bins of the pixel sides round(cutout_frac * min(H, W)); a centre fraction c -> floor(c * side).
-        """
+        A shift fraction t in (0, f] falls in one of m equal bins, m = round(f * side) clamped to 1..side - 1: the
+        bin's number is the pixel shift (about t * side), -t gives its negative, only t = 0 gives 0. The cutout
+        side fraction falls in a bin of the sides round(cutout_frac * min(H, W)); a centre c -> floor(c * side)."""
         f, (c_lo, c_hi) = self.translate_frac, self.cutout_frac
 
-        def shift(t: Tensor, side: int) -> Tensor:
-            m = round(f * side)  # python's round, as the pixel draw always used
-            return torch.zeros_like(t, dtype=torch.long) if m == 0 else _bin((t + f) / (2 * f), -m, m)
+        def shift(t: Tensor, side: int) -> Tensor:  # [B] long; t = 0 (always so when f = 0) stays 0
+            m = min(max(1, round(f * side)), side - 1)  # python's round, as the pixel draw always used
+            return t.sign().long() * _bin((t.abs() / max(f, 1e-12)).clamp(max=1 - 1e-7), 1, m)
 
         lo, hi = (max(1, round(c * min(height, width))) for c in (c_lo, c_hi))
         has_cut = params.cutout_size > 0
@@ -223,6 +228,8 @@ class ScoreAugment(Recorded):
         H, W = _check_images(x)
         if H != W and self.weights.get("rot90", 0) > 0:  # from the options, not the draw: no host sync
             raise ValueError(f"ScoreAugment rot90 needs square images, got {H}x{W}; set its weight to 0")
+        if min(H, W) < 2 and self.translate_frac > 0 and self.weights.get("translate", 0) > 0:
+            raise ValueError(f"ScoreAugment translate needs images of at least 2x2 pixels, got {H}x{W}")
         px = self.resolve(params, H, W)
         view = (x.shape[0], 1, 1, 1)
         out = x * params.brightness.to(x.dtype).view(view)
@@ -250,149 +257,5 @@ class ScoreAugment(Recorded):
             torch.where(has_cut, params.cutout_x - 0.5, 0.0),
             torch.where(has_cut, params.cutout_y - 0.5, 0.0),
             params.brightness.log(),
-        ]
-        return torch.stack([c.float() for c in cols], dim=1)
-
-
-@dataclass(frozen=True)
-class NonLeakyParams:
-    """NonLeakyAugment's per-sample draws, every field [B]; 0 means "not applied"."""
-
-    xflip: Tensor  # 0/1
-    yflip: Tensor  # 0/1
-    scale: Tensor  # standard normal draw: isotropic scale 2^(scale * scale_std)
-    rotate: Tensor  # angle in radians
-    aniso: Tensor  # standard normal draw: anisotropic scale 2^(aniso * aniso_std) along direction aniso_angle
-    aniso_angle: Tensor  # radians
-    translate_x: Tensor  # standard normal draw: shift of translate_x * translate_std * W pixels
-    translate_y: Tensor
-
-    def is_identity(self) -> Tensor:
-        return torch.stack([getattr(self, f.name) == 0 for f in fields(self) if f.name != "aniso_angle"]).all(0)
-
-
-class NonLeakyAugment(Recorded):
-    """EDM's non-leaky augmentation of clean images (Karras et al. 2022, App. B.5; the ADA pipeline's geometric
-    part): each transform fires with probability ``p`` times its multiplier, the network sees the parameters
-    as a 9-dimensional label [xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty]. Flips
-    are exact; scale, rotation, anisotropy and translation resample bilinearly with reflection padding (EDM
-    upsamples with a wavelet filter first; this is simpler and slightly blurrier)."""
-
-    label_dim = 9
-
-    def __init__(
-        self,
-        p: float = 0.12,  # augmentation probability (EDM: 0.12 CIFAR-10, 0.15 FFHQ/AFHQv2)
-        xflip: float = 1e8,  # per-transform multipliers of p (EDM: x-flip always eligible, the rest 1)
-        yflip: float = 1.0,
-        scale: float = 1.0,
-        rotate: float = 1.0,
-        aniso: float = 1.0,
-        translate: float = 1.0,
-        scale_std: float = 0.2,  # log2 std of the isotropic scale
-        rotate_max: float = 1.0,  # largest rotation, in units of pi
-        aniso_std: float = 0.2,  # log2 std of the anisotropic scale
-        aniso_rotate_prob: float = 0.5,  # probability that the anisotropy axis is rotated
-        translate_std: float = 0.125,  # std of the shift, as a fraction of the image side
-    ) -> None:
-        if not 0 <= p <= 1:
-            raise ValueError(f"NonLeakyAugment p must be in [0, 1], got {p}")
-        self.p = p
-        self.mult = dict(xflip=xflip, yflip=yflip, scale=scale, rotate=rotate, aniso=aniso, translate=translate)
-        self.scale_std, self.rotate_max, self.aniso_std = scale_std, rotate_max, aniso_std
-        self.aniso_rotate_prob, self.translate_std = aniso_rotate_prob, translate_std
-
-    def sample_params(
-        self,
-        batch: int,
-        *,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> NonLeakyParams:
-        def gate(name: str, value: Tensor) -> Tensor:
-            fire = torch.rand(batch, device=device, generator=generator) < self.p * self.mult[name]
-            return torch.where(fire, value, torch.zeros_like(value))
-
-        def normal() -> Tensor:
-            return torch.randn(batch, device=device, generator=generator)
-
-        def uniform_pm(scale: float) -> Tensor:
-            return (torch.rand(batch, device=device, generator=generator) * 2 - 1) * scale
-
-        angle = uniform_pm(math.pi)
-        angle = torch.where(torch.rand(batch, device=device, generator=generator) < self.aniso_rotate_prob, angle, 0.0)
-        translate = gate("translate", torch.ones(batch, device=device)).bool()
-        return NonLeakyParams(
-            xflip=gate("xflip", torch.randint(2, (batch,), device=device, generator=generator).float()),
-            yflip=gate("yflip", torch.randint(2, (batch,), device=device, generator=generator).float()),
-            scale=gate("scale", normal()),
-            rotate=gate("rotate", uniform_pm(math.pi * self.rotate_max)),
-            aniso=gate("aniso", normal()),
-            aniso_angle=angle,
-            translate_x=torch.where(translate, normal(), 0.0),
-            translate_y=torch.where(translate, normal(), 0.0),
-        )
-
-    def _inverse_matrix(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
-        """[B, 2, 3]: output pixel -> input pixel, in grid_sample's normalised coordinates (float32 also under
-        autocast: bf16 angles and scales, ~0.4% off, would misplace the edge pixels of a 64x64 image by ~0.1)."""
-        dev = params.scale.device
-        with torch.autocast(dev.type, enabled=False):
-            f32 = NonLeakyParams(**{f.name: getattr(params, f.name).float() for f in fields(params)})
-            return self._inverse_matrix_f32(f32, H, W)
-
-    def _inverse_matrix_f32(self, params: NonLeakyParams, H: int, W: int) -> Tensor:
-        B = params.scale.shape[0]
-
-        def rot(a: Tensor) -> Tensor:
-            c, s = a.cos(), a.sin()
-            return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, 2, 2]
-
-        def diag(sx: Tensor, sy: Tensor) -> Tensor:
-            return torch.diag_embed(torch.stack([sx, sy], -1))
-
-        s = torch.exp2(params.scale * self.scale_std)
-        a = torch.exp2(params.aniso * self.aniso_std)
-        r = params.aniso_angle
-        # forward = rot(r) diag(a, 1/a) rot(-r) rot(rotate) diag(s, s) in the pixel frame; its inverse, factor by
-        # factor (no linalg.inv: on a GPU it reads an error flag back, a host sync in every training step)
-        inverse = diag(1 / s, 1 / s) @ rot(-params.rotate) @ rot(r) @ diag(1 / a, a) @ rot(-r)  # [B, 2, 2]
-        # pixel frame -> normalised frame: diag(2/W, 2/H) @ inverse @ diag(W/2, H/2)
-        lin = inverse.clone()
-        lin[:, 0, 1] *= H / W
-        lin[:, 1, 0] *= W / H
-        shift = torch.stack(
-            [params.translate_x * self.translate_std * 2, params.translate_y * self.translate_std * 2], -1
-        )
-        offset = -(lin @ shift.view(B, 2, 1))  # output = forward(input) + shift  =>  input = inv(output - shift)
-        return torch.cat([lin, offset], dim=2)
-
-    def apply(self, x: Tensor, params: NonLeakyParams) -> Tensor:
-        """Augmented clean images [B, C, H, W]; samples drawn as identity are returned bit-exactly."""
-        H, W = _check_images(x)
-        B = x.shape[0]
-        view = (B, 1, 1, 1)
-        out = torch.where(params.xflip.bool().view(view), x.flip(-1), x)
-        out = torch.where(params.yflip.bool().view(view), out.flip(-2), out)
-        geometric = (params.scale != 0) | (params.rotate != 0) | (params.aniso != 0) | (params.translate_x != 0)
-        geometric |= params.translate_y != 0
-        # every sample is warped and the identity ones selected back, bit-exact: no host sync in a training step
-        theta = self._inverse_matrix(params, H, W).to(x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        warped = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return torch.where(geometric.view(view), warped, out)
-
-    def label(self, params: NonLeakyParams) -> Tensor:
-        """[B, 9]: xflip, yflip, scale, cos(rot) - 1, sin(rot), aniso cos, aniso sin, tx, ty (0 = identity)."""
-        cols = [
-            params.xflip,
-            params.yflip,
-            params.scale,
-            params.rotate.cos() - 1,
-            params.rotate.sin(),
-            params.aniso * params.aniso_angle.cos(),
-            params.aniso * params.aniso_angle.sin(),
-            params.translate_x,
-            params.translate_y,
         ]
         return torch.stack([c.float() for c in cols], dim=1)

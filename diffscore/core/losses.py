@@ -89,3 +89,33 @@ def augmented_loss(
     if noisy_params is not None:
         return scoreaug_loss(denoiser, x0, sigma, noise, pipeline.noisy, noisy_params, cond, sigma_data, label)
     return edm_loss(denoiser, x0, sigma, noise, cond, sigma_data, label)
+
+
+def edm2_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+    cond: Tensor | None = None,
+    sigma_data: float = 0.5,
+    aug_label: Tensor | None = None,
+) -> Tensor:
+    """EDM2's uncertainty-weighted loss (Karras et al. 2024, arXiv 2312.02696, Eqs. 14-16 and 21), per sample:
+
+    lambda(sigma) / exp(u(sigma)) * mean_{C,H,W} (D(x0 + sigma n; sigma) - x0)^2 + u(sigma) -> [B],
+
+    with EDM's weight lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 and u the learned log-variance, which the
+    denoiser returns when called with ``return_logvar=True`` (``diffscore.core.precond_edm2.EDM2Precond``).
+
+    Reduction: EDM2 forms the loss per element (u broadcast to every pixel) and back-propagates its sum over all
+    elements divided by the batch, i.e. C*H*W times this per-sample mean. The mean keeps diffscore's scale (that
+    of :func:`edm_loss`, which it equals for u = 0) and the same minimiser: the optimal u is
+    ln(lambda * mean error) either way, because u enters every pixel once. Only the gradient's overall scale
+    differs, by the constant C*H*W, which Adam absorbs (up to its eps); multiply by C*H*W for EDM2's numbers.
+    """
+    _check_sigma(x0, sigma)
+    x = x0 + _per_sample(sigma, x0) * noise  # [B, ...]
+    denoised, logvar = denoiser(x, sigma, cond, aug_label, return_logvar=True)
+    err = (denoised.float() - x0.float()).square().flatten(1).mean(1)  # [B]
+    logvar = logvar.float().reshape(x0.shape[0])  # [B]
+    return edm_loss_weight(sigma.float(), sigma_data) / logvar.exp() * err + logvar

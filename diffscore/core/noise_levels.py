@@ -5,7 +5,8 @@ the user to choose has a closed form in the spectrum lambda_1..lambda_D (Wang & 
 Sec. 3: the ideal denoiser shrinks coordinate k of x - mu by lambda_k / (lambda_k + sigma^2)). The rules, each in
 its own function below and all in float64:
 
-    sigma_data   sqrt(tr(Sigma) / D): the data's standard deviation per coordinate (EDM's sigma_data, 0.5 for CIFAR-10)
+    sigma_data   sqrt((tr(Sigma) + ||mu||^2) / D): the RMS about zero, the magnitude EDM's preconditioning makes unit
+                 (suggest_sigma_data; = the per-coordinate std for zero-mean data, ~0.5 for CIFAR-10)
     sigma_max    the smallest sigma at which KL(N(mu, Sigma + sigma^2 I) || N(m, sigma^2 I)) <= tol, with m the
                  sampler's start mean (0 in diffscore: x_T = sigma_max n), or m = mu for the "centered" level
     sigma_min    the sigma at which the Gaussian posterior's rms error per coordinate, sqrt(mmse(sigma) / D),
@@ -93,10 +94,41 @@ def _bracket(lam: Tensor, extra_sq: float = 0.0) -> tuple[float, float]:
     return 1e-8 * math.sqrt(min(bottom, top)), 1e8 * math.sqrt(top)
 
 
-def suggest_sigma_data(eigvals: Tensor, dim: int | None = None) -> float:
-    """sqrt(tr(Sigma) / D): the rms standard deviation of one coordinate about its mean (EDM's sigma_data)."""
+def data_scales(mean: Tensor, eigvals: Tensor, dim: int | None = None) -> dict[str, float]:
+    """Three scales of data x0 [D] with mean mu and covariance eigenvalues lambda (candidates for sigma_data):
+
+        per_pixel  sqrt(tr(Sigma) / D)                             each coordinate's std about its own mean
+        pooled     sqrt(tr(Sigma) / D + mean_i (mu_i - mu_bar)^2)  the std of all values about their one mean mu_bar
+        rms        sqrt((tr(Sigma) + ||mu||^2) / D)                sqrt(E||x0||^2 / D), about zero
+
+    rms^2 = pooled^2 + mu_bar^2 >= pooled^2 >= per_pixel^2; all three agree for zero-mean data."""
     lam = spectrum(eigvals, dim)
-    return math.sqrt(float(lam.mean()))
+    mu = torch.as_tensor(mean, dtype=torch.float64).flatten()
+    if mu.numel() != lam.numel():
+        raise ValueError(f"mean has {mu.numel()} coordinates but the spectrum {lam.numel()}")
+    var = float(lam.mean())
+    return {
+        "per_pixel": math.sqrt(var),
+        "pooled": math.sqrt(var + float(((mu - mu.mean()) ** 2).mean())),
+        "rms": math.sqrt(var + float((mu**2).mean())),
+    }
+
+
+def suggest_sigma_data(eigvals: Tensor, dim: int | None = None, mean_sq: float = 0.0) -> float:
+    """sqrt((tr(Sigma) + ||mu||^2) / D) with ||mu||^2 = ``mean_sq``: the RMS of the data about zero (data_scales).
+
+    EDM (Karras et al. 2022, App. B.6) asks that the network's input c_in (x0 + n) and its training target
+    (x0 - c_skip (x0 + n)) / c_out have unit magnitude, which gives c_in = 1 / sqrt(sigma^2 + s^2),
+    c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s / sqrt(sigma^2 + s^2) with s^2 the data's per-coordinate
+    second moment; EDM writes it as the variance, assuming zero-mean data. The network sees x0 itself, mean
+    included: E||c_in (x0 + n)||^2 / D = c_in^2 (E||x0||^2 / D + sigma^2) and E||target||^2 / D =
+    ((1 - c_skip)^2 E||x0||^2 / D + c_skip^2 sigma^2) / c_out^2, both 1 at every sigma exactly when
+    s^2 = E||x0||^2 / D = (tr(Sigma) + ||mu||^2) / D. With the centred per-coordinate std instead, the target at
+    large sigma is x0 / s, of magnitude rms / per_pixel (6 for mostly white score pages)."""
+    if mean_sq < 0:
+        raise ValueError(f"mean_sq must be >= 0, got {mean_sq}")
+    lam = spectrum(eigvals, dim)
+    return math.sqrt(float(lam.mean()) + mean_sq / lam.numel())
 
 
 def suggest_sigma_max(eigvals: Tensor, kl_tolerance: float = KL_TOLERANCE, mean_offset_sq: float = 0.0) -> float:
@@ -188,6 +220,7 @@ class NoiseSuggestion:
     P_mean: float
     P_std: float
     sigma_max_centered: float  # start N(mu, sigma_max^2 I): the covariance alone
+    data_scales: dict[str, float]  # per_pixel, pooled and rms scales of the data (sigma_data is rms)
     band: tuple[float, float]  # (sigma_lo, sigma_hi) of the 5%-95% mmse band
     kl_tolerance: float
     quantization_step: float
@@ -208,15 +241,17 @@ def suggest_noise_levels(
     """Every rule of this module applied to one fitted Gaussian (GaussianDenoiser.from_data of the training set)."""
     lam = spectrum(gaussian.eigvals, gaussian.dim)  # [D]
     mean_sq = float((gaussian.mean**2).sum())
+    scales = data_scales(gaussian.mean, lam)
     lo, hi = mmse_band(lam, *band)
     p_mean, p_std = lognormal_over_band(lo, hi, band_mass)
     return NoiseSuggestion(
-        sigma_data=suggest_sigma_data(lam),
+        sigma_data=suggest_sigma_data(lam, mean_sq=mean_sq),
         sigma_max=suggest_sigma_max(lam, kl_tolerance, mean_sq),
         sigma_min=suggest_sigma_min(lam, quantization_step=quantization_step),
         P_mean=p_mean,
         P_std=p_std,
         sigma_max_centered=suggest_sigma_max(lam, kl_tolerance),
+        data_scales=scales,
         band=(lo, hi),
         kl_tolerance=kl_tolerance,
         quantization_step=quantization_step,

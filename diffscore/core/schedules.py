@@ -85,3 +85,31 @@ class LogNormalSigma:
 
     def __repr__(self) -> str:
         return f"LogNormalSigma(P_mean={self.P_mean}, P_std={self.P_std})"
+
+
+def edm2_learning_rate(
+    images_seen: float,
+    ref_lr: float,
+    ref_batches: float,
+    batch_size: int,
+    rampup_images: float = 10e6,
+) -> float:
+    """EDM2's learning rate (Karras et al. 2024, arXiv 2312.02696, config G's learning-rate decay; NVlabs/edm2
+    ``training/training_loop.py``, ``learning_rate_schedule``):
+
+    ref_lr / sqrt(max(t / t_ref, 1)) * min(images_seen / rampup_images, 1),
+
+    with t = images_seen / batch_size the optimizer steps taken so far and t_ref = ref_batches: constant, then an
+    inverse-square-root decay after ref_batches steps, times a linear warm-up over the first ``rampup_images``
+    images (EDM2: 10M images, i.e. 10e6, not 10 Mi; on in every preset). ``ref_batches <= 0`` turns the decay
+    off, ``rampup_images <= 0`` the warm-up. EDM2 evaluates it at the images seen *before* each step, so its first
+    step runs at lr 0.
+    """
+    if images_seen < 0 or batch_size <= 0:
+        raise ValueError(f"need images_seen >= 0 and batch_size > 0, got {images_seen} and {batch_size}")
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= max(images_seen / (ref_batches * batch_size), 1) ** 0.5
+    if rampup_images > 0:
+        lr *= min(images_seen / rampup_images, 1)
+    return lr

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffscore.errors import DiffscoreError
+from diffscore.io import MAX_USER_FILE_BYTES, open_user_file, read_user_file
 
 ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
@@ -53,15 +54,19 @@ def _batch_sources(root: Path) -> dict[str, bytes]:
     archive = root if root.is_file() else root / ARCHIVE
     for folder in (root, root / FOLDER):
         if folder.is_dir() and all((folder / n).is_file() for n in TRAIN_FILES + TEST_FILES):
-            return {n: (folder / n).read_bytes() for n in TRAIN_FILES + TEST_FILES}
-    if archive.is_file():
+            return {n: read_user_file(folder / n) for n in TRAIN_FILES + TEST_FILES}
+    if archive.is_file():  # read through the bounded reader: a regular file; members no larger than the cap
         try:
-            with tarfile.open(archive, "r:*") as tar:
+            with open_user_file(archive, max_bytes=None) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
                 if not all(n in members for n in TRAIN_FILES + TEST_FILES):
                     raise DiffscoreError(f"{archive} lacks some of {TRAIN_FILES + TEST_FILES}; is it CIFAR-10?")
+                big = next((n for n in TRAIN_FILES + TEST_FILES if members[n].size > MAX_USER_FILE_BYTES), None)
+                if big is not None:
+                    size = members[big].size
+                    raise DiffscoreError(f"{archive}: member {big} declares {size:,} bytes; is it CIFAR-10?")
                 return {n: tar.extractfile(members[n]).read() for n in TRAIN_FILES + TEST_FILES}
-        except tarfile.TarError as e:
+        except (tarfile.TarError, OSError, EOFError) as e:
             raise DiffscoreError(f"{archive} is not a readable tar archive ({e})") from None
     raise DiffscoreError(missing_message(root))
 

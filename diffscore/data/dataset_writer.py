@@ -28,10 +28,11 @@ from diffscore.data.image_folder import (
     SIDE_RULE,
     duplicate_name,
     is_valid_side,
+    read_labels_json,
     reading_image,
 )
 from diffscore.errors import DiffscoreError
-from diffscore.io import atomic_write
+from diffscore.io import atomic_write, read_user_file, read_zip_member
 
 TRANSFORMS = (None, "center-crop")
 MARKER, WRITER = "written_by", "diffscore dataset"  # the dataset.json entry that lets --overwrite replace an output
@@ -59,7 +60,8 @@ def _iter_cifar(source: Path) -> tuple[int, Iterator[tuple[str, Image.Image, int
 
 
 def _iter_images(source: Path) -> tuple[int, Iterator[tuple[str, Image.Image, int | None]]]:
-    """Images of a folder or ZIP (sorted by path), with labels from its dataset.json when present."""
+    """Images of a folder or ZIP (sorted by path), with labels from its dataset.json when present. Every file is
+    read through diffscore.io's bounded reader (a FIFO, device or oversized member is one line, never a hang)."""
     if source.is_file():
         if not zipfile.is_zipfile(source):
             raise DiffscoreError(f"--source {source} is neither a folder, a ZIP, nor the CIFAR-10 archive")
@@ -71,7 +73,10 @@ def _iter_images(source: Path) -> tuple[int, Iterator[tuple[str, Image.Image, in
                 "rebuild the ZIP with unique names"
             )
         names = sorted(n for n in zf.namelist() if n.lower().endswith(IMAGE_EXTENSIONS))
-        read = zf.read
+
+        def read(name: str) -> bytes:
+            return read_zip_member(zf, name, f"{source}:{name}")
+
         has_meta = "dataset.json" in zf.namelist()
     elif source.is_dir():
         names = sorted(
@@ -79,20 +84,14 @@ def _iter_images(source: Path) -> tuple[int, Iterator[tuple[str, Image.Image, in
         )
 
         def read(name: str) -> bytes:
-            return (source / name).read_bytes()
+            return read_user_file(source / name, f"{source}/{name}")
 
-        has_meta = (source / "dataset.json").is_file()
+        has_meta = (source / "dataset.json").exists() or (source / "dataset.json").is_symlink()
     else:
         raise DiffscoreError(f"--source {source} does not exist")
     if not names:
         raise DiffscoreError(f"--source {source} contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-    labels = None
-    if has_meta:
-        try:
-            entries = json.loads(read("dataset.json")).get("labels")
-            labels = {str(n): int(v) for n, v in entries} if entries is not None else None
-        except (ValueError, TypeError, AttributeError) as e:
-            raise DiffscoreError(f"{source}/dataset.json is malformed ({e})") from None
+    labels = read_labels_json(io.BytesIO(read("dataset.json")), f"{source}/dataset.json") if has_meta else None
 
     def items():
         for name in names:
@@ -152,15 +151,15 @@ def _not_ours(out: Path) -> str | None:
         return "is a link"
     try:
         if out.is_dir():
-            meta = (out / "dataset.json").read_bytes() if (out / "dataset.json").is_file() else None
+            meta = read_user_file(out / "dataset.json") if (out / "dataset.json").is_file() else None
             names = [p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir()]
         elif zipfile.is_zipfile(out):
             with zipfile.ZipFile(out) as zf:
                 names = zf.namelist()
-                meta = zf.read("dataset.json") if "dataset.json" in names else None
+                meta = read_zip_member(zf, "dataset.json", f"{out}:dataset.json") if "dataset.json" in names else None
         else:
             return "is not a ZIP or a folder"
-    except (OSError, zipfile.BadZipFile) as e:
+    except (OSError, zipfile.BadZipFile, DiffscoreError) as e:
         return f"cannot be read ({e})"
     if meta is None:
         return "has no dataset.json"

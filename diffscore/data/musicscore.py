@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from diffscore.data.image_folder import reading_image
 from diffscore.data.shards import extract_shard
 from diffscore.errors import DiffscoreError
+from diffscore.io import open_user_file, read_user_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -192,10 +193,12 @@ def read_metadata(path: str | Path) -> dict[str, dict[str, str]]:
     """{image file name: {canonical field: text}} from a ``metadata.json`` (see the module docstring)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if not path.exists():
+            raise FileNotFoundError(path)
+        data = json.loads(read_user_file(path).decode("utf-8"))  # a regular file of at most MAX_USER_FILE_BYTES
     except FileNotFoundError:
         raise DiffscoreError(f"{path} does not exist; every MusicScore scale folder holds a metadata.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DiffscoreError(f"{path} is not valid JSON ({e}); re-download or repair it") from None
     items: Iterable[tuple[str, Any, str | None]]
     if isinstance(data, dict) and any(isinstance(data.get(k), list) for k in RECORD_LISTS):
@@ -302,7 +305,8 @@ def index_split(
 
 
 def load_page(path: Path, resolution: int, policy: str = "top") -> Image.Image:
-    with reading_image(str(path)), Image.open(path) as img:  # one-line errors; decompression bombs refused
+    # the bounded reader (a regular file, at most MAX_USER_FILE_BYTES); one-line errors; decompression bombs refused
+    with reading_image(str(path)), open_user_file(path) as f, Image.open(f) as img:
         return page_to_square(img, resolution, policy)
 
 

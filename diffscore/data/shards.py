@@ -1,7 +1,8 @@
 """Tar shards extracted safely, once per version of the shard (MusicScore ships its splits as ``.tar.gz``).
 
-A member with an absolute path, a ``..`` component, a path resolving outside the destination, or of any type other
-than file and folder (links, devices) is refused, and ``tarfile``'s ``data`` filter is applied where Python has it.
+A member with an absolute path, a ``..`` component, a path resolving outside the destination, of any type other than
+file and folder (links, devices) or larger than ``MAX_USER_FILE_BYTES`` is refused, and ``tarfile``'s ``data`` filter
+is applied where Python has it. The shard itself is read through diffscore.io's bounded reader (a regular file).
 An extraction is written to a temporary sibling and renamed when complete, and records its shard's size, mtime and a
 hash of its ends (``STAMP``): a shard that changed since (or an extraction without the record) is extracted again
 and swapped in whole; processes extracting one shard at once (DDP ranks) each finish, and the first one wins.
@@ -19,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from diffscore.errors import DiffscoreError
+from diffscore.io import MAX_USER_FILE_BYTES, open_user_file
 
 STAMP = ".diffscore-shard.json"  # in an extracted folder: size, mtime and hash of the shard it came from
 
@@ -27,6 +29,8 @@ def check_member(member: tarfile.TarInfo, dest: Path, shard: Path) -> None:
     """Raise DiffscoreError unless ``member`` is a plain file or folder whose path stays inside ``dest``."""
     name = member.name
     where = f"shard {shard}: member {name!r}"
+    if member.isfile() and member.size > MAX_USER_FILE_BYTES:
+        raise DiffscoreError(f"{where} declares {member.size:,} bytes, more than a page may hold; refusing the shard")
     if not (member.isfile() or member.isdir()):
         kind = "link" if (member.issym() or member.islnk()) else "special file"
         raise DiffscoreError(f"{where} is a {kind}; only files and folders are extracted. Refusing the shard")
@@ -41,9 +45,9 @@ def check_member(member: tarfile.TarInfo, dest: Path, shard: Path) -> None:
 
 def shard_stamp(shard: Path) -> dict[str, Any]:
     """What tells that a shard changed: its size, mtime and the SHA-256 of its first and last MiB."""
-    st = shard.stat()
     digest = hashlib.sha256()
-    with open(shard, "rb") as f:
+    with open_user_file(shard, f"shard {shard}", max_bytes=None) as f:  # a regular file: a FIFO cannot hang it
+        st = os.fstat(f.fileno())
         digest.update(f.read(1 << 20))
         if st.st_size > 2 << 20:
             f.seek(st.st_size - (1 << 20))
@@ -105,7 +109,7 @@ def extract_shard(shard: str | Path, dest: str | Path, extract: bool = True) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with tarfile.open(shard, "r:*") as tar:
+        with open_user_file(shard, f"shard {shard}", max_bytes=None) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             members = tar.getmembers()
             for m in members:
                 check_member(m, tmp, shard)

@@ -6,12 +6,14 @@ any number of devices and at any batch size.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,21 +108,22 @@ class Devices:
     strategy: str = "auto"
 
 
+def devices_in_use(devices: Devices) -> int:
+    """How many devices a run will split its seeds over (before the trainer starts): the number given, or every GPU
+    for "auto" on a GPU machine, else 1."""
+    if isinstance(devices.devices, int) and devices.devices > 0:
+        return devices.devices
+    gpu = torch.cuda.is_available() and devices.accelerator in ("auto", "gpu", "cuda")
+    return max(1, torch.cuda.device_count()) if gpu and devices.devices in ("auto", -1) else 1
+
+
 def predict_over_seeds(
     sampler: Sampler, seeds: list[int], writer: ShardWriter, batch_size: int, devices: Devices
 ) -> dict[str, Tensor] | None:
     """Run ``sampler`` over ``seeds`` on all devices; rank 0 gets the parts merged in seed order (checked: each
     seed exactly once), other ranks None. The parts folder is removed whatever happens."""
-    trainer = Trainer(
-        accelerator=devices.accelerator,
-        devices=devices.devices,
-        strategy=devices.strategy,
-        benchmark=True,  # cuDNN picks the fastest convolutions for the one batch shape (as the GPU configs train)
-        logger=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        callbacks=[writer],
-    )
+    with _quiet_lightning():  # the "GPU available" lines: the command says what it uses
+        trainer = _trainer(writer, devices)
     parts = writer.parts_dir
     if trainer.is_global_zero:
         shutil.rmtree(parts, ignore_errors=True)
@@ -165,3 +168,30 @@ def parts_folder(out: Path) -> Path:
     one folder do not collide) and the same on every rank (DDP ranks inherit the launcher's environment)."""
     token = os.environ.setdefault("DIFFSCORE_RUN_TOKEN", secrets.token_hex(4))
     return out.with_name(f".{out.name}.parts-{token}")
+
+
+@contextmanager
+def _quiet_lightning():
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _trainer(writer: ShardWriter, devices: Devices) -> Trainer:
+    """Lightning's predict loop over seeds: no logger, checkpoints or progress bar (the sampler shows its own)."""
+    return Trainer(
+        accelerator=devices.accelerator,
+        devices=devices.devices,
+        strategy=devices.strategy,
+        benchmark=True,  # cuDNN picks the fastest convolutions for the one batch shape (as the GPU configs train)
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[writer],
+    )

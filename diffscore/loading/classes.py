@@ -31,7 +31,7 @@ BACKBONES: ClassTable = {
     **spellings("diffscore.networks.theory_net", "TheoryNet", "diffscore.networks"),
 }
 AUGMENTERS: ClassTable = {
-    **spellings("diffscore.core.augment", "NonLeakyAugment"),
+    **spellings("diffscore.core.nonleaky_augment", "NonLeakyAugment", "diffscore.core.augment"),
     **spellings("diffscore.core.augment", "ScoreAugment"),
 }
 

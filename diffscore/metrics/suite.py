@@ -4,6 +4,7 @@ statistics they compare with, and the metric values from gathered features."""
 
 from __future__ import annotations
 
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ from torch import Tensor
 
 from diffscore.errors import DiffscoreError
 from diffscore.metrics.digits_classifier import digits_features
-from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics
+from diffscore.metrics.frechet import feature_statistics, frechet_distance, load_statistics, open_statistics
+from diffscore.metrics.inception import POOL_FEATURES
 from diffscore.metrics.leakage import leaked
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
 
@@ -92,6 +94,24 @@ def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[
     return result
 
 
+def load_kid_features(path: str) -> np.ndarray | None:
+    """The reference features [N, 2048] for KID in a statistics file (None when it holds none), checked."""
+    with open_statistics(path) as data:
+        if "kid_features" not in data.files:
+            return None
+        try:
+            feats = data["kid_features"]
+        except (ValueError, OSError, MemoryError, zipfile.BadZipFile) as e:
+            raise DiffscoreError(f"{path}: kid_features cannot be read ({e})") from None
+    if feats.ndim != 2 or feats.shape[1] != POOL_FEATURES or len(feats) < 2 or feats.dtype.kind != "f":
+        raise DiffscoreError(
+            f"{path}: kid_features is {feats.dtype} {list(feats.shape)}; expected float [N >= 2, {POOL_FEATURES}]"
+        )
+    if not np.isfinite(feats).all():
+        raise DiffscoreError(f"{path}: kid_features holds NaN or Inf values; the file is damaged, make it again")
+    return feats
+
+
 @torch.no_grad()
 def reference_statistics(
     wanted: set[str], ref_path: str | None, train: Tensor | None, held: Tensor | None, inception=None, digits=None
@@ -101,11 +121,11 @@ def reference_statistics(
     them, and the leakage of real digits."""
     ref: dict[str, Any] = {}
     if wanted & STATS_METRICS:
-        if ref_path is not None:
-            ref["mu"], ref["sigma"] = load_statistics(ref_path)
-            with np.load(ref_path) as data:
-                if "kid_features" in data:
-                    ref["kid_features"] = data["kid_features"]
+        if ref_path is not None:  # checked as read: finite, a covariance, of Inception's pool features
+            ref["mu"], ref["sigma"] = load_statistics(ref_path, POOL_FEATURES)
+            kid = load_kid_features(ref_path) if "kid" in wanted else None
+            if kid is not None:
+                ref["kid_features"] = kid
         if "mu" not in ref or ("kid" in wanted and "kid_features" not in ref):
             if train is None:
                 raise DiffscoreError(

@@ -175,13 +175,19 @@ def test_scoreaug_digits_runs_check_leakage_by_default():
     assert auto_metrics((3, 32, 32), scoreaug=True) == "fid,memorization"
 
 
-def test_refstats_reads_a_configs_data_section(tmp_path, capsys):
-    """`refstats --data_config X.yaml` (jsonargparse keeps `--config` for its own config files: told in one line)."""
+def test_refstats_reads_a_configs_data_section_and_makes_its_folders(tmp_path):
+    """`refstats --config X.yaml` (as `suggest-noise --config`; --data_config too) reads the YAML's data: section;
+    the digits' features are picked for 8x8 digits without --features; the output's folders are created, and a
+    file it did not write is never replaced."""
     from tests.conftest import QUICKSTART
 
-    out = tmp_path / "ref.npz"
-    assert run_cli(["refstats", "--data_config", QUICKSTART, "--features", "digits", "--out", out]) == 0
+    out = tmp_path / "refs" / "digits.npz"
+    assert run_cli(["refstats", "--config", QUICKSTART, "--out", out]) == 0
     with np.load(out) as ref:
         assert ref["mu"].shape == (ref["sigma"].shape[0],) and ref["sigma"].shape[0] > 1
-    assert run_cli(["refstats", "--config", QUICKSTART, "--out", out]) == 2
-    assert "--data_config" in capsys.readouterr().err
+        assert str(ref["written_by"]) == "diffscore refstats"
+    assert run_cli(["refstats", "--data_config", QUICKSTART, "--features", "digits", "--out", out]) == 0  # its own
+    theirs = tmp_path / "theirs.npz"
+    np.savez(theirs, mu=np.zeros(2), sigma=np.eye(2))
+    assert run_cli(["refstats", "--config", QUICKSTART, "--out", theirs]) == 2
+    assert np.load(theirs)["mu"].shape == (2,)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffscore.loading.open import open_model
+from diffscore.outputs import MANIFEST
 from tests.conftest import QUICKSTART, TINY, run_cli
 
 # Measured on this run (40 steps of 32 images, float32 snapshots after every step): the reconstruction of 0.07
@@ -46,7 +47,8 @@ def test_reconstructed_profile_matches_the_one_tracked_directly_and_samples(phem
     out = tmp_path / "ema"
     args = ["phema", "--run", phema_run, "--sigma_rel", "0.07", "0.12", "--from_sigma_rels", "0.05", "0.1"]
     assert run_cli([*args, "--out", out]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["phema-0.070.ckpt", "phema-0.120.ckpt", "phema.json", "phema.png"]
+    written = ["phema-0.070.ckpt", "phema-0.120.ckpt", "phema.json", "phema.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, *written])
     state = torch.load(phema_run / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PostHocEMA"]
     tracked = {s: flat(ema) for s, ema in zip(state["sigma_rels"], state["ema"], strict=True)}
     ckpt = torch.load(out / "phema-0.070.ckpt", weights_only=True)

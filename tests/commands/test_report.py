@@ -1,5 +1,6 @@
 import json
 
+from diffscore.outputs import MANIFEST
 from tests.conftest import run_cli
 
 RECORDS = [{"step": 2, "train/loss": 0.5, "lr": 1e-3}, {"step": 4, "train/loss": 0.25, "lr": 1e-3}]
@@ -13,7 +14,8 @@ def _run_dir(tmp_path, tail=""):
 def test_report_plots_a_run_whose_last_line_was_cut_by_a_kill(tmp_path, capsys):
     assert run_cli(["report", _run_dir(tmp_path, '{"step": 6, "train/lo')]) == 0
     assert (tmp_path / "report" / "loss.png").stat().st_size > 0
-    assert not [p for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]  # no temporary files
+    hidden = [p.name for p in (tmp_path / "report").iterdir() if p.name.startswith(".")]
+    assert hidden == [MANIFEST]  # the folder's record of what diffscore wrote; no temporary files
     assert capsys.readouterr().err.count("diffscore: warning:") == 1
 
 

@@ -46,7 +46,16 @@ def test_gmm_config_yaml_equals_the_core_and_pastes_into_fit(tmp_path, capsys):
     assert summary["sigma_max_centered"] == pytest.approx(expected["sigma_max_centered"], rel=1e-12)
     assert summary["band"] == pytest.approx(list(expected["band"]), rel=1e-12)
     assert (out / "noise.png").stat().st_size > 10_000
-    assert "sigma_max" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "sigma_max" in printed and "sigma_data = the RMS about zero, sqrt((tr Sigma + |mu|^2) / D)" in printed
+    scales = expected["data_scales"]  # the rule is stated with the three candidates it was chosen from
+    assert (
+        f"per-pixel std {scales['per_pixel']:.4g}, pooled std {scales['pooled']:.4g}, RMS {scales['rms']:.4g}"
+        in printed
+    )
+    assert summary["sigma_data_rule"].startswith("sigma_data = the RMS") and got["sigma_data"] == pytest.approx(
+        scales["rms"], rel=1e-5
+    )
     # the file is a config layer: `diffscore fit --config gmm.yaml --config noise.yaml` trains with its values
     assert run_cli(["fit", "--config", GMM, "--config", out / "noise.yaml", "--print_config"]) == 0
     printed = flat(yaml.safe_load(capsys.readouterr().out)["model"]["init_args"])

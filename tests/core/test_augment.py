@@ -21,28 +21,29 @@ def _slow_shift(img: torch.Tensor, dx: int, dy: int, circular: bool) -> torch.Te
     return out
 
 
+@pytest.mark.parametrize("padding", ["zero", "circular"])
 @pytest.mark.parametrize("mode", ["one_of", "composed"])
-def test_zero_label_iff_identity(mode):
-    weights = None if mode == "one_of" else {n: 0.3 for n in ("rot90", "hflip", "vflip", "translate", "cutout")}
-    if weights:
-        weights["brightness"] = 0.3
-    aug = ScoreAugment(weights, mode=mode, translate_frac=0.15)
-    g = torch.Generator().manual_seed(0)
-    params = aug.sample_params(2000, generator=g)
-    x = torch.randn(2000, 3, 8, 8, generator=g)
+@pytest.mark.parametrize("side", [4, 8, 32, 64])
+def test_the_label_is_zero_exactly_when_apply_leaves_the_image_unchanged_at_every_size(mode, side, padding):
+    """Issue 34: on 8x8 images 1 in 9 translations (default translate_frac 0.1: m = 1) resolved to (0, 0) pixels
+    under a nonzero label, and composed hflip + vflip + rot180 cancelled. Judged by the effect on random images:
+    every sample with a nonzero label is changed, every sample with a zero label is returned exactly; and each
+    label column is zero exactly when its part (pixel shift, flips, rotation, cutout, brightness) is the identity."""
+    composed = {n: 0.5 for n in ("rot90", "hflip", "vflip", "translate", "cutout", "brightness")}
+    aug = ScoreAugment(None if mode == "one_of" else composed, mode=mode, translate_padding=padding)
+    g = torch.Generator().manual_seed(side)
+    params = aug.sample_params(4000, generator=g)
+    x = torch.randn(4000, 2, side, side, generator=g)
     unchanged = (aug.apply(x, params) == x).flatten(1).all(1)  # the identity, judged by its effect
-    zero_label = (aug.label(params) == 0).all(1)
-    assert torch.equal(zero_label, params.is_identity())
-    if mode == "one_of":
-        # the one transform that can leave an 8x8 image as it is: a translation that resolves to (0, 0) pixels
-        # (1 in (2m + 1)^2 = 9 of the translations, m = round(0.15 * 8) = 1, as with a direct pixel draw)
-        px = aug.resolve(params, 8, 8)
-        still = ((params.shift_x != 0) | (params.shift_y != 0)) & (px.shift_x == 0) & (px.shift_y == 0)
-        assert torch.equal(unchanged, zero_label | still)
-        assert 0.004 < still.float().mean() < 0.035  # expected 1/7 * 1/9 = 0.016
-    else:  # composed transforms can cancel (hflip + vflip + rot180): a zero label still implies no change
-        assert unchanged[zero_label].all()
-    assert 0.05 < zero_label.float().mean() < 0.6  # both kinds occur
+    label = aug.label(params)
+    zero_label = (label == 0).all(1)
+    assert torch.equal(unchanged, zero_label) and torch.equal(zero_label, params.is_identity())
+    px = aug.resolve(params, side, side)
+    assert torch.equal(label[:, 5] != 0, px.shift_x != 0) and torch.equal(label[:, 6] != 0, px.shift_y != 0)
+    assert torch.equal(label[:, 7] != 0, px.cutout_size > 0) and torch.equal(label[:, 10] != 0, params.brightness != 1)
+    assert 0.01 < zero_label.float().mean() < 0.5 and (px.shift_x != 0).float().mean() > 0.05  # both kinds occur
+    if mode == "composed":  # the dihedral part is drawn canonically: rot90^k hflip^h, never vflip
+        assert not params.vflip.any() and params.hflip.any() and (params.rot90 == 2).any()
 
 
 def test_same_params_give_the_same_transform_of_input_and_target():
@@ -154,24 +155,29 @@ def test_bad_options_are_refused():
         ScoreAugment().sample_params(4, image_size=(8, 8))
 
 
-@pytest.mark.parametrize("side", [5, 8, 32, 64])
-def test_one_parameter_set_resolves_to_the_direct_pixel_law_at_every_size(side):
-    """One draw (no size given) resolved at several sizes: the pixel shift is uniform over -m..m,
-    m = round(translate_frac * side), the cutout side uniform over round(cutout_frac * side) and its centre uniform
-    over the pixels, as when each was drawn in pixels for that size; and the pixels stay near fraction * side."""
+@pytest.mark.parametrize("side", [4, 5, 8, 32, 64])
+def test_one_parameter_set_resolves_to_uniform_nonzero_pixel_laws_at_every_size(side):
+    """One draw (no size given) resolved at several sizes: a drawn shift is uniform over -m..-1, 1..m pixels,
+    m = round(translate_frac * side) clamped to 1..side - 1 (never 0: the label says it moved), the cutout side
+    uniform over round(cutout_frac * side) and its centre uniform over the pixels; the pixels stay near
+    fraction * side."""
     n = 60000
     aug = ScoreAugment({"translate": 1.0, "cutout": 1.0}, mode="composed", translate_frac=0.15, cutout_frac=(0.1, 0.5))
     p = aug.sample_params(n, generator=torch.Generator().manual_seed(12))
     px = aug.resolve(p, side, side)
 
-    def assert_uniform(values: torch.Tensor, lo: int, hi: int) -> None:
+    def assert_uniform(values: torch.Tensor, lo: int, hi: int, skip_zero: bool = False) -> None:
         assert values.min() == lo and values.max() == hi
         freq = torch.bincount(values - lo, minlength=hi - lo + 1).double() / len(values)
-        assert (freq - 1 / (hi - lo + 1)).abs().max() < 4 * (1 / (hi - lo + 1) / len(values)) ** 0.5
+        if skip_zero:
+            assert freq[-lo] == 0
+            freq = torch.cat([freq[:-lo], freq[-lo + 1 :]])
+        assert (freq - 1 / len(freq)).abs().max() < 4 * (1 / len(freq) / len(values)) ** 0.5
 
-    m = round(0.15 * side)
-    assert_uniform(px.shift_x, -m, m)
-    assert_uniform(px.shift_y, -m, m)
+    m = min(max(1, round(0.15 * side)), side - 1)
+    assert_uniform(px.shift_x, -m, m, skip_zero=True)
+    assert_uniform(px.shift_y, -m, m, skip_zero=True)
+    assert torch.equal(px.shift_x.sign(), p.shift_x.sign().long())
     cut = p.cutout_size > 0
     assert_uniform(px.cutout_size[cut], max(1, round(0.1 * side)), max(1, round(0.5 * side)))
     assert_uniform(px.cutout_x[cut], 0, side - 1)

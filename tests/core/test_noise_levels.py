@@ -12,6 +12,7 @@ from scipy.special import lambertw
 
 from diffscore.core.gaussian import GaussianDenoiser
 from diffscore.core.noise_levels import (
+    data_scales,
     gaussian_mmse,
     kl_to_isotropic,
     lognormal_over_band,
@@ -22,6 +23,7 @@ from diffscore.core.noise_levels import (
     suggest_sigma_min,
     teleport_level,
 )
+from diffscore.core.precond import edm_coefficients
 
 Q2 = (2 / 255) ** 2 / 12  # rms rounding error^2 of 8-bit images in [-1, 1]
 Z95 = 1.6448536269514722
@@ -123,7 +125,7 @@ def test_suggestions_from_moments_and_from_samples_equal_the_closed_forms():
         return brentq(kl, 1e-3, 1e3, xtol=1e-14)
 
     exact = {
-        "sigma_data": 0.3,
+        "sigma_data": math.sqrt(0.09 + m2 / 3),  # RMS about zero: sqrt((tr Sigma + |mu|^2) / D) = 0.4
         "sigma_max_centered": math.sqrt(0.09 / r),
         "sigma_max": closed_form_sigma_max(0.09, m2),
         "sigma_min": math.sqrt(0.09 * Q2 / (0.09 - Q2)),
@@ -179,3 +181,57 @@ def test_bad_spectra_raise():
         suggest_sigma_min(torch.full((3,), 1e-7))
     with pytest.raises(ValueError, match="as many"):
         teleport_level([1.0, 2.0], [0.5])
+
+
+def test_the_three_data_scales_equal_their_sample_forms_exactly():
+    """per_pixel^2 = mean_i Var(x_i), pooled^2 = the variance of all N D values about their one mean, rms^2 =
+    mean of x^2: identities of the (biased) moments that GaussianDenoiser.from_data fits, so they hold to
+    round-off; and rms^2 = pooled^2 + mean^2 >= pooled^2 >= per_pixel^2."""
+    g = torch.Generator().manual_seed(0)
+    x = (
+        0.3
+        * torch.randn(400, 24, generator=g, dtype=torch.float64)
+        @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    )
+    x = x / 4 + torch.linspace(-0.2, 0.9, 24, dtype=torch.float64)  # a mean that differs between coordinates
+    fit = GaussianDenoiser.from_data(x)
+    scales = data_scales(fit.mean, fit.eigvals, fit.dim)
+    assert scales["per_pixel"] == pytest.approx(float(x.var(0, unbiased=False).mean().sqrt()), rel=1e-12)
+    assert scales["pooled"] == pytest.approx(float(x.flatten().std(unbiased=False)), rel=1e-12)
+    assert scales["rms"] == pytest.approx(float(x.square().mean().sqrt()), rel=1e-12)
+    assert scales["rms"] ** 2 == pytest.approx(scales["pooled"] ** 2 + float(x.mean()) ** 2, rel=1e-12)
+    assert suggest_sigma_data(fit.eigvals, fit.dim, float((fit.mean**2).sum())) == pytest.approx(
+        scales["rms"], rel=1e-12
+    )
+    assert suggest_noise_levels(fit).sigma_data == pytest.approx(scales["rms"], rel=1e-12)
+    centred = data_scales(torch.zeros(24), fit.eigvals, fit.dim)  # zero mean: the three agree
+    assert centred["per_pixel"] == pytest.approx(centred["pooled"]) == pytest.approx(centred["rms"])
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.5, 5.0, 80.0])
+def test_with_the_rms_the_networks_input_and_target_have_unit_magnitude_for_data_far_from_zero(sigma):
+    """EDM's derivation (App. B.6) with the mean the network sees: E||c_in (x0 + n)||^2 / D and
+    E||(x0 - c_skip (x0 + n)) / c_out||^2 / D are 1 at every sigma with sigma_data = rms, not with the
+    per-coordinate std (white pages: mean 0.7, per-pixel std 0.12)."""
+    g = torch.Generator().manual_seed(1)
+    d, n = 64, 20000
+    x0 = 0.7 + 0.12 * torch.randn(n, d, generator=g, dtype=torch.float64)  # mostly white pages in [-1, 1]
+    noise = sigma * torch.randn(n, d, generator=g, dtype=torch.float64)
+    fit = GaussianDenoiser.from_data(x0)
+    scales = data_scales(fit.mean, fit.eigvals, fit.dim)
+
+    def magnitudes(sigma_data: float) -> tuple[float, float]:
+        c_skip, c_out, c_in, _ = edm_coefficients(torch.tensor(sigma, dtype=torch.float64), sigma_data)
+        net_input = c_in * (x0 + noise)
+        target = (x0 - c_skip * (x0 + noise)) / c_out
+        return float(net_input.square().mean()), float(target.square().mean())
+
+    def closed_form(sigma_data: float) -> tuple[float, float]:  # m2 = E||x0||^2 / D = rms^2
+        m2, s2, v = scales["rms"] ** 2, sigma_data**2, sigma**2
+        c_skip, c_out2 = s2 / (s2 + v), v * s2 / (s2 + v)
+        return (m2 + v) / (s2 + v), ((1 - c_skip) ** 2 * m2 + c_skip**2 * v) / c_out2
+
+    for rule, unit in (("rms", True), ("per_pixel", False)):
+        sampled, exact = magnitudes(scales[rule]), closed_form(scales[rule])
+        assert sampled == pytest.approx(exact, rel=0.03)
+        assert exact == pytest.approx((1.0, 1.0), rel=1e-12) if unit else max(exact) > 2

@@ -1,4 +1,5 @@
 import json
+import os
 import zipfile
 import zlib
 
@@ -184,3 +185,51 @@ def test_output_is_marked_as_diffscores_and_stays_edm_compatible(tmp_path):
         "labels": [["00000/img00000000.png", 0], ["00000/img00000001.png", 1]],
         "written_by": "diffscore dataset",
     }
+
+
+@pytest.mark.parametrize("label", [-3, "7", 2.9, True, 1e30, 10**9], ids=repr)
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_bad_labels_are_refused_not_coerced_and_nothing_is_written(tmp_path, label, as_zip):
+    src = tmp_path / ("src.zip" if as_zip else "src")
+    if not as_zip:
+        src.mkdir()
+    write_dataset(src, random_images(3, 8), as_zip=as_zip)  # no labels yet
+    meta = json.dumps({"labels": [[f"00000/img{i:08d}.png", lab] for i, lab in enumerate([0, label, 2])]})
+    if as_zip:
+        with zipfile.ZipFile(src, "a") as zf:
+            zf.writestr("dataset.json", meta)
+    else:
+        (src / "dataset.json").write_text(meta)
+    with pytest.raises(DiffscoreError) as err:
+        convert_dataset(str(src), str(tmp_path / "out.zip"))
+    assert str(err.value) == (
+        f"{src}/dataset.json: the label of 00000/img00000001.png is {json.loads(json.dumps(label))!r}; labels must "
+        "be integers >= 0 and < 100,000 (written as JSON integers, not strings, floats or booleans)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero"])
+def test_a_fifo_or_device_named_png_in_the_source_is_one_line_not_a_hang(tmp_path, kind):
+    from tests.test_io import within
+
+    (tmp_path / "src").mkdir()
+    src = write_dataset(tmp_path / "src", random_images(2, 8))
+    odd = src / "00000/odd.png"
+    os.mkfifo(odd) if kind == "fifo" else odd.symlink_to(kind)
+    with within(20), pytest.raises(DiffscoreError) as err:
+        convert_dataset(str(src), str(tmp_path / "out"))
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
+    assert str(err.value) == f"{odd} is {what}, not a regular file; remove it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temporary folder left
+
+
+def test_a_source_zip_member_of_gigabytes_is_refused_before_it_is_inflated(tmp_path):
+    from tests.test_io import GIB, add_deflated_member, peak_python_bytes, zeros_deflate
+
+    src = write_dataset(tmp_path / "src.zip", random_images(2, 8), as_zip=True)
+    add_deflated_member(src, "00000/img00000002.png", zeros_deflate(GIB), GIB)
+    peak = peak_python_bytes(lambda: convert_dataset(str(src), str(tmp_path / "out.zip")))
+    with pytest.raises(DiffscoreError, match=r"src\.zip:00000/img00000002\.png declares 1,073,741,824 bytes"):
+        convert_dataset(str(src), str(tmp_path / "out.zip"))
+    assert peak < 16 << 20 and sorted(p.name for p in tmp_path.iterdir()) == ["src.zip"]

@@ -1,5 +1,7 @@
 import json
+import os
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -69,7 +71,7 @@ def broken(tmp_path, kind):
         )
     elif kind == "no dataset.json":
         (d / "dataset.json").unlink()
-        bad = "dataset.json"
+        bad = "dataset.json does not exist; add it"
     elif kind == "empty folder":
         for p in sorted(d.rglob("*"), reverse=True):
             p.unlink() if p.is_file() else p.rmdir()
@@ -149,7 +151,7 @@ def test_duplicate_zip_members_are_refused(tmp_path):
 
 @pytest.mark.parametrize("side, verify", [(100_000, True), (10_000, True), (10_000, False)])
 def test_decompression_bomb_is_one_line(tmp_path, side, verify):
-    from tests.data.test_convert import bomb_png
+    from tests.data.test_dataset_writer import bomb_png
 
     d = tmp_path / "d"
     d.mkdir()
@@ -158,3 +160,123 @@ def test_decompression_bomb_is_one_line(tmp_path, side, verify):
     with pytest.raises(DiffscoreError, match=r"img00000001\.png .*decompression bomb") as err:
         ImageFolderDataset(d, verify=verify)[1]
     assert len(str(err.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 34: a corrupt compressed stream, files that are no regular files, members of gigabytes, labels.
+
+
+def corrupt_idat_png(arr: np.ndarray) -> bytes:
+    """A PNG of ``arr`` whose header is valid and whose compressed pixel data (IDAT, past the zlib header) are
+    garbled, with the chunk's CRC recomputed: only inflating the pixels finds the damage."""
+    import struct
+
+    data, pos = bytearray(png_bytes(arr)), 8
+    while data[pos + 4 : pos + 8] != b"IDAT":
+        pos += 12 + struct.unpack(">I", data[pos : pos + 4])[0]
+    size, body = struct.unpack(">I", data[pos : pos + 4])[0], pos + 8
+    for i in range(body + 2, body + size):
+        data[i] ^= 0x5A
+    struct.pack_into(">I", data, body + size, zlib.crc32(bytes(data[pos + 4 : body + size])))
+    return bytes(data)
+
+
+def test_torchvisions_decoder_crashes_the_process_on_a_corrupt_idat():
+    """Why images are decoded by PIL: torchvision.io.decode_image (libpng) segfaults on this file (exit 139 in
+    `fit`), so the old path is shown crashing in a child process, never in the test run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from torchvision.io import decode_image, ImageReadMode\n"
+        "data = bytearray(sys.stdin.buffer.read())\n"
+        "decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)\n"
+    )
+    bad = corrupt_idat_png(random_images(1, 8)[0])
+    child = subprocess.run([sys.executable, "-c", code], input=bad, capture_output=True, timeout=120)
+    assert child.returncode == -11, (child.returncode, child.stderr[-300:])  # SIGSEGV
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_a_corrupt_compressed_png_is_one_line_naming_the_file_also_in_a_worker(tmp_path, as_zip):
+    images = random_images(3, 8)
+    files = {f"00000/img{i:08d}.png": png_bytes(img) for i, img in enumerate(images)}
+    files["00000/img00000001.png"] = corrupt_idat_png(images[1])
+    path = tmp_path / ("d.zip" if as_zip else "d")
+    if as_zip:
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        for name, data in files.items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_bytes(data)
+    ds = ImageFolderDataset(path)  # the header is valid: start-up accepts it
+    where = f"{path}:00000/img00000001.png" if as_zip else str(path / "00000/img00000001.png")
+    assert torch.equal(ds[0][0], torch.from_numpy(images[0]).permute(2, 0, 1))
+    with pytest.raises(DiffscoreError) as err:
+        ds[1]
+    assert str(err.value).startswith(f"{where} is not a readable image (") and "\n" not in str(err.value)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1)
+    with pytest.raises(DiffscoreError) as err:  # raised in the worker, re-raised here with its traceback
+        next(iter(loader))
+    last = err.value.args[0].strip().splitlines()[-1]  # what the CLI prints (diffscore.commands._fail)
+    assert last.split("DiffscoreError: ", 1)[-1].startswith(f"{where} is not a readable image (")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder"])
+def test_an_image_name_that_is_no_regular_file_is_refused_without_blocking(tmp_path, kind):
+    from tests.test_io import within
+
+    d = write_dataset(tmp_path, random_images(2, 8))
+    odd = d / "00000/img00000002.png"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "folder":
+        odd.mkdir()
+    else:
+        odd.symlink_to(kind)
+    what = {"fifo": "a FIFO (named pipe)", "/dev/zero": "a character device", "folder": None}[kind]
+    if what is None:  # a folder named *.png is a folder of the data set, not an image
+        assert ImageFolderDataset(d).num_images == 2
+        return
+    with within(20), pytest.raises(DiffscoreError) as err:
+        ImageFolderDataset(d)
+    assert str(err.value) == f"{odd} is {what}, not a regular file; remove it"
+
+
+def test_zip_members_of_gigabytes_are_refused_before_they_are_inflated(tmp_path):
+    from tests.test_io import GIB, add_deflated_member, peak_python_bytes, zeros_deflate
+
+    head = png_bytes(random_images(1, 8)[0])[:33]  # signature and IHDR: a valid 8x8 header, then gigabytes
+    honest = write_dataset(tmp_path / "honest.zip", random_images(2, 8), as_zip=True)
+    add_deflated_member(honest, "00000/img00000002.png", zeros_deflate(GIB, head), GIB + len(head))
+    peak = peak_python_bytes(lambda: ImageFolderDataset(honest))
+    with pytest.raises(DiffscoreError, match=r"honest\.zip:00000/img00000002\.png declares 1,073,741,857 bytes"):
+        ImageFolderDataset(honest)
+    assert peak < 16 << 20
+    liar = write_dataset(tmp_path / "liar.zip", random_images(2, 8), as_zip=True)
+    add_deflated_member(liar, "00000/img00000002.png", zeros_deflate(GIB, head), 4096)
+    peak = peak_python_bytes(lambda: ImageFolderDataset(liar, verify=False)[2])
+    with pytest.raises(DiffscoreError, match=r"liar\.zip:00000/img00000002\.png cannot be read \(BadZipFile"):
+        ImageFolderDataset(liar, verify=False)[2]
+    assert peak < 16 << 20
+
+
+BAD_LABELS = [-3, "7", 2.9, True, 1e30, 10**9, 10**30, 100_000]
+
+
+@pytest.mark.parametrize("label", BAD_LABELS, ids=repr)
+def test_labels_that_are_not_small_non_negative_integers_are_refused(tmp_path, label):
+    d = write_dataset(tmp_path, random_images(3, 8), [0, 1, 2])
+    entries = [[f"00000/img{i:08d}.png", lab] for i, lab in enumerate([0, label, 2])]
+    (d / "dataset.json").write_text(json.dumps({"labels": entries}))
+    with pytest.raises(DiffscoreError) as err:
+        ImageFolderDataset(d, use_labels=True)
+    assert str(err.value) == (
+        f"{d / 'dataset.json'}: the label of 00000/img00000001.png is {json.loads(json.dumps(label))!r}; labels "
+        "must be integers >= 0 and < 100,000 (written as JSON integers, not strings, floats or booleans)"
+    )
+    entries[1][1] = 99_999  # the largest class index accepted
+    (d / "dataset.json").write_text(json.dumps({"labels": entries}))
+    assert ImageFolderDataset(d, use_labels=True).num_classes == 100_000

@@ -1,4 +1,4 @@
-"""Opening model files: checkpoints written by older mains still load and sample the same bits; classes a file
+"""Opening model files: checkpoints written by older mains still load and sample as they did; classes a file
 names are built only from the allowed tables, with plain-data arguments; each command reads each file once."""
 
 from __future__ import annotations
@@ -27,17 +27,22 @@ OLD_FILES["disback-2026-12"] = OneStepSampler
 
 
 @pytest.mark.parametrize("name", list(OLD_FILES))
-def test_a_checkpoint_of_an_older_main_loads_and_samples_the_same_bits(name):
+def test_a_checkpoint_of_an_older_main_loads_and_samples_as_it_did(name):
     """The 2026-11 file names ``diffscore.lit.DiffusionModule`` / ``diffscore.lit.DigitsDataModule`` and flat
     sampler settings; the 2026-12 ones an augmentation arm by string and churn in ``sampler_kwargs``; the samples
-    must come out bit for bit as that main's `diffscore sample` wrote them."""
+    must come out as that main's `diffscore sample` wrote them. Bit for bit on the machine that wrote them; another
+    CPU's vector kernels round differently (CI measured up to 1e-6 on the ScoreAug file), so the bound is float32
+    round-off, far below what a misread setting moves (a dropped churn moved the ScoreAug samples by 9.0, five
+    steps instead of four by 5.3)."""
     model = open_model(FILES / f"{name}.ckpt")
     assert isinstance(model_datamodule(model), DigitsDataModule)
     sampler = model.sampler()
     assert isinstance(sampler, OLD_FILES[name])
     with np.load(FILES / f"{name}.samples.npz") as ref:
         assert ref["seeds"].tolist() == [0, 1, 2, 3]
-        torch.testing.assert_close(sampler.generate([0, 1, 2, 3]), torch.from_numpy(ref["samples"]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            sampler.generate([0, 1, 2, 3]), torch.from_numpy(ref["samples"]), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_only_allowed_classes_are_built_and_nothing_is_imported_for_others(monkeypatch):

@@ -1,4 +1,4 @@
-"""diffscore/networks/edm_dhariwal.py against an independent float64 reference of EDM's DhariwalUNet.
+"""diffscore/loading/edm/dhariwal.py against an independent float64 reference of EDM's DhariwalUNet.
 
 The reference below is written from the facts of NVlabs/edm ``training/networks.py`` (DhariwalUNet, UNetBlock,
 Conv2d, Linear, GroupNorm, PositionalEmbedding, AttentionOp) in plain torch functional ops, on parameters in EDM's

@@ -1,4 +1,4 @@
-"""diffscore/data/edm_pickle.py: EDM-format pickles written here (no EDM installed), read without running them.
+"""diffscore/loading/edm/pickle.py: EDM-format pickles written here (no EDM installed), read without running them.
 
 The stand-in classes below mirror the attribute layout of NVlabs/edm's training/networks.py; ``EDMPickler`` pickles
 them exactly as ``torch_utils.persistence`` does: ``_reconstruct_persistent_obj(dict(type='class', version=6,
@@ -299,3 +299,141 @@ def test_tampered_records_are_refused(tmp_path, edit, pattern):
     path = dump_edm(tmp_path / "tampered.pkl", snapshot(small_net()), tamper=conv_tamper(edit))
     message = one_line_error(path, pattern)
     assert message.startswith(f"{path} is not a valid EDM network pickle (tampered or corrupt)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 34: a tensor grown by BUILD after the check, and networks declared far larger than the file.
+
+
+class GrownAfterTheCheck:
+    """A tensor rebuilt (and checked) on a 1-element storage, then BUILD with (storage, 0, (4096,), (1,)):
+    ``Tensor.__setstate__`` calls ``set_`` unchecked, which grows the storage: 4,095 elements of leftover memory.
+    ``parameter`` wraps it in a Parameter first (BUILD then lands on the Parameter)."""
+
+    def __init__(self, parameter: bool = False):
+        self.parameter = parameter
+
+    def __reduce__(self):
+        storage = torch.ones(1)._typed_storage()
+        grow = (storage, 0, (4096,), (1,))
+        if self.parameter:
+            return torch._utils._rebuild_parameter, (torch.ones(1), False, collections.OrderedDict()), grow
+        return torch._utils._rebuild_tensor_v2, (storage, 0, (1,), (1,), False, collections.OrderedDict()), grow
+
+
+class Repeated:
+    """A view of ``shape`` with ``stride`` at element 0 of ``storage``, pickled as torch pickles a view."""
+
+    def __init__(self, shape, stride, storage):
+        self.shape, self.stride, self.storage = shape, stride, storage
+
+    def __reduce__(self):
+        args = (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args
+
+
+@pytest.mark.parametrize("parameter", [False, True])
+def test_a_tensor_grown_by_build_after_its_check_is_refused(tmp_path, parameter):
+    path = dump_edm(
+        tmp_path / "grown.pkl", snapshot(small_net()), tamper=conv_tamper(with_buffer(GrownAfterTheCheck(parameter)))
+    )
+    what = "Parameter" if parameter else "Tensor"
+    message = one_line_error(path, rf"it holds state set on a {what} after it was built \(BUILD\)")
+    assert message.startswith(f"{path} is not a valid EDM network pickle (tampered or corrupt)")
+    with fake_persistence(lambda meta: meta):  # what the same bytes do through torch's own rebuilders
+        grown = pickle.loads(path.read_bytes())
+    buf = next(m["state"]["_buffers"]["resample_filter"] for m in _metas(grown) if m["class_name"] == "Conv2d")
+    # set_ grew the 4-byte storage to 16 KB: 4,095 elements the file never held (uninitialised process memory)
+    assert buf.numel() == 4096 and buf.untyped_storage().nbytes() == 16384 and float(buf[0]) == 1.0
+
+
+def _metas(value):
+    """Every persistent meta dict in what a fake persistence returned (meta -> meta)."""
+    if isinstance(value, dict):
+        if value.get("type") == "class":
+            yield value
+        for item in value.values():
+            yield from _metas(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _metas(item)
+    elif isinstance(value, torch.nn.Module):  # the ModuleDicts, rebuilt by plain pickle
+        yield from _metas(dict(value._modules))
+
+
+def stride0_network(path: Path, layers: int, channels: int = 1024) -> Path:
+    """An EDM snapshot whose ``layers`` weights [channels, channels, 3, 3] are stride-0 views of one element each:
+    the file stays kilobytes while the network it declares is layers * channels^2 * 36 bytes (56 layers: 2.1 GB)."""
+    net = small_net()
+    for i in range(layers):
+        net.model.enc.add_module(f"big{i}", Linear(1, 1, bias=False))
+
+    def tamper(meta):
+        if meta["class_name"] == "Linear" and meta["state"].get("in_features") == 1:
+            shape = (channels, channels, 3, 3)
+            meta["state"]["_parameters"]["weight"] = Repeated(shape, (0, 0, 0, 0), torch.zeros(1)._typed_storage())
+        return meta
+
+    return dump_edm(path, snapshot(net), tamper=tamper)
+
+
+def test_a_network_of_stride0_views_declaring_gigabytes_is_refused_and_allocates_nothing(tmp_path):
+    import subprocess
+
+    path = stride0_network(tmp_path / "huge.pkl", layers=56)
+    assert path.stat().st_size < 64_000  # 56 weights of 37.7 MB: 2.1 GB declared
+    one_line_error(path, r"a tensor of size \[1024, 1024, 3, 3\] \(9,437,184 elements\) on a storage of 1: a view")
+    code = (  # what convert does with the weights: materialise them; peak memory of the whole process
+        "import resource, sys\n"
+        "from diffscore.loading.edm.pickle import read_edm_pickle, record_state_dict\n"
+        "from diffscore.errors import DiffscoreError\n"
+        "try:\n"
+        "    kept = [t.clone() for t in record_state_dict(read_edm_pickle(sys.argv[1])['ema']).values()]\n"
+        "except DiffscoreError as e:\n"
+        "    print(e)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    report = (child.returncode, child.stdout[-600:], child.stderr[-600:])
+    *lines, peak_mib = child.stdout.strip().splitlines() or ["", "0"]
+    assert child.returncode == 0 and len(lines) == 1 and "a view that repeats its storage" in lines[0], report
+    assert int(peak_mib) < 1024, report  # torch and numpy themselves: ~400 MiB; the declared network: 2,100 MiB
+
+
+def test_views_sharing_one_storage_are_limited_by_the_file_size_unless_the_caller_raises_it(tmp_path):
+    storage = torch.zeros(1000)._typed_storage()  # 4 KB, viewed whole by every weight below
+    net = small_net()
+    for i in range(40):
+        net.model.enc.add_module(f"shared{i}", Linear(1, 1, bias=False))
+
+    def tamper(meta):
+        if meta["class_name"] == "Linear" and meta["state"].get("in_features") == 1:
+            meta["state"]["_parameters"]["weight"] = Repeated((10, 100), (100, 1), storage)
+        return meta
+
+    path = dump_edm(tmp_path / "shared.pkl", snapshot(net), tamper=tamper)
+    size = path.stat().st_size
+    assert 40 * 1000 > size  # 40,000 elements declared on ~4 KB of storage
+    one_line_error(path, rf"tensors of more than {size:,} elements in all, more than the file has bytes")
+    data = read_edm_pickle(path, max_elements_per_byte=100)  # a trusted file: the caller raises the limit
+    weights = [t for k, t in record_state_dict(data["ema"]).items() if "shared" in k]
+    assert len(weights) == 40 and all(
+        w.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr() for w in weights
+    )
+    with pytest.raises(DiffscoreError, match="max_elements_per_byte must be > 0"):
+        read_edm_pickle(path, max_elements_per_byte=0)
+    ordinary = dump_edm(tmp_path / "ordinary.pkl", snapshot(small_net()))  # each tensor stored once
+    n = sum(t.numel() for t in record_state_dict(read_edm_pickle(ordinary)["ema"]).values())
+    assert n < ordinary.stat().st_size / 4 + 1000  # fp32: a quarter element per byte, far below the default 1
+
+
+def test_non_finite_weights_are_refused_naming_the_first(tmp_path):
+    net = small_net()
+    with torch.no_grad():
+        net.model.enc["8x8_conv"].weight[0, 0, 1, 1] = float("inf")
+        net.model.dec["8x8_aux_conv"].bias[0] = float("nan")
+    message = one_line_error(dump_edm(tmp_path / "nan.pkl", snapshot(net)), "holds 1 non-finite value")
+    assert message == (
+        f"{tmp_path / 'nan.pkl'}: weight model.enc.8x8_conv.weight holds 1 non-finite value (NaN/Inf) of 108; the "
+        "file is damaged or comes from a diverged run: use an earlier checkpoint"
+    )

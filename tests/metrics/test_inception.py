@@ -54,3 +54,62 @@ def test_kid_is_unbiased_on_sets_from_one_distribution():
         verbose=False,
     )
     assert shifted["kernel_inception_distance_mean"] > 10 * kid["kernel_inception_distance_std"]
+
+
+class RunsCode:
+    """Unpickled fully (weights_only=False), this touches ``marker``: a file that would run code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_the_weights_file_is_read_once_and_never_unpickled_fully(random_inception, tmp_path, monkeypatch):
+    """The file is swapped for one that runs code right after the first load: nothing may read it again."""
+    marker, path = tmp_path / "ran", tmp_path / "weights.pth"
+    path.write_bytes(random_inception.read_bytes())
+    real_load, calls = torch.load, []
+
+    def load_then_swap(f, *args, **kwargs):
+        calls.append((f, kwargs.get("weights_only")))
+        result = real_load(f, *args, **kwargs)
+        if len(calls) == 1:
+            torch.save(RunsCode(marker), path)  # swapped in between
+        return result
+
+    monkeypatch.setattr(torch, "load", load_then_swap)
+    InceptionFeatures(path)
+    assert not marker.exists()
+    assert calls[0][1] is True and not any(isinstance(f, (str, type(path))) for f, _ in calls)
+    with pytest.raises(DiffscoreError, match=r"weights\.pth is not a plain weights file \(UnpicklingError\)"):
+        InceptionFeatures(path)  # the swapped file itself is refused
+    assert not marker.exists()
+
+
+def test_features_equal_torch_fidelitys_own_loading_of_the_same_file(random_inception):
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    ours = InceptionFeatures(random_inception)
+    theirs = FeatureExtractorInceptionV3(  # the test's own file: safe to unpickle fully
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(random_inception)
+    )
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pool, logits = ours(images)
+    ref_pool, ref_logits = theirs((images * 127.5 + 128).clamp(0, 255).to(torch.uint8))
+    assert torch.equal(pool, ref_pool.double()) and torch.equal(logits, ref_logits.double())
+
+
+def test_non_finite_or_foreign_weights_are_refused(random_inception, tmp_path):
+    state = torch.load(random_inception, weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].clone().view(-1).index_fill(0, torch.tensor([3]), float("nan")).view(state[key].shape)
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(DiffscoreError, match=rf"nan\.pth: weight {key} holds 1 non-finite value \(NaN/Inf\)"):
+        InceptionFeatures(tmp_path / "nan.pth")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(DiffscoreError, match=r"other\.pth does not hold Inception-v3 weights \(Error"):
+        InceptionFeatures(tmp_path / "other.pth")

@@ -33,7 +33,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM or Ctrl-C during fit, save ``last.ckpt`` next to ModelCheckpoint's files before exiting.
+    """``last.ckpt`` is always the run's last step: on SIGTERM or Ctrl-C during fit it is saved before exiting, and
+    at the end of fit when ModelCheckpoint's last periodic save is older than the last step (max_steps not a
+    multiple of every_n_train_steps, an early stop).
 
     Other exceptions (a bug, a non-finite loss) save nothing: the last regular checkpoint stays the last good one.
     """
@@ -43,14 +45,37 @@ class PreemptionCheckpoint(Callback):
             return
         if isinstance(pl_module, DiffusionModule) and pl_module.has_nonfinite():
             return
-        ckpt = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
-        path = folder / "last.ckpt"
-        if ckpt is not None:  # saved as ModelCheckpoint's own last.ckpt: a resumed run overwrites it (not last-v1)
-            ckpt.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        path = self._save_last(trainer)
         if trainer.is_global_zero:
             print(
                 f"\ndiffscore: interrupted at step {trainer.global_step}; saved {path}; resume with --ckpt_path {path}",
                 flush=True,
             )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        ckpt = self._model_checkpoint(trainer)
+        if ckpt is None or not ckpt.save_last or trainer.global_step == 0:
+            return
+        if ckpt.last_model_path and self._saved_step(ckpt.last_model_path) == trainer.global_step:
+            return
+        self._save_last(trainer)
+
+    @staticmethod
+    def _model_checkpoint(trainer: Trainer) -> ModelCheckpoint | None:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+    @staticmethod
+    def _saved_step(path: str) -> int | None:
+        try:
+            return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+        except Exception:  # not there or not readable: save a new one
+            return None
+
+    def _save_last(self, trainer: Trainer) -> Path:
+        ckpt = self._model_checkpoint(trainer)
+        folder = Path(ckpt.dirpath) if ckpt is not None and ckpt.dirpath else Path(trainer.default_root_dir)
+        path = folder / "last.ckpt"
+        if ckpt is not None:  # saved as ModelCheckpoint's own last.ckpt: a resumed run overwrites it (not last-v1)
+            ckpt.last_model_path = str(path)
+        trainer.save_checkpoint(path)
+        return path

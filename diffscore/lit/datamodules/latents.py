@@ -83,3 +83,12 @@ def reference_images(dm, split: str = "train", limit: int | None = None) -> Tens
     if isinstance(dm, LatentDataModule):
         return dm.images(split, limit)
     return split_images(dm, split, limit)
+
+
+def train_reference(dm, limit: int | None = None) -> Tensor:
+    """The training split's reference images (``reference_images(dm, "train", limit)``), which every data module
+    has."""
+    images = reference_images(dm, "train", limit)
+    if images is None:
+        raise DiffscoreError(f"{type(dm).__name__} has no training images")
+    return images

@@ -91,6 +91,12 @@ class MusicScoreDataModule(BaseDataModule):
         except DiffscoreError:
             pass
         sizes = {"train": num_pages, "val": max(1, num_pages // 8), "test": max(1, num_pages // 8)}
+        total = sum(sizes.values())
+        print(
+            f"diffscore: writing {total:,} synthetic score pages (about {total * 40 // 1000:,} MB) into {root} once; "
+            "later runs read them",
+            flush=True,
+        )
         root.mkdir(parents=True, exist_ok=True)
         try:
             write_synthetic_musicscore(root, self.scale or "400", sizes, seed=seed)

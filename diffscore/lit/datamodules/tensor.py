@@ -9,6 +9,7 @@ from torch.utils.data import Dataset, TensorDataset
 from diffscore.data.digits import digits_splits
 from diffscore.data.gmm import random_gmm
 from diffscore.errors import DiffscoreError
+from diffscore.io import check_memory
 from diffscore.lit.datamodules.base import BaseDataModule, split_images
 
 
@@ -106,6 +107,8 @@ class GMMDataModule(TensorDataModule):
         for name, n in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
             if n < 1:
                 raise DiffscoreError(f"data.{name} must be >= 1, got {n}")
+        total = num_train + num_val + num_test
+        check_memory(total * dim * 4, f"data: {total:,} GMM samples of dimension {dim}", "lower data.num_train")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = self.shuffle_seed = seed
         self.save_hyperparameters()
