@@ -41,7 +41,7 @@ def test_the_npz_holds_each_seeds_initial_draw(tiny_ckpt, tmp_path, kind):
     extra = ["--steps", "3", "--sampler", "euler"] if kind == "diffscore" else []
     assert sample_npz(ckpt, out, "--num_samples", "3", "--seed", "4", *extra) == 0
     data = np.load(out)
-    assert sorted(data.files) == ["noise", "samples", "seeds"]
+    assert sorted(data.files) == ["noise", "samples", "seeds", "written_by"]
     model = open_model(ckpt)
     noise = seeded_noise(seed_generators([4, 5, 6], "cpu"), model.data_shape, "cpu")
     torch.testing.assert_close(torch.from_numpy(data["noise"]), noise, rtol=0, atol=0)

@@ -61,7 +61,7 @@ def test_sample_equals_the_diffusers_pipeline_end_to_end(folder, tmp_path, name,
     args += ["--grid", grid, "--accelerator", "cpu", "--devices", "1"]
     assert run_cli(args) == 0
     data = np.load(out)
-    assert sorted(data.files) == ["latents", "noise", "samples", "seeds"]
+    assert sorted(data.files) == ["latents", "noise", "samples", "seeds", "written_by"]
     latent_shape = (4, LATENT_SIZE, LATENT_SIZE)
     noise = seeded_noise(seed_generators(SEEDS, "cpu"), latent_shape, "cpu")
     torch.testing.assert_close(torch.from_numpy(data["noise"]), noise, rtol=0, atol=0)
