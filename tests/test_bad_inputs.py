@@ -2,6 +2,7 @@
 and leaves no partial output behind."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -225,6 +226,16 @@ def sd_folder(tmp, kind="ok"):
         shutil.rmtree(folder / "vae")
     elif kind == "no component":
         edit_json(folder / "model_index.json", text_encoder=...)
+    elif kind == "nan":
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        state = load_file(weights)
+        state["conv_in.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, weights)
+    elif kind == "fifo":
+        (folder / "unet" / "config.json").unlink()
+        os.mkfifo(folder / "unet" / "config.json")
     return folder
 
 
@@ -381,6 +392,14 @@ CASES = {
     "a VAE whose latents do not fit the U-Net": (
         lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "vae"), "--out", t / "o.npz"],
         "do not match vae/config.json latent_channels 3",
+    ),
+    "a Stable Diffusion U-Net with a NaN weight": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "nan"), "--out", t / "o.npz"],
+        "unet: weight conv_in.weight holds 1 non-finite value (NaN/Inf)",
+    ),
+    "a Stable Diffusion config that is a FIFO": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "fifo"), "--out", t / "o.npz"],
+        "unet/config.json is a FIFO",
     ),
     "fine-tuning without the pretrained folder": (
         lambda t, c: [*SD_TINY, f"--data.init_args.path={latent_zip(t)}"],

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffscore.errors import DiffscoreError
+from diffscore.io import read_user_file, read_zip_member
 
 SPLITS = ("train", "val", "test")
 SHAPE_KEY = "latent_shape"  # the dataset.json key that marks a latent dataset
@@ -53,11 +54,16 @@ class _Archive:
         self._pid = -1
 
     def read(self, name: str) -> bytes:
+        """A member's bytes through diffscore.io's bounded reader (a FIFO, device or oversized member is one
+        line, never a hang); a missing one is an OSError."""
         if not self.is_zip:
-            return (self.path / name).read_bytes()
+            path = self.path / name
+            if not (path.exists() or path.is_symlink()):
+                raise FileNotFoundError(path)
+            return read_user_file(path)
         if self._zip is None or self._pid != os.getpid():
             self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip.read(name)
+        return read_zip_member(self._zip, name, f"{self.path}:{name}")
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_zip": None}
@@ -69,10 +75,13 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
     path = Path(path)
     try:
         if path.is_dir():
-            raw = (path / "dataset.json").read_bytes()
+            meta_path = path / "dataset.json"
+            if not (meta_path.exists() or meta_path.is_symlink()):
+                return None
+            raw = read_user_file(meta_path)
         elif path.is_file() and zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                raw = zf.read("dataset.json")
+                raw = read_zip_member(zf, "dataset.json", f"{path}:dataset.json")
         else:
             return None
     except (OSError, KeyError):

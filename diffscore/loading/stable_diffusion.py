@@ -24,6 +24,7 @@ from torch import nn
 
 from diffscore.core.discrete_ddpm import BETA_SCHEDULES, PREDICTION_TYPES, DiscreteDDPMPrecond
 from diffscore.errors import DiffscoreError
+from diffscore.io import check_finite_weights, read_user_file
 from diffscore.networks.sd_unet import StableDiffusionUNet
 
 PIPELINES = ("StableDiffusionPipeline",)
@@ -64,6 +65,7 @@ SCHEDULE_DEFAULTS = {  # diffusers' scheduler defaults: what a config that omits
 UNET_UNSUPPORTED = ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LAYOUT = "a diffusers folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+MAX_JSON_BYTES = 16 << 20  # a config or model_index.json (SD's are a few KiB)
 
 
 @dataclass
@@ -81,10 +83,11 @@ class StableDiffusionParts:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; DiffscoreError naming the file when it is missing or not a JSON object."""
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise DiffscoreError(f"{path}: missing; {LAYOUT}")
+    raw = read_user_file(path, max_bytes=MAX_JSON_BYTES)  # a FIFO, device or huge file: one line, never a hang
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DiffscoreError(f"{path}: not valid JSON ({e}); restore the file from the model's release") from None
     if not isinstance(data, dict):
@@ -242,6 +245,8 @@ def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dt
         folder / "text_encoder", CLIPTextModel.from_pretrained, dtype=dtype, trust_remote_code=False, **weights
     )
     tokenizer = _load(folder / "tokenizer", CLIPTokenizer.from_pretrained, trust_remote_code=False)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        check_finite_weights(module.state_dict(), folder / name)  # NaN weights would give NaN images, exit 0
     positions = text_encoder.config.max_position_embeddings
     if tokenizer.model_max_length > positions:
         raise DiffscoreError(
@@ -310,4 +315,5 @@ def read_vae(folder: str | os.PathLike, trust: bool = False) -> tuple[nn.Module,
     lazy_init = importlib.util.find_spec("accelerate") is not None
     kwargs = {"use_safetensors": None if trust else True, "low_cpu_mem_usage": lazy_init}
     vae = _load(folder, AutoencoderKL.from_pretrained, **kwargs)
+    check_finite_weights(vae.state_dict(), folder)
     return vae.eval().requires_grad_(False), float(config.get("scaling_factor", 0.18215)), folder
