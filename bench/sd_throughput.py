@@ -2,6 +2,7 @@
 
     python bench/sd_throughput.py --out bench/sd_throughput_h100.jsonl          # batch 8/16/32, +/- checkpointing
     python bench/sd_throughput.py --tiny --device cpu --batches 2 --steps 2      # smoke test (CPU, tiny networks)
+    python bench/sd_throughput.py --device cpu --parts sample --batches 1 --steps 1 --warmup 0   # SD 2 shapes, CPU
 
 The networks have SD 2 base's shapes (diffusers' UNet2DConditionModel: 320/640/1280/1280 channels, linear
 cross-attention on 1024-d text; OpenCLIP ViT-H/14's text tower as a 23-layer CLIPTextModel; the 8x AutoencoderKL)
@@ -138,7 +139,7 @@ def bench_sample(denoiser, text, vae, tokens: int, batch: int, args) -> list[dic
 
     decoder = LatentDecoder(vae, 0.18215, batch_size=batch)
     step_s, step_peak = timed(euler_step, args.steps, args.warmup, args.device)
-    decode_s, decode_peak = timed(lambda: decoder(x), max(1, args.steps // 2), 1, args.device)
+    decode_s, decode_peak = timed(lambda: decoder(x), max(1, args.steps // 2), min(1, args.warmup), args.device)
     ddim250 = batch / (250 * step_s + decode_s)
     print(f"  sample batch {batch}: DDIM 250 with guidance 4 -> {ddim250:.3g} img/s", flush=True)
     return [
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="tests/sd_files.py's tiny networks (a CPU smoke test)")
+    ap.add_argument("--parts", nargs="+", choices=("train", "sample"), default=["train", "sample"])
     ap.add_argument("--out", default=None, help="append the results here as JSON lines")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
@@ -162,16 +164,17 @@ def main() -> None:
     denoiser, text, vae, tokens = networks(args.tiny, args.device)
     rows = []
     for batch in args.batches:
-        for checkpointing in (False, True):
+        for checkpointing in (False, True) if "train" in args.parts else ():
             try:
                 rows.append(bench_train(denoiser, text, tokens, batch, checkpointing, args))
             except torch.OutOfMemoryError:
                 rows.append({"what": "train", "batch": batch, "checkpointing": checkpointing, "oom": True})
             torch.cuda.empty_cache() if args.device.startswith("cuda") else None
             print(json.dumps(rows[-1]), flush=True)
-        rows += bench_sample(denoiser, text, vae, tokens, batch, args)
-        for row in rows[-3:]:
-            print(json.dumps(row), flush=True)
+        if "sample" in args.parts:
+            rows += bench_sample(denoiser, text, vae, tokens, batch, args)
+            for row in rows[-3:]:
+                print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "a") as f:
             f.writelines(json.dumps({**r, "device": device_name(args.device), "tiny": args.tiny}) + "\n" for r in rows)
