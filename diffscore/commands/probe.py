@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffscore.core.ntk import draw_regression_set, ntk_drift
+from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import write_json
@@ -128,6 +129,11 @@ def probe_ntk(
     folder = _out_folder(out, "probe ntk")
     model = open_model(ckpt_path)
     denoiser = model.denoiser("probe ntk").requires_grad_(True)  # the kernel differentiates in the weights
+    if not isinstance(denoiser, EDMPrecond):  # the regression targets and F's inputs are EDM's c_skip/c_out/c_in
+        raise DiffscoreError(
+            f"probe ntk measures networks in EDM's preconditioning; {ckpt_path} uses {type(denoiser).__name__} "
+            "(probe gaussian and the samplers take it)"
+        )
     dm = training_data(model, data)
     train, heldout = train_images(dm), split_images(dm, "val")
     if heldout is None or len(heldout) == 0:

@@ -37,7 +37,8 @@ from diffscore.io import atomic_write, read_user_file, read_zip_member
 
 TRANSFORMS = (None, "center-crop")
 MARKER, WRITER = "written_by", "diffscore dataset"  # the dataset.json entry that lets --overwrite replace an output
-LAYOUT = re.compile(r"dataset\.json|[0-9]{5}/(img[0-9]{8}\.png)?")  # every member of an output (folders end in /)
+# every member of an output (folders end in /): images, and the latents of `diffscore dataset --encode`
+LAYOUT = re.compile(r"dataset\.json|[0-9]{5}/(img[0-9]{8}\.png|img-mean-std-[0-9]{8}\.npy)?")
 SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit grayscale PNGs
 
 
