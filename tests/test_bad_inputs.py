@@ -196,6 +196,12 @@ def names_os_system(tmp):
     return tmp / "evil.ckpt"
 
 
+def diffusers_folder(tmp):
+    (tmp / "sd").mkdir()
+    (tmp / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return tmp / "sd"
+
+
 def drop_a_weight(c):
     c["state_dict"].pop(next(iter(c["state_dict"])))
 
@@ -543,6 +549,10 @@ CASES = {
         "--sampler_kwargs: Expected a <class 'float'>",
     ),
     "an accelerator this install lacks": (lambda t, c: [*FIT, "--trainer.accelerator=tpu"], "torch_xla"),
+    "convert of a diffusers folder": (
+        lambda t, c: ["convert", "--src", diffusers_folder(t), "--out", t / "sd.ckpt"],
+        "is a diffusers folder: pass it as it is to --ckpt_path",
+    ),
     "resuming a digits checkpoint with gmm.yaml": (
         lambda t, c: ["fit", "--config", REPO / "experiments" / "gmm.yaml", "--ckpt_path", c],
         "was trained on DigitsDataModule, but the config's data is GMMDataModule",
