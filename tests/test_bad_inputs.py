@@ -427,10 +427,6 @@ CASES = {
         lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "fifo"), "--out", t / "o.npz"],
         "unet/config.json is a FIFO",
     ),
-    "the NTK probe of a Stable Diffusion folder": (
-        lambda t, c: [*PROBE_NTK, "--ckpt_path", sd_folder(t), "--data", latent_zip(t)],
-        "probe ntk measures networks in EDM's preconditioning; ",
-    ),
     "fine-tuning without the pretrained folder": (
         lambda t, c: [*SD_TINY, f"--data.init_args.path={latent_zip(t)}"],
         "model.init_args.pretrained is required",

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffscore.core.ntk import draw_regression_set, ntk_drift
-from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import write_json
@@ -129,11 +128,6 @@ def probe_ntk(
     folder = _out_folder(out, "probe ntk")
     model = open_model(ckpt_path)
     denoiser = model.denoiser("probe ntk").requires_grad_(True)  # the kernel differentiates in the weights
-    if not isinstance(denoiser, EDMPrecond):  # the regression targets and F's inputs are EDM's c_skip/c_out/c_in
-        raise DiffscoreError(
-            f"probe ntk measures networks in EDM's preconditioning; {ckpt_path} uses {type(denoiser).__name__} "
-            "(probe gaussian and the samplers take it)"
-        )
     dm = training_data(model, data)
     train, heldout = train_images(dm), split_images(dm, "val")
     if heldout is None or len(heldout) == 0:
@@ -141,7 +135,7 @@ def probe_ntk(
     regression_set = _regression_set(model, train)
     ref = None if reference_ckpt is None else _reference(reference_ckpt, model)
     mixture = dm.mixture if isinstance(dm, GMMDataModule) else None
-    m = NTKMeasurer(train, heldout, denoiser.sigma_data, settings, mixture, regression_set)
+    m = NTKMeasurer(train, heldout, denoiser.coefficients, settings, mixture, regression_set)
     view = BackboneOutput(denoiser)
     f_now = m.outputs(view)
     result = m.score_errors(f_now[0])

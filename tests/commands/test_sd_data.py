@@ -93,3 +93,28 @@ def test_teleport_and_probe_gaussian_run_in_latent_space(sd_data, tmp_path, caps
     pixels = write_dataset(tmp_path / "pixels", random_images(3, SIDE))  # pixels for a latent model: one line
     assert run_cli([*base, "--out", tmp_path / "x.npz", "--teleport.skip", "1", "--teleport.data", pixels]) != 0
     assert "pass a latent dataset of its VAE" in capsys.readouterr().err
+
+
+def test_probe_ntk_runs_on_the_unet_in_its_own_preconditioning(sd_data, tmp_path):
+    """The NTK probe's regression model is F of the denoiser's own coefficients: for the discrete-DDPM U-Net,
+    c_out^2 mean (F - y)^2 is the denoising error mean (D - x0)^2 at every sigma (the identity the probe rests
+    on), and `probe ntk` measures the folder on its latent data end to end."""
+    from diffscore.loading.open import open_model
+    from diffscore.probes.ntk import BackboneOutput, regression_target
+
+    folder, scale_dir, out = sd_data
+    denoiser = open_model(folder).network
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, LATENT_SIZE, LATENT_SIZE, generator=g)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        f = BackboneOutput(denoiser)(x, sigma).double()
+        error = (denoiser(x, sigma).double() - x0.double()).flatten(1).square().mean(1)
+    c_out = denoiser.coefficients(sigma.double())[1]
+    y = regression_target(x, sigma, x0, denoiser.coefficients)
+    torch.testing.assert_close(c_out**2 * (f - y).square().mean(1), error, rtol=1e-4, atol=1e-7)
+    args = ["probe", "ntk", "--ckpt_path", folder, "--data", out, "--out", tmp_path / "ntk"]
+    assert run_cli([*args, "--num_points", "2", "--num_kernel_points", "4", "--num_projections", "1"]) == 0
+    result = json.loads((tmp_path / "ntk" / "ntk.json").read_text())
+    assert np.isfinite(result["ntk/heldout_loss"]) and result["ntk/heldout_loss"] > 0
