@@ -152,7 +152,7 @@ def plot(result: dict, path: Path) -> None:
         ax.plot(steps, mean, color=color, label=f"{method} ({len(runs)} seeds, mean +- std)")
         ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
     ax.axhline(result["teacher_fd"], color="k", ls="--", label=f"teacher Heun {result['teacher_nfe']} NFE")
-    ax.axhline(result["fd_floor"], color="gray", ls=":", label="held-out digits (floor)")
+    ax.axhline(result["fd_heldout"], color="gray", ls=":", label="held-out real digits")
     ax.set_yscale("log")
     ax.set_xlabel("generator iterations")
     ax.set_ylabel(f"FD-digits ({result['args']['eval_samples']} one-step samples)")
@@ -250,7 +250,7 @@ def main() -> None:
         "teacher_fd": teacher_fd,
         "teacher_nfe": 2 * args.teacher_steps - 1,
         "teacher_euler_1nfe_fd": teacher_one_step,
-        "fd_floor": fd.ref["digits_floor"],
+        "fd_heldout": fd.ref["digits_heldout"],
         "runs": runs,
         "seconds": round(time.perf_counter() - t0, 1),
     }

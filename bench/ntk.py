@@ -28,7 +28,7 @@ from lightning.pytorch import Callback, Trainer
 
 from diffscore.core.losses import edm_loss
 from diffscore.core.ntk import draw_regression_set, ntk_drift, relative_error
-from diffscore.core.precond import EDMPrecond
+from diffscore.core.precond import EDMPrecond, edm_coefficients
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.lit.callbacks import NTKProbe
 from diffscore.lit.datamodules import GMMDataModule
@@ -49,7 +49,7 @@ def lazy_regime(width: int, seed: int, num_train: int, steps: list[int], lr: flo
     view = BackboneOutput(denoiser)
     train, heldout = split_images(dm, "train"), split_images(dm, "val")
     regression_set = draw_regression_set(train, seed, LogNormalSigma())
-    m = NTKMeasurer(train, heldout, 0.5, NTKSettings(num_points=64), dm.mixture, regression_set)
+    m = NTKMeasurer(train, heldout, denoiser.coefficients, NTKSettings(num_points=64), dm.mixture, regression_set)
     n, out_dim = m.kernel_set[2].shape
     twin = m.twin(view, 2 * lr / (n * out_dim))
     f0_probe, f0_kernel = m.outputs(view)
@@ -91,7 +91,9 @@ class TrueError(Callback):
             xs.append(x0 + s * torch.randn(x0.shape, generator=g))
             ss.append(torch.full((num_x0,), float(s)))
         self.x, self.sigma = torch.cat(xs), torch.cat(ss)
-        self.target = regression_target(self.x, self.sigma, mixture(self.x.double(), self.sigma.double()), 0.5)
+        self.target = regression_target(
+            self.x, self.sigma, mixture(self.x.double(), self.sigma.double()), edm_coefficients
+        )
         self.steps, self.errors = [], []
 
     @torch.no_grad()

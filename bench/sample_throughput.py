@@ -11,13 +11,23 @@ FD-digits over EDM's three seed ranges for a digits model).
 
     python bench/sample_throughput.py --out $OUT/st --cases cifar-heun18:50000 ffhq-heun18:8192 ffhq-heun40:2048
     python bench/sample_throughput.py --out /tmp/st --cases cifar-heun18:8 --tiny --accelerator cpu   # a smoke run
+
+Start-up (issue 34): ``--modes cold fast`` runs a case first with empty compile caches (a fresh HOME, so
+~/.cache/diffscore/inductor and triton's cache are empty: a fresh machine), then again with the caches the first
+run left (a second run); ``eager`` is ``fast`` with ``--compile false``. Without ``--compile`` the command decides
+whether to compile (sampling.speed.worth_compiling): a short run samples eager.
+
+    python bench/sample_throughput.py --out $OUT/st --cases cifar-heun18:16384 --modes cold fast eager32
+    python bench/sample_throughput.py --out $OUT/st --cases cifar-heun18:2048 --modes cold
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -49,10 +59,14 @@ def write_checkpoint(path: Path, network: str, steps: int, tiny: bool) -> Path:
     return path
 
 
-def run(args: list[str], log: Path) -> tuple[float, str]:
-    """`diffscore ARGS` in a fresh process: (wall seconds, its output); raises with the output's end on failure."""
+def run(args: list[str], log: Path, home: Path | None = None) -> tuple[float, str]:
+    """`diffscore ARGS` in a fresh process (with ``home`` as its HOME: its compile caches): (wall seconds, its
+    output); raises with the output's end on failure."""
+    env = {**os.environ, **({"HOME": str(home)} if home else {})}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "diffscore.commands", *args], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "diffscore.commands", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
@@ -69,7 +83,12 @@ def sample_case(out: Path, case: str, n: int, mode: str, opts: argparse.Namespac
     npz.unlink(missing_ok=True)
     cmd = ["sample", "--ckpt_path", str(ckpt), "--out", str(npz), "--num_samples", str(n)]
     cmd += ["--batch_size", str(opts.batch[network]), "--accelerator", opts.accelerator, "--devices", "1"]
-    wall, text = run(cmd + (EAGER32 if mode == "eager32" else []), out / f"{case}-{mode}.log")
+    home = out / "home"  # the compile caches of the "fast" runs: what a second run on the machine finds
+    if mode == "cold":
+        home = out / f"home-cold-{case}"
+        shutil.rmtree(home, ignore_errors=True)
+    extra = {"eager32": EAGER32, "eager": ["--compile", "false"]}.get(mode, [])
+    wall, text = run(cmd + extra, out / f"{case}-{mode}.log", home)
     rate = re.search(r"([\d.]+) img/s per device after the first batch", text)
     return {
         "case": case,
@@ -79,6 +98,7 @@ def sample_case(out: Path, case: str, n: int, mode: str, opts: argparse.Namespac
         "wall_s": round(wall, 1),
         "end_to_end_img_s": round(n / wall, 1),
         "steady_img_s": float(rate.group(1)) if rate else None,
+        "compiled": "sampling eager" not in text and mode not in ("eager", "eager32"),
     }
 
 
@@ -141,7 +161,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for checkpoints, outputs, logs and results.json")
     ap.add_argument("--cases", nargs="*", default=[], help="NETWORK-heunSTEPS:N, e.g. cifar-heun18:50000")
-    ap.add_argument("--modes", nargs="*", default=["fast"], choices=["fast", "eager32"])
+    ap.add_argument("--modes", nargs="*", default=["fast"], choices=["cold", "fast", "eager", "eager32"])
     ap.add_argument("--evaluate", type=int, default=0, help="evaluate --protocol edm with this --num_samples")
     ap.add_argument("--precision_ckpt", default=None, help="a trained checkpoint for the bf16 vs fp32 comparison")
     ap.add_argument("--precision_samples", type=int, default=2000)

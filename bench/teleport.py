@@ -36,7 +36,7 @@ def point(ckpt, sampler, steps, skip, sigma, n, gauss, accelerator="auto") -> di
         "fd_mean": s["fd_digits_mean"],
         "fd_std": s["fd_digits_std"],
         "fd_min": s["fd_digits_min"],
-        "floor": s["runs"][0]["fd_digits_floor"],
+        "heldout": s["runs"][0]["fd_digits_heldout"],
     }
 
 
@@ -87,7 +87,7 @@ def main() -> None:
                 label=f"{sampler}"
                 + (" (k = 0..8 skipped)" if sampler == "heun" else " + teleport to 8.4" if tele else ""),
             )
-    ax.axhline(rows[0]["floor"], color="gray", ls=":", label="floor (360 held-out vs train)")
+    ax.axhline(rows[0]["heldout"], color="gray", ls=":", label="held-out real digits (360 vs train)")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel(f"FD-digits ({args.num_samples} samples, 3 seed ranges)")
     ax.legend(fontsize=7)

@@ -2,6 +2,7 @@
 and leaves no partial output behind."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -175,6 +176,32 @@ def edited(tmp, ckpt, edit):
     return p
 
 
+def nan_in_a_weight(c):
+    next(v for v in c["state_dict"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+
+
+def sigma_data_as_text(c):
+    c["hyper_parameters"]["sigma_data"] = "half"
+
+
+class RunsShell:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("true",)
+
+
+def names_os_system(tmp):
+    torch.save({"state_dict": {}, "x": RunsShell()}, tmp / "evil.ckpt")
+    return tmp / "evil.ckpt"
+
+
+def diffusers_folder(tmp):
+    (tmp / "sd").mkdir()
+    (tmp / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    return tmp / "sd"
+
+
 def drop_a_weight(c):
     c["state_dict"].pop(next(iter(c["state_dict"])))
 
@@ -212,9 +239,50 @@ def another_network(tmp):
     return p
 
 
+def sd_folder(tmp, kind="ok"):
+    """A tiny Stable Diffusion folder (tests/sd_files.py), broken as ``kind`` says."""
+    import shutil
+
+    from tests.sd_files import edit_json, write_sd_folder
+
+    folder = write_sd_folder(tmp / "sd", safe=kind != "bin", vae_latent_channels=3 if kind == "vae" else 4)
+    if kind == "not diffusers":
+        (folder / "model_index.json").unlink()
+    elif kind == "no vae":
+        shutil.rmtree(folder / "vae")
+    elif kind == "no component":
+        edit_json(folder / "model_index.json", text_encoder=...)
+    elif kind == "nan":
+        from safetensors.torch import load_file, save_file
+
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        state = load_file(weights)
+        state["conv_in.weight"][0, 0, 0, 0] = float("nan")
+        save_file(state, weights)
+    elif kind == "fifo":
+        (folder / "unet" / "config.json").unlink()
+        os.mkfifo(folder / "unet" / "config.json")
+    return folder
+
+
+def latent_zip(tmp):
+    """A latent dataset of two 8 x 8 latents (statistics drawn at random, not by a VAE) with captions."""
+    import zipfile
+
+    from diffscore.data.latent_dataset import write_latents
+
+    images = [(torch.zeros(3, 16, 16, dtype=torch.uint8), None, "a music score", "train")] * 2
+    path = tmp / "latents.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        meta = write_latents(zf.writestr, images, lambda x: torch.rand(len(x), 8, 8, 8), batch_size=2)
+        zf.writestr("dataset.json", json.dumps({**meta, "scaling_factor": 0.3}))
+    return path
+
+
 FIT = ["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps=2"]
 EVALUATE_FID = ["evaluate", "--metrics", "fid", "--num_samples", "4", "--steps", "1"]
 PROBE_NTK = ["probe", "ntk", "--num_points", "2", "--num_kernel_points", "4", "--num_projections", "1"]
+SD_TINY = ["fit", "--config", REPO / "experiments" / "musicscore_sd_tiny.yaml", "--trainer.max_steps=1"]
 
 CASES = {
     "missing data set": (lambda t, c: ffhq_fit(t / "none.zip"), "does not exist"),
@@ -331,6 +399,50 @@ CASES = {
         lambda t, c: [*PROBE_NTK, "--ckpt_path", c, "--reference_ckpt", another_network(t)],
         "holds another network",
     ),
+    "a folder that is not a diffusers model": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "not diffusers"), "--out", t / "o.npz"],
+        "no model_index.json, so not a diffusers model folder",
+    ),
+    "a Stable Diffusion folder without its VAE": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "no vae"), "--out", t / "o.npz"],
+        "vae/config.json: missing",
+    ),
+    "a model_index.json without a component": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "no component"), "--out", t / "o.npz"],
+        "model_index.json: no text_encoder component",
+    ),
+    "pickled .bin weights": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "bin"), "--out", t / "o.npz"],
+        "pickled weights can run code when loaded; convert them to .safetensors, or pass --trust_checkpoint true",
+    ),
+    "a VAE whose latents do not fit the U-Net": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "vae"), "--out", t / "o.npz"],
+        "do not match vae/config.json latent_channels 3",
+    ),
+    "a Stable Diffusion U-Net with a NaN weight": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "nan"), "--out", t / "o.npz"],
+        "unet: weight conv_in.weight holds 1 non-finite value (NaN/Inf)",
+    ),
+    "a Stable Diffusion config that is a FIFO": (
+        lambda t, c: ["sample", "--ckpt_path", sd_folder(t, "fifo"), "--out", t / "o.npz"],
+        "unet/config.json is a FIFO",
+    ),
+    "fine-tuning without the pretrained folder": (
+        lambda t, c: [*SD_TINY, f"--data.init_args.path={latent_zip(t)}"],
+        "model.init_args.pretrained is required",
+    ),
+    "fine-tuning on data that is not a latent dataset": (
+        lambda t, c: [*SD_TINY, f"--model.init_args.pretrained={sd_folder(t)}", f"--data.init_args.path={t}"],
+        "is not a latent dataset",
+    ),
+    "DDIM's grid on a continuous-time model": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--grid", "ddim"],
+        "--grid ddim needs a discrete-time model",
+    ),
+    "encoding with a folder that holds no VAE": (
+        lambda t, c: ["dataset", "--source", dataset(t, "ok"), "--dest", t / "l.zip", "--encode", t / "data"],
+        "config.json: missing",
+    ),
     "missing CIFAR-10": (
         lambda t, c: ["fit", "--config", REPO / "experiments" / "cifar10.yaml", f"--data.init_args.root={t}"],
         "cifar-10-python.tar.gz",
@@ -415,6 +527,31 @@ CASES = {
     "a ZIP member inflating to a gigabyte": (
         lambda t, c: ffhq_fit(zip_bomb_dataset(t)),
         "bomb.zip:00000/img00000002.png declares 1,073,741,857 bytes",
+    ),
+    "NaN in a checkpoint's weights": (
+        lambda t, c: ["sample", "--ckpt_path", edited(t, c, nan_in_a_weight), "--out", t / "o.npz"],
+        "holds 1 non-finite value (NaN/Inf)",
+    ),
+    "a checkpoint naming os.system": (
+        lambda t, c: ["sample", "--ckpt_path", names_os_system(t), "--out", t / "o.npz"],
+        f"asks to import {RunsShell().__reduce__()[0].__module__}.system",
+    ),
+    "a saved hyper-parameter of the wrong type": (
+        lambda t, c: ["sample", "--ckpt_path", edited(t, c, sigma_data_as_text), "--out", t / "o.npz"],
+        "could not convert string to float: 'half'",
+    ),
+    "--sampler_kwargs of the wrong type": (
+        lambda t, c: ["sample", "--ckpt_path", c, "--out", t / "o.npz", "--sampler_kwargs", '{"s_churn": "x"}'],
+        "--sampler_kwargs: Expected a <class 'float'>",
+    ),
+    "an accelerator this install lacks": (lambda t, c: [*FIT, "--trainer.accelerator=tpu"], "torch_xla"),
+    "convert of a diffusers folder": (
+        lambda t, c: ["convert", "--src", diffusers_folder(t), "--out", t / "sd.ckpt"],
+        "is a diffusers folder: pass it as it is to --ckpt_path",
+    ),
+    "resuming a digits checkpoint with gmm.yaml": (
+        lambda t, c: ["fit", "--config", REPO / "experiments" / "gmm.yaml", "--ckpt_path", c],
+        "was trained on DigitsDataModule, but the config's data is GMMDataModule",
     ),
 }
 

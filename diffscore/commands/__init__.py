@@ -74,9 +74,10 @@ SUBCOMMANDS = (
     ),
     Subcommand(
         "dataset",
-        "diffscore.data.dataset_writer:convert_dataset",
+        "diffscore.commands.dataset:dataset",
         DATA,
-        "images (a folder, ZIP or CIFAR-10's archive) as EDM's dataset format (a ZIP or folder of PNGs + dataset.json)",
+        "images (a folder, ZIP or CIFAR-10's archive) as EDM's dataset format (a ZIP or folder of PNGs + dataset.json)"
+        ", or with --encode SD_FOLDER as an EDM2-style latent dataset",
     ),
     Subcommand(
         "suggest-noise",

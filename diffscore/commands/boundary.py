@@ -35,6 +35,9 @@ def one_line(e: BaseException) -> str:
         return f"file not found: {e.filename or e}; check the path"
     if isinstance(e, MisconfigurationException):  # Lightning's word for a bad trainer/callback setting
         return f"{str(e).strip().splitlines()[0]}  (check the trainer options of the config)"
+    if isinstance(e, ModuleNotFoundError):  # an option that needs a package this install lacks (accelerator=tpu)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else f"no module named {e.name}"
+        return f"{first}; install it, or choose an option that does not need it"
     if isinstance(e, OSError):
         where = e.filename or "the output"
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

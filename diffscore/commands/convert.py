@@ -30,6 +30,11 @@ def convert(src: str, out: str, overwrite: bool = False) -> Path:
         overwrite: replace a .ckpt that `diffscore convert` wrote at ``out``.
     """
     src_path, out_path = Path(src), Path(out)
+    if (src_path / "model_index.json").is_file():
+        raise DiffscoreError(
+            f"--src {src} is a diffusers folder: pass it as it is to --ckpt_path (sample, evaluate, probe, DisBack's "
+            "teacher) or --model.init_args.pretrained (fit); convert turns NVlabs/edm pickles into checkpoints"
+        )
     if src_path.suffix != ".pkl":
         raise DiffscoreError(f"--src {src} is not an NVlabs/edm or edm2 network pickle (*.pkl)")
     if out_path.suffix != ".ckpt":

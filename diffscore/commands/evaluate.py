@@ -2,8 +2,9 @@
 
 Samples are drawn per seed (as `diffscore sample`), split over devices without duplicates; each device turns
 its samples into features at once (Inception pool3 + logits, digits-classifier features, nearest-training-image
-distances), so only features travel. Metrics: ``fid``, ``kid``, ``is``, ``fid_k`` (FID on groups of k samples,
-our reading of MusicScore's FID-k, unverified: the paper's definition could not be checked), ``fd_digits``
+distances), so only features travel. Metrics: ``fid``, ``kid``, ``is``, ``fid_k`` (MusicScore's FID-k, as its
+published script computes it: the FID between the k samples of seeds 0..k-1 and the k real images they pair with,
+each side's statistics from its k images; see metrics/suite.py), ``fd_digits``
 (never called FID), ``memorization`` and ``leakage`` (digits: rotated or mirrored samples, ScoreAug's failure
 mode; reported beside the same fraction on real digits). ``--protocol edm`` repeats everything on three seed
 ranges (0.., N.., 2N..) and reports each, their minimum, mean and std.
@@ -23,8 +24,9 @@ from diffscore.commands.sample import check_counts, check_seeds
 from diffscore.commands.sampler import command_sampler
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write, check_memory, pyplot, write_json
-from diffscore.lit.datamodules.base import Captioned, train_images
+from diffscore.lit.datamodules.base import Captioned
 from diffscore.lit.datamodules.from_file import model_datamodule
+from diffscore.lit.datamodules.latents import reference_images, train_reference
 from diffscore.lit.datamodules.tensor import heldout_images
 from diffscore.lit.predict import Devices, ShardWriter, devices_in_use, parts_folder, predict_over_seeds
 from diffscore.loading.model import LoadedModel
@@ -34,8 +36,10 @@ from diffscore.metrics.suite import (
     ALL_METRICS,
     DIGITS_METRICS,
     INCEPTION_METRICS,
+    STATS_METRICS,
     auto_metrics,
     compute_metrics,
+    pair_features,
     reference_statistics,
     sample_features,
 )
@@ -102,7 +106,9 @@ class EvaluationOptions:
             training data.
         inception_weights: path of weights-inception-2015-12-05-6726825d.pth (else $DIFFSCORE_INCEPTION_WEIGHTS,
             else torch hub's cache).
-        fid_k: group sizes k for fid_k.
+        fid_k: the sample counts k of fid_k (MusicScore: 8, 16, 32, 64): sample s (its caption s mod n with
+            --prompts) pairs with real image s mod n of the --prompts split (default: the first max(k) training
+            images); FID of k samples against their k real images.
         prompts: text-conditioned models: "train", "val" or "test" conditions sample i on caption i (cycled) of that
             split of the model's data (MusicScore's text-to-image protocol); default: --prompt or the empty caption.
     """
@@ -146,7 +152,7 @@ def evaluate(
     dm = model_datamodule(model)
     per_device = -(-planned_count(evaluation, model) // devices_in_use(where))
     sampler = command_sampler(model, options, captions_of(model, dm, evaluation.prompts), False, per_device)
-    features = FeatureSet(wanted, dm, evaluation.ref, evaluation.inception_weights)
+    features = FeatureSet(wanted, dm, evaluation, evaluation.inception_weights)
     ranges = seed_ranges(evaluation, default_count(model, features.held))
     parts = parts_folder(Path(out) if out else Path(".diffscore-evaluate"))
     runs, feats = [], None
@@ -195,14 +201,14 @@ def planned_count(evaluation: EvaluationOptions, model: LoadedModel) -> int:
         lo, _, hi = evaluation.seeds.partition("-")
         count = int(hi) - int(lo) + 1 if lo.isdigit() and hi.isdigit() else 1
     else:
-        count = evaluation.num_samples or (400 if tuple(model.data_shape) == (1, 8, 8) else 50_000)
+        count = evaluation.num_samples or (400 if tuple(model.image_shape) == (1, 8, 8) else 50_000)
     return count * (3 if evaluation.protocol == "edm" else 1)
 
 
 def default_count(model: LoadedModel, held: torch.Tensor | None) -> int:
     """Samples per seed range when --num_samples is not given: the held-out digits' count for 8x8 digits (so
-    FD-digits and its floor are at the same N), else EDM's 50,000."""
-    return len(held) if held is not None and tuple(model.data_shape) == (1, 8, 8) else 50_000
+    FD-digits and the held-out digits' reference are at the same N), else EDM's 50,000."""
+    return len(held) if held is not None and tuple(model.image_shape) == (1, 8, 8) else 50_000
 
 
 def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Tensor]) -> None:
@@ -215,7 +221,7 @@ def _write_outputs(out: Path, summary: dict[str, Any], feats: dict[str, torch.Te
 
 def wanted_metrics(metrics: str, model: LoadedModel) -> set[str]:
     """The set of metric names ``--metrics`` asks for, checked against the model's data."""
-    shape = tuple(model.data_shape)
+    shape = tuple(model.image_shape)
     if metrics == "auto":
         metrics = auto_metrics(shape, model.trained_with_scoreaug)
     wanted = {m.strip() for m in metrics.split(",") if m.strip()}
@@ -235,13 +241,14 @@ def wanted_metrics(metrics: str, model: LoadedModel) -> set[str]:
 class FeatureSet:
     """The feature extractors and reference statistics that the wanted metrics need."""
 
-    def __init__(self, wanted: set[str], dm, ref: str | None, inception_weights: str | None) -> None:
-        needs_train = "memorization" in wanted or wanted & DIGITS_METRICS or (wanted & INCEPTION_METRICS and not ref)
-        if needs_train and dm is None:
+    def __init__(self, wanted: set[str], dm, evaluation: EvaluationOptions, inception_weights: str | None) -> None:
+        ref = evaluation.ref
+        needs_train = "memorization" in wanted or wanted & DIGITS_METRICS or (wanted & STATS_METRICS and not ref)
+        if (needs_train or "fid_k" in wanted) and dm is None:
             raise DiffscoreError(
-                "this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits"
+                "this checkpoint does not name its data; pass --ref and leave out memorization/fd_digits/fid_k"
             )
-        train = train_images(dm) if needs_train else None
+        train = train_reference(dm) if needs_train else None
         self.inception = self.digits = None
         if wanted & INCEPTION_METRICS:
             from diffscore.metrics.inception import InceptionFeatures
@@ -253,6 +260,10 @@ class FeatureSet:
             self.digits = load_classifier()
         held = self.held = heldout_images(dm)  # (its count is the default sample count for digits)
         self.reference = reference_statistics(wanted, ref, train, held, self.inception, self.digits)
+        if "fid_k" in wanted:  # the real images the samples pair with (MusicScore's FID-k)
+            split = evaluation.prompts or "train"
+            limit = None if evaluation.prompts else max(evaluation.fid_k)
+            self.reference["fid_k_pool"] = pair_features(reference_images(dm, split, limit), self.inception, split)
         self.train = train if "memorization" in wanted else None
         self.leak = "leakage" in wanted
 

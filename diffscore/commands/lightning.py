@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback, _InstantiatorFn
 
 from diffscore.commands.config_checks import refuse_nonfinite
 from diffscore.commands.resume import check_class_paths, continue_run, replaced_settings, same_class
@@ -80,6 +81,18 @@ class RunConfig(SaveConfigCallback):
             tmp.write_text(self.parser.dump(self.config, skip_none=False))
 
 
+class LinkedFactsInstantiator(_InstantiatorFn):
+    """Lightning's instantiator, without the data -> backbone links that jsonargparse skipped for a module that
+    takes no backbone (StableDiffusionModule builds its network from a folder): Lightning still writes every
+    applied link into the module's recorded hyper-parameters, and fails on the missing ``backbone`` key."""
+
+    def __call__(self, class_type, *args, applied_instantiation_links: dict, **kwargs):
+        if "backbone" not in inspect.signature(class_type).parameters:
+            links = applied_instantiation_links
+            applied_instantiation_links = {k: v for k, v in links.items() if ".backbone." not in k}
+        return super().__call__(class_type, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+
+
 class DiffscoreCLI(LightningCLI):
     """LightningCLI over any LightningModule/DataModule named by ``class_path`` in the YAML."""
 
@@ -96,6 +109,10 @@ class DiffscoreCLI(LightningCLI):
             run=run,
             auto_configure_optimizers=False,
         )
+
+    def _add_instantiators(self) -> None:
+        self.parser.add_instantiator(LinkedFactsInstantiator(cli=self, key="model"), LightningModule, subclasses=True)
+        self.parser.add_instantiator(_InstantiatorFn(cli=self, key="data"), LightningDataModule, subclasses=True)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -129,6 +146,13 @@ class DiffscoreCLI(LightningCLI):
             raise DiffscoreError(f"--ckpt_path {path} is not a Lightning checkpoint (no state_dict)")
         hp = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if k != "_instantiator"}
         given = self.config[sub].model
+        saved_data = (ckpt.get("datamodule_hyper_parameters") or {}).get("_class_path")
+        given_data = (self.config[sub].get("data") or {}).get("class_path")
+        if isinstance(saved_data, str) and given_data and not same_class(saved_data, given_data):
+            raise DiffscoreError(
+                f"--ckpt_path {path} was trained on {saved_data.rpartition('.')[2]}, but the config's data is "
+                f"{given_data.rpartition('.')[2]}; pass the config it was trained with"
+            )
         if str(hp.get("_class_path", "")).endswith("DiffusionModule"):  # an older main's checkpoint, in today's form
             augment = (given.get("init_args") or {}).get("augment") or []
             hp = modern_settings(hp, [a.as_dict() if hasattr(a, "as_dict") else a for a in augment])

@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from diffscore.errors import DiffscoreError
 
@@ -32,7 +32,7 @@ def option_groups(fn: Callable[..., Any]) -> dict[str, type]:
 def build_parser(fn: Callable[..., Any], prog: str) -> ArgumentParser:
     """The parser of ``fn``: its own parameters, then the fields of each options dataclass at the top level."""
     groups = option_groups(fn)
-    parser = ArgumentParser(prog=prog, exit_on_error=True)
+    parser = ArgumentParser(prog=prog, exit_on_error=False)
     parser.add_function_arguments(fn, skip=set(groups))
     for cls in groups.values():
         parser.add_class_arguments(cls, nested_key=None)
@@ -52,10 +52,25 @@ def _make(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def parse_error(message: str) -> str:
+    """jsonargparse's error in one line: the option, then why each type it could have been refused the value
+    (without the "or None" arm)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    head = lines[0] if lines else "invalid arguments"
+    if head.startswith('Parser key "') and head.endswith('":'):
+        head = "--" + head[len('Parser key "') : -2]
+    reasons = [line[2:] for line in lines[1:] if line.startswith("- ") and "NoneType" not in line]
+    given = [line for line in lines if line.startswith("Given value:")]
+    return "; ".join([head.rstrip(":") + ":" if reasons else head, *reasons, *given[:1]]).replace(":;", ":")
+
+
 def call(fn: Callable[..., Any], prog: str, argv: list[str]) -> Any:
     """Parse ``argv`` for ``fn`` and call it with its options objects built."""
     parser = build_parser(fn, prog)
-    values = parser.parse_args(argv).as_dict()
+    try:
+        values = parser.parse_args(argv).as_dict()
+    except ArgumentError as e:
+        raise DiffscoreError(f"{prog}: {parse_error(str(e))}; see {prog} --help") from None
     values.pop("__path__", None)
     for name, cls in option_groups(fn).items():
         try:

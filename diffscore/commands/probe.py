@@ -135,7 +135,7 @@ def probe_ntk(
     regression_set = _regression_set(model, train)
     ref = None if reference_ckpt is None else _reference(reference_ckpt, model)
     mixture = dm.mixture if isinstance(dm, GMMDataModule) else None
-    m = NTKMeasurer(train, heldout, denoiser.sigma_data, settings, mixture, regression_set)
+    m = NTKMeasurer(train, heldout, denoiser.coefficients, settings, mixture, regression_set)
     view = BackboneOutput(denoiser)
     f_now = m.outputs(view)
     result = m.score_errors(f_now[0])

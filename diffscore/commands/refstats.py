@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from diffscore.errors import DiffscoreError
-from diffscore.lit.datamodules.base import train_images
 from diffscore.lit.datamodules.from_file import config_datamodule, model_datamodule
+from diffscore.lit.datamodules.latents import train_reference
 from diffscore.loading.open import open_model
 from diffscore.metrics.frechet import feature_statistics, save_statistics
 from diffscore.metrics.suite import KID_REFERENCE_SIZE
@@ -54,7 +54,7 @@ def refstats(
         dm = model_datamodule(open_model(ckpt_path))
         if dm is None:
             raise DiffscoreError(f"{ckpt_path} does not name its data; use --data_config")
-    images = train_images(dm, max_images)
+    images = train_reference(dm, max_images)
     if features == "auto":
         features = "digits" if tuple(images.shape[1:]) == (1, 8, 8) else "inception"
     if features == "inception":

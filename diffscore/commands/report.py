@@ -35,12 +35,13 @@ def _series(records: list[dict], key: str, path: Path) -> tuple[list[float], lis
 
 
 def panels_of(keys: list[str]) -> dict[str, list[str]]:
-    """The plots and the keys each shows (the digits reference's sample count is a constant, not a curve)."""
+    """The plots and the keys each shows (a sample count such as fd_digits_heldout_n is a constant, not a metric; the
+    held-out digits' FD is drawn beside fd_digits as the reference it is)."""
 
     def sigma_of(key: str) -> float:
         return float(re.search(r"_s([0-9.e+-]+)$", key).group(1))
 
-    quality = [k for k in keys if k.startswith("eval/") and not k.endswith(("_std", "_floor", "_reference", "_n"))]
+    quality = [k for k in keys if k.startswith("eval/") and not k.endswith(("_std", "_n"))]
     return {
         "loss": [k for k in keys if k in ("train/loss", "val/loss")],
         "heldout_per_sigma": sorted((k for k in keys if k.startswith("heldout/loss_s")), key=sigma_of),

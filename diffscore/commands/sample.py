@@ -43,6 +43,9 @@ def check_samples_fit(count: int, shape: tuple[int, ...], factor: int = 2) -> No
     check_memory(count * math.prod(shape) * 4 * factor, f"--num_samples {count}", hint)
 
 
+NPZ_KEYS = ("seeds", "samples", "noise", "latents")  # what a .npz holds (latents: latent models only)
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     """--out may be new, or (with --overwrite) what `diffscore sample` wrote there before (diffscore.outputs)."""
     if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
@@ -64,11 +67,14 @@ def png(image: torch.Tensor, path: Path) -> None:
         Image.fromarray(pixels, mode="RGB").save(path, format="png")
 
 
-def _write(out: Path, seeds: torch.Tensor, samples: torch.Tensor) -> None:
-    """A .npz of seeds and samples, or a folder of ``<seed>.png``; written whole before it replaces anything."""
+def _write(out: Path, merged: dict[str, torch.Tensor]) -> None:
+    """A .npz of seeds, samples, noise (and a latent model's latents), or a folder of ``<seed>.png``; written whole
+    before it replaces anything."""
+    seeds, samples = merged["seeds"], merged["samples"]
     if out.suffix == ".npz":
+        arrays = {k: v.numpy() for k, v in merged.items() if k in NPZ_KEYS}
         with atomic_write(out) as tmp, open(tmp, "wb") as f:
-            np.savez(f, seeds=seeds.numpy(), samples=samples.numpy(), written_by=np.array("diffscore sample"))
+            np.savez(f, **arrays, written_by=np.array("diffscore sample"))
         return
     if samples.ndim != 4 or samples.shape[1] not in (1, 3):
         raise DiffscoreError(f"samples of shape {tuple(samples.shape[1:])} are not images; use --out FILE.npz")
@@ -91,21 +97,25 @@ def sample(
     of PNGs or a .npz file; sample i uses seed ``seed + i``.
 
     Args:
-        ckpt_path: a checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt) or an NVlabs/edm network
-            pickle (edm-*.pkl, network-snapshot-*.pkl; read without running its code).
+        ckpt_path: a checkpoint written by `diffscore fit` (e.g. .../checkpoints/last.ckpt), an NVlabs/edm network
+            pickle (edm-*.pkl, network-snapshot-*.pkl; read without running its code) or a diffusers Stable
+            Diffusion folder.
         out: a folder (one PNG per seed, ``<seed>.png``) or a ``.npz`` file (arrays ``seeds``, ``samples`` in
-            data space; vector data need .npz).
+            data space (a latent model's decoded images), ``noise`` (each seed's unit initial draw, before the
+            multiplication by sigma_max) and, for a latent model, ``latents``; vector data need .npz).
         num_samples: how many samples; seeds ``seed .. seed + num_samples - 1``.
         seed: the first seed.
         overwrite: replace an existing output that `diffscore sample` wrote.
-        trust_checkpoint: allow a checkpoint that needs full unpickling (only for files you trust).
+        trust_checkpoint: allow a checkpoint that needs full unpickling, or a folder's pickled *.bin weights (only
+            for files you trust).
     """
     check_counts(num_samples=num_samples)
     check_seeds(seed, num_samples)
     out_path = Path(out)
     _check_out(out_path, overwrite)
     model = open_model(ckpt_path, trust_checkpoint)
-    check_samples_fit(num_samples, tuple(model.data_shape))
+    latent = math.prod(model.data_shape)  # the noise, and a latent model's latents, travel with the images
+    check_samples_fit(num_samples, (math.prod(model.image_shape) + latent * (2 if model.decoder is not None else 1),))
     per_device = -(-num_samples // devices_in_use(where))
     sampler = command_sampler(model, options, progress=True, samples_per_device=per_device)
     seeds = list(range(seed, seed + num_samples))
@@ -114,7 +124,7 @@ def sample(
     merged = predict_over_seeds(sampler, seeds, writer, options.batch_size, where)
     if merged is None:
         return None
-    _write(out_path, merged["seeds"], merged["samples"])
+    _write(out_path, merged)
     rate = writer.rate()
     after_first = f", {rate:.1f} img/s per device after the first batch" if rate else ""
     print(

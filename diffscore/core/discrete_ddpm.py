@@ -151,3 +151,55 @@ class DiscreteDDPMPrecond(Preconditioning):
 
     def coefficients(self, sigma: Tensor) -> Coefficients:
         return discrete_ddpm_coefficients(sigma, self.sigmas, self.prediction_type, self.quantize)
+
+
+def ddim_sigmas(sigmas: Tensor, num_steps: int, steps_offset: int = 1) -> Tensor:
+    """The noise levels [num_steps + 1] (float64, last 0) of DDIM's timesteps on the trained levels ``sigmas`` [T].
+
+    DDIM (Song et al. 2021) with eta 0 steps through the "leading" timesteps t_i = (num_steps - 1 - i) * (T //
+    num_steps) + steps_offset (diffusers' DDIMScheduler; LDM's "uniform" DDIM discretisation, which SD 1/2 and
+    MusicScore's script use); its update is the Euler step of the PF-ODE in x = x0 + sigma n (Karras et al. 2022,
+    Sec. 4), so diffscore's euler sampler on these levels is DDIM. The last step goes to sigma = 0 (diffusers'
+    set_alpha_to_one=True; LDM and SD's shipped config stop at alphabar_0, sigma_0 ~ 0.029, instead).
+    """
+    T = len(sigmas)
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+    ratio = T // num_steps
+    if ratio < 1 or (num_steps - 1) * ratio + steps_offset > T - 1 or steps_offset < 0:
+        raise ValueError(f"{num_steps} DDIM steps (offset {steps_offset}) do not fit {T} trained timesteps")
+    t = torch.arange(num_steps - 1, -1, -1) * ratio + steps_offset  # [num_steps], decreasing
+    levels = sigmas.to(device="cpu", dtype=torch.float64)[t]  # [num_steps]
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
+class UniformTimesteps:
+    """Training noise levels of a discrete DDPM: t ~ U{0, ..., T-1}, sigma = sigma_t (Ho et al. 2020, Algorithm 1;
+    how Stable Diffusion was trained). Called as diffscore.core.schedules.LogNormalSigma is."""
+
+    def __init__(self, sigmas: Tensor) -> None:
+        self.sigmas = sigmas.to(torch.float32)  # [T], the trained levels
+
+    def __call__(
+        self, batch: int, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        t = torch.randint(len(self.sigmas), (batch,), device=device, generator=generator)  # [B]
+        return self.sigmas.to(device)[t]
+
+    def __repr__(self) -> str:
+        return f"UniformTimesteps(T={len(self.sigmas)})"
+
+
+def ddpm_loss(denoiser: Preconditioning, x0: Tensor, sigma: Tensor, noise: Tensor, cond=None) -> Tensor:
+    """Per-sample loss [B] of a discrete DDPM as Stable Diffusion trains it: mean_d (F - target)^2, with F the
+    network's output and target the noise (epsilon prediction) or v = alpha n - sigma_vp x0 (v prediction).
+
+    In EDM's terms (Karras et al. 2022, Eq. 8 with lambda = 1 / c_out^2): x = x0 + sigma n, D = c_skip x +
+    c_out F, and F - target = (D - x0) / c_out for both parameterisations (epsilon: c_out = -sigma; v: c_out =
+    -sigma / sqrt(sigma^2 + 1)), so the loss is mean_d ((D(x; sigma) - x0) / c_out(sigma))^2.
+    """
+    bshape = (-1,) + (1,) * (x0.ndim - 1)
+    x = x0 + sigma.view(bshape) * noise  # [B, C, h, w]
+    denoised = denoiser(x, sigma, cond)
+    c_out = denoiser.coefficients(sigma.to(torch.float32))[1].view(bshape)  # [B, 1, 1, 1]
+    return ((denoised.float() - x0.float()) / c_out).square().flatten(1).mean(1)

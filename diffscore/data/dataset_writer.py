@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import zipfile
@@ -36,7 +37,8 @@ from diffscore.io import atomic_write, read_user_file, read_zip_member
 
 TRANSFORMS = (None, "center-crop")
 MARKER, WRITER = "written_by", "diffscore dataset"  # the dataset.json entry that lets --overwrite replace an output
-LAYOUT = re.compile(r"dataset\.json|[0-9]{5}/(img[0-9]{8}\.png)?")  # every member of an output (folders end in /)
+# every member of an output (folders end in /): images, and the latents of `diffscore dataset --encode`
+LAYOUT = re.compile(r"dataset\.json|[0-9]{5}/(img[0-9]{8}\.png|img-mean-std-[0-9]{8}\.npy)?")
 SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL's modes of 16-bit grayscale PNGs
 
 
@@ -276,16 +278,25 @@ def _write(out: Path, items: Iterable, total: int, src: Path, resolution: int | 
     from tqdm import tqdm
 
     as_zip = out.suffix.lower() == ".zip"
-    if out.exists() and out.is_dir() == as_zip:  # --overwrite, checked: a folder replaces a ZIP or the reverse
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    with atomic_write(out, directory=not as_zip) as tmp:
-        output = _Output(tmp, as_zip)
-        try:
-            progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
-            labels, shape = _write_images(output, progress, total, src, resolution, transform)
-            output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
-        finally:
-            output.close()
+    old = None  # --overwrite (checked) of a folder by a ZIP or the reverse: set aside, removed once the new is whole
+    if out.exists() and out.is_dir() == as_zip:
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+    try:
+        with atomic_write(out, directory=not as_zip) as tmp:
+            output = _Output(tmp, as_zip)
+            try:
+                progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
+                labels, shape = _write_images(output, progress, total, src, resolution, transform)
+                output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
+            finally:
+                output.close()
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # the failed write loses nothing
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
     return shape
 
 

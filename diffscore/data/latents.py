@@ -44,3 +44,40 @@ def sample_latents(stats: Tensor, scaling_factor: float, generator: torch.Genera
     mean, std = stats.chunk(2, dim=1)  # [N, C, h, w] each
     noise = torch.randn(mean.shape, generator=generator, device=stats.device)  # [N, C, h, w]
     return (mean + std * noise) * scaling_factor
+
+
+class LatentDecoder(nn.Module):
+    """Images [B, 3, H, W] (in [-1, 1], unclamped) of latents [B, C, h, w] as the U-Net sees them:
+    vae.decode(latents / scaling_factor), as diffusers' StableDiffusionPipeline decodes (Rombach et al. 2022,
+    Sec. 3), in chunks of ``batch_size`` latents (the VAE decoder's activations at 512 x 512 are large)."""
+
+    def __init__(
+        self,
+        vae: nn.Module,  # diffusers AutoencoderKL (frozen here)
+        scaling_factor: float,  # the VAE's latent scale (SD: 0.18215)
+        batch_size: int = 8,  # latents per decoder call
+    ) -> None:
+        super().__init__()
+        if scaling_factor <= 0 or batch_size < 1:
+            raise ValueError(f"need scaling_factor > 0 and batch_size >= 1, got {scaling_factor}, {batch_size}")
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor, self.batch_size = float(scaling_factor), int(batch_size)
+
+    @property
+    def downsampling(self) -> int:
+        """How many pixels a latent cell spans per side: 2 ^ (VAE levels - 1) (SD: 8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def image_shape(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """[C, H, W] of the images of latents [C, h, w]."""
+        f = self.downsampling
+        return (int(self.vae.config.out_channels), latent_shape[-2] * f, latent_shape[-1] * f)
+
+    @torch.no_grad()
+    def forward(self, latents: Tensor) -> Tensor:
+        param = next(self.vae.parameters())
+        images = [
+            self.vae.decode(chunk.to(param.dtype) / self.scaling_factor, return_dict=False)[0].float()
+            for chunk in latents.split(self.batch_size)
+        ]
+        return torch.cat(images)  # [B, 3, H, W]

@@ -28,7 +28,8 @@ from diffscore.sampling.base import Sampler
 
 
 class SeedSampler(LightningModule):
-    """Trainer.predict over integer seeds: each batch of seeds [B] -> {"seeds": [B], "samples": [B, ...]}.
+    """Trainer.predict over integer seeds: each batch of seeds [B] -> {"seeds": [B], "samples": [B, ...] (in data
+    space), "noise": [B, *data_shape] (the unit initial draws), and "latents" for a latent model}.
 
     On a GPU a batch smaller than the first (the last one) is padded with throwaway seeds to the first's size, so a
     compiled denoiser sees one shape and compiles once; the padding's samples are dropped."""
@@ -52,8 +53,8 @@ class SeedSampler(LightningModule):
         padded = seeds + [max(seeds) + 1 + i for i in range(pad)]
         if not self.trainer.is_global_zero:
             self.sampler.progress = False  # one bar, on rank zero
-        samples = self.sampler.generate(padded)[: len(seeds)]
-        return {"seeds": batch.cpu(), "samples": samples.float().cpu()}
+        drawn = self.sampler.draw(padded)  # samples (decoded), noise, and a latent model's latents
+        return {"seeds": batch.cpu(), **{k: v[: len(seeds)].float().cpu() for k, v in drawn.items()}}
 
 
 class ShardWriter(BasePredictionWriter):

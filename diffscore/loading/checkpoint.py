@@ -14,16 +14,20 @@ import torch
 
 from diffscore.core.precond import PrecondSpec
 from diffscore.errors import DiffscoreError
+from diffscore.io import check_finite_weights
 from diffscore.loading.classes import BACKBONES, build
 from diffscore.loading.denoiser import build_denoiser, edm2_spec, spec_record
 from diffscore.loading.files import read_torch_file
 from diffscore.loading.legacy import modern_settings
 from diffscore.loading.model import LoadedModel
+from diffscore.loading.sd_backbone import PRECOND_NAME, folder_backbone, is_folder_record
+from diffscore.loading.sd_model import finetuned_stable_diffusion
 from diffscore.sampling.options import SamplerDefaults
 from diffscore.sampling.speed import Speed
 
 DIFFUSION_MODULE = "diffscore.lit.modules.diffusion.DiffusionModule"
 EDM2_MODULE = "EDM2Module"  # diffscore.lit.modules.edm2.EDM2Module: EDM2's preconditioning, saved without a record
+SD_MODULE = "StableDiffusionModule"  # a fine-tuning run of a Stable Diffusion folder (diffscore.lit.modules)
 
 
 def _weights(state: Any, prefix: str, path: Path) -> dict[str, Any]:
@@ -33,7 +37,9 @@ def _weights(state: Any, prefix: str, path: Path) -> dict[str, Any]:
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, Any], path: Path, whose: str) -> None:
-    """Load ``state`` into ``module`` strictly; a mismatch is one line naming the file."""
+    """Load ``state`` into ``module`` strictly; a mismatch, or a NaN/Inf weight (NaN samples with exit 0), is one
+    line naming the file."""
+    check_finite_weights(state, path)
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
@@ -52,6 +58,10 @@ def _sampler_defaults(settings: dict[str, Any], path: Path) -> SamplerDefaults:
 def _diffusion(ckpt: dict[str, Any], path: Path, trust: bool) -> LoadedModel:
     settings = modern_settings(ckpt.get("hyper_parameters") or {})
     owner = str(settings.get("_class_path", DIFFUSION_MODULE))
+    if owner.endswith(SD_MODULE):
+        model = finetuned_stable_diffusion(settings, path, trust, **_facts(ckpt))
+        load_weights(model.network, _weights(ckpt.get("state_dict"), "denoiser.", path), path, "the denoiser's")
+        return model
     if not owner.endswith(("DiffusionModule", EDM2_MODULE)) or "backbone" not in settings:
         held = owner if "backbone" in settings else "no backbone record"
         raise DiffscoreError(
@@ -77,17 +87,29 @@ def _one_step(ckpt: dict[str, Any], path: Path, trust: bool) -> LoadedModel:
     info = ckpt["one_step_generator"]
     if not isinstance(info, dict) or "backbone" not in info:
         raise DiffscoreError(f"{path}: its one_step_generator record is damaged")
-    spec = info.get("precond") or {"name": "edm", "kwargs": None}  # EDM2's for an EDM2 teacher's generator
-    backbone = build(info["backbone"], BACKBONES, "backbone")
-    try:
-        generator = build_denoiser(PrecondSpec(**spec), backbone, float(info.get("sigma_data", 0.5)))
-    except (TypeError, ValueError) as e:
-        raise DiffscoreError(f"{path}: the generator's preconditioning {spec} cannot be built ({e})") from None
+    decoder = None
+    if is_folder_record(info["backbone"]) and (info.get("precond") or {}).get("name") == PRECOND_NAME:
+        backbone = folder_backbone(info["backbone"], trust, path)  # a latent generator distilled from SD
+        generator, decoder = backbone.denoiser(), backbone.decoder()
+    else:
+        spec = info.get("precond") or {"name": "edm", "kwargs": None}  # EDM2's for an EDM2 teacher's generator
+        backbone = build(info["backbone"], BACKBONES, "backbone")
+        try:
+            generator = build_denoiser(PrecondSpec(**spec), backbone, float(info.get("sigma_data", 0.5)))
+        except (TypeError, ValueError) as e:
+            raise DiffscoreError(f"{path}: the generator's preconditioning {spec} cannot be built ({e})") from None
     load_weights(generator, _weights(ckpt.get("state_dict"), "generator.", path), path, "the generator's")
     settings = dict(ckpt.get("hyper_parameters") or {})
     sigma_init = float(info.get("sigma_init", 1.0))
     return LoadedModel(
-        path, "one-step", generator, sigma_init=sigma_init, trusted=trust, settings=settings, **_facts(ckpt)
+        path,
+        "one-step",
+        generator,
+        sigma_init=sigma_init,
+        trusted=trust,
+        settings=settings,
+        decoder=decoder,
+        **_facts(ckpt),
     )
 
 

@@ -43,8 +43,10 @@ def build_denoiser(spec: PrecondSpec, backbone: nn.Module, sigma_data: float) ->
 
 
 def spec_record(denoiser: nn.Module, saved: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``{"name", "kwargs"}`` of a denoiser's preconditioning: EDM2's read off the network, else the saved record
-    (EDM's when none was saved)."""
+    """``{"name", "kwargs"}`` of a denoiser's preconditioning: a Stable Diffusion folder's own record (rebuilt from
+    the folder, in its preconditioning), EDM2's read off the network, else the saved record (EDM's when none)."""
+    if hasattr(getattr(denoiser, "backbone", None), "precond_record"):  # loading.sd_backbone.StableDiffusionFolder
+        return denoiser.backbone.precond_record()
     if isinstance(denoiser, EDM2Precond) and isinstance(denoiser.logvar, LogVarHead):
         spec = edm2_spec(denoiser.logvar.linear.in_channels)
         return {"name": spec.name, "kwargs": spec.kwargs}

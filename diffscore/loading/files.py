@@ -31,7 +31,7 @@ def _kind(f: BinaryIO) -> str:
 
 
 def _unsafe_global(error: Exception) -> str | None:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(error))  # torch <2.7, >=2.7
     return found.group(1) if found else None
 
 

@@ -2,8 +2,10 @@
 ``LoadedModel``, which every command and DisBack's teacher take.
 
 Kinds: a `diffscore fit` checkpoint of a diffusion model ("diffscore"; its EMA weights), of a DisBack run
-("one-step"; the generator), an NVlabs/edm network pickle ("edm-pickle") and an NVlabs/edm2 one ("edm2-pickle"),
-both read without running their code. The
+("one-step"; the generator), an NVlabs/edm network pickle ("edm-pickle"), an NVlabs/edm2 one ("edm2-pickle"),
+both read without running their code, and a diffusers Stable Diffusion folder ("stable-diffusion";
+diffscore.loading.sd_model). A latent model (Stable Diffusion, and checkpoints fine-tuned or distilled from one) has
+a ``decoder`` (its VAE) that its samplers apply at the end. The
 loaded model holds the network, its own sampler settings, the data section it names (plain data; the data module
 is built by diffscore.lit.datamodules.from_file), its saved settings and where it came from; ``sampler(options)``
 makes the sampler that draws from it (``guide=`` another LoadedModel: guidance by a second network).
@@ -26,7 +28,7 @@ from diffscore.sampling.one_step import OneStepSampler
 from diffscore.sampling.options import SamplerDefaults, SamplingOptions
 from diffscore.sampling.speed import Speed
 
-KINDS = ("diffscore", "one-step", "edm-pickle", "edm2-pickle")
+KINDS = ("diffscore", "one-step", "edm-pickle", "edm2-pickle", "stable-diffusion")
 
 
 @dataclass
@@ -44,11 +46,14 @@ class LoadedModel(BackboneFacts):
     settings: dict[str, Any] = field(default_factory=dict)  # the module's saved settings (plain data)
     step: int = 0  # the training step it was saved at
     info: dict[str, Any] = field(default_factory=dict)  # provenance (an imported pickle's network, ...)
+    decoder: nn.Module | None = None  # latents -> images (a latent model's VAE); None: samples are images
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise DiffscoreError(f"internal: unknown model kind {self.kind!r}")
         self.network.eval().requires_grad_(False)
+        if self.decoder is not None:
+            self.decoder.eval().requires_grad_(False)
 
     @property
     def one_step(self) -> bool:
@@ -57,6 +62,13 @@ class LoadedModel(BackboneFacts):
     @property
     def backbone(self) -> nn.Module:
         return self.network.backbone
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one sample in data space: the decoded image's for a latent model, else data_shape."""
+        if self.decoder is None:
+            return self.data_shape
+        return tuple(self.decoder.image_shape(self.data_shape))
 
     @property
     def backbone_config(self) -> dict[str, Any] | None:
@@ -82,5 +94,7 @@ class LoadedModel(BackboneFacts):
             resources["guide"] = resources["guide"].denoiser(f"--guide ({resources['guide'].path})")
         if self.one_step:
             resources.pop("progress", None)
-            return OneStepSampler(self.network, self.sigma_init, options, **resources)
-        return DiffusionSampler(self.network, self.defaults, options, trained=self.trained, **resources)
+            sampler = OneStepSampler(self.network, self.sigma_init, options, **resources)
+        else:
+            sampler = DiffusionSampler(self.network, self.defaults, options, trained=self.trained, **resources)
+        return sampler.with_decoder(self.decoder)

@@ -10,13 +10,17 @@ from diffscore.loading.edm.network import edm_pickle_model
 from diffscore.loading.edm.pickle import read_edm_pickle
 from diffscore.loading.edm2.model import edm2_pickle_model, is_edm2_pickle
 from diffscore.loading.model import LoadedModel
+from diffscore.loading.sd_model import open_stable_diffusion
 
 
 def open_model(path: str | Path, trust: bool = False) -> LoadedModel:
     """The model a file holds: an NVlabs/edm or NVlabs/edm2 network pickle (``*.pkl``, never run; told apart by
-    the network it records) or a `diffscore fit` checkpoint (``trust``: allow full unpickling). The file is opened
-    once; every failure is one DiffscoreError line."""
+    the network it records), a diffusers Stable Diffusion folder (a directory) or a `diffscore fit` checkpoint
+    (``trust``: allow full unpickling, or a folder's pickled *.bin weights). The file is opened once; every failure
+    is one DiffscoreError line."""
     path = Path(path)
+    if path.is_dir():
+        return open_stable_diffusion(path, trust)
     if path.suffix == ".pkl":
         data = read_edm_pickle(path)
         return edm2_pickle_model(data, path) if is_edm2_pickle(data) else edm_pickle_model(data, path)

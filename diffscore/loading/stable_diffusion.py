@@ -24,6 +24,7 @@ from torch import nn
 
 from diffscore.core.discrete_ddpm import BETA_SCHEDULES, PREDICTION_TYPES, DiscreteDDPMPrecond
 from diffscore.errors import DiffscoreError
+from diffscore.io import check_finite_weights, read_user_file
 from diffscore.networks.sd_unet import StableDiffusionUNet
 
 PIPELINES = ("StableDiffusionPipeline",)
@@ -64,6 +65,7 @@ SCHEDULE_DEFAULTS = {  # diffusers' scheduler defaults: what a config that omits
 UNET_UNSUPPORTED = ("class_embed_type", "addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LAYOUT = "a diffusers folder holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+MAX_JSON_BYTES = 16 << 20  # a config or model_index.json (SD's are a few KiB)
 
 
 @dataclass
@@ -81,10 +83,11 @@ class StableDiffusionParts:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; DiffscoreError naming the file when it is missing or not a JSON object."""
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise DiffscoreError(f"{path}: missing; {LAYOUT}")
+    raw = read_user_file(path, max_bytes=MAX_JSON_BYTES)  # a FIFO, device or huge file: one line, never a hang
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DiffscoreError(f"{path}: not valid JSON ({e}); restore the file from the model's release") from None
     if not isinstance(data, dict):
@@ -194,7 +197,7 @@ def check_weights(directory: Path, trust: bool = False, variant: str | None = No
     if pickles and not trust:
         raise DiffscoreError(
             f"{directory / pickles[0]}: pickled weights can run code when loaded; convert them to .safetensors, "
-            "or pass trust=True if you trust the file's source"
+            "or pass --trust_checkpoint true (trust=True) if you trust the file's source"
         )
     if not pickles:
         what = f"{variant!r} " if variant else ""
@@ -226,6 +229,9 @@ def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dt
         raise DiffscoreError(
             f"{folder}: reading Stable Diffusion needs diffusers and transformers ({e}); pip install 'diffscore[sd]'"
         ) from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a bar per small component read would bury diffscore's lines
 
     for name in ("unet", "vae", "text_encoder"):
         check_weights(folder / name, trust, variant)
@@ -239,6 +245,8 @@ def load_modules(folder: Path, trust: bool, variant: str | None, dtype: torch.dt
         folder / "text_encoder", CLIPTextModel.from_pretrained, dtype=dtype, trust_remote_code=False, **weights
     )
     tokenizer = _load(folder / "tokenizer", CLIPTokenizer.from_pretrained, trust_remote_code=False)
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        check_finite_weights(module.state_dict(), folder / name)  # NaN weights would give NaN images, exit 0
     positions = text_encoder.config.max_position_embeddings
     if tokenizer.model_max_length > positions:
         raise DiffscoreError(
@@ -284,3 +292,28 @@ def stable_diffusion_denoiser(parts: StableDiffusionParts, quantize: bool = Fals
     return DiscreteDDPMPrecond(
         parts.backbone, **parts.schedule, prediction_type=parts.prediction_type, quantize=quantize
     )
+
+
+def read_vae(folder: str | os.PathLike, trust: bool = False) -> tuple[nn.Module, float, Path]:
+    """(AutoencoderKL, scaling_factor, the vae/ folder read) of a Stable Diffusion folder (its ``vae/``) or of a
+    folder holding one AutoencoderKL (config.json + weights); checked and read as ``read_stable_diffusion`` does."""
+    folder = Path(folder).expanduser()
+    if (folder / "model_index.json").is_file():
+        check_model_index(folder)
+        folder = folder / "vae"
+    config = _read_json(folder / "config.json")
+    if config.get("_class_name") != "AutoencoderKL":
+        raise DiffscoreError(f"{folder / 'config.json'}: a {config.get('_class_name')}, not an AutoencoderKL; {LAYOUT}")
+    if config.get("shift_factor") is not None or config.get("latents_mean") is not None:
+        raise DiffscoreError(f"{folder / 'config.json'}: shifted/normalised latents are not supported")
+    _offline()
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise DiffscoreError(f"{folder}: reading a VAE needs diffusers ({e}); pip install 'diffscore[sd]'") from None
+    check_weights(folder, trust)
+    lazy_init = importlib.util.find_spec("accelerate") is not None
+    kwargs = {"use_safetensors": None if trust else True, "low_cpu_mem_usage": lazy_init}
+    vae = _load(folder, AutoencoderKL.from_pretrained, **kwargs)
+    check_finite_weights(vae.state_dict(), folder)
+    return vae.eval().requires_grad_(False), float(config.get("scaling_factor", 0.18215)), folder

@@ -19,6 +19,7 @@ from diffscore.metrics.leakage import leaked
 from diffscore.metrics.memorization import COPY_RATIO, nearest_neighbours
 
 INCEPTION_METRICS = {"fid", "kid", "is", "fid_k"}
+STATS_METRICS = {"fid", "kid"}  # compared with the reference statistics of the training images (or --ref)
 DIGITS_METRICS = {"fd_digits", "leakage"}  # 8x8 digits only
 ALL_METRICS = INCEPTION_METRICS | DIGITS_METRICS | {"memorization"}
 KID_REFERENCE_SIZE = 10_000  # reference features kept for KID (it uses subsets of 1,000)
@@ -76,16 +77,12 @@ def compute_metrics(feats: dict[str, torch.Tensor], wanted: set[str], ref: dict[
         isc = isc_features_to_metric(feats["logits"].float(), splits=10, shuffle=True, rng_seed=2020)
         result["is"], result["is_std"] = isc["inception_score_mean"], isc["inception_score_std"]
     if "fid_k" in wanted:
-        pool = feats["pool"].numpy()
-        for k in fid_k:
-            groups = [pool[i : i + k] for i in range(0, len(pool) - k + 1, k)][:10]
-            vals = [frechet_distance(*feature_statistics(g), ref["mu"], ref["sigma"]) for g in groups]
-            result[f"fid_{k}"], result[f"fid_{k}_std"] = float(np.mean(vals)), float(np.std(vals))
+        result.update(fid_k_values(feats["pool"].numpy(), feats["seeds"].numpy(), ref["fid_k_pool"], fid_k))
     if "fd_digits" in wanted:
         stats = feature_statistics(feats["digits"].numpy())
         result["fd_digits"] = frechet_distance(*stats, ref["digits_mu"], ref["digits_sigma"])
-        result["fd_digits_floor"] = ref["digits_floor"]
-        result["fd_digits_floor_n"] = ref["digits_floor_n"]  # FD grows as N shrinks: compare at equal N
+        result["fd_digits_heldout"] = ref["digits_heldout"]
+        result["fd_digits_heldout_n"] = ref["digits_heldout_n"]  # FD grows as N shrinks: compare at equal N
     if "memorization" in wanted:
         ratio = feats["d1"] / feats["d2"].clamp_min(1e-12)
         result["memorized_fraction"] = float((ratio < COPY_RATIO).float().mean())
@@ -120,10 +117,10 @@ def reference_statistics(
     wanted: set[str], ref_path: str | None, train: Tensor | None, held: Tensor | None, inception=None, digits=None
 ) -> dict[str, Any]:
     """What the metrics compare with: Inception statistics (from ``ref_path`` or the training images ``train``),
-    the digits-feature statistics of ``train`` and the FD-digits floor of the held-out digits ``held`` against
-    them, and the leakage of real digits."""
+    the digits-feature statistics of ``train`` and the FD-digits of the held-out digits ``held`` against them (a
+    reference: what real data not trained on scores), and the leakage of real digits."""
     ref: dict[str, Any] = {}
-    if wanted & INCEPTION_METRICS:
+    if wanted & STATS_METRICS:
         if ref_path is not None:  # checked as read: finite, a covariance, of Inception's pool features
             ref["mu"], ref["sigma"] = load_statistics(ref_path, POOL_FEATURES)
             kid = load_kid_features(ref_path) if "kid" in wanted else None
@@ -145,8 +142,8 @@ def reference_statistics(
             ref["kid_features"] = pool[:KID_REFERENCE_SIZE].astype(np.float32)
     if "fd_digits" in wanted:  # images and classifier may sit on different devices (GPU training, CPU splits)
         ref["digits_mu"], ref["digits_sigma"] = feature_statistics(digits_features(train, digits))
-        ref["digits_floor_n"] = len(held) if held is not None else 0
-        ref["digits_floor"] = (
+        ref["digits_heldout_n"] = len(held) if held is not None else 0
+        ref["digits_heldout"] = (
             frechet_distance(*feature_statistics(digits_features(held, digits)), ref["digits_mu"], ref["digits_sigma"])
             if held is not None
             else float("nan")
@@ -154,3 +151,27 @@ def reference_statistics(
     if "leakage" in wanted:  # held-out digits: the orientation classifier was trained on the training split
         ref["leakage_real"] = float(leaked(held if held is not None else train).float().mean())
     return ref
+
+
+@torch.no_grad()
+def pair_features(images: Tensor | None, inception, split: str) -> np.ndarray:
+    """Inception pool features [N, 2048] of the real images that FID-k pairs samples with."""
+    if images is None or len(images) < 2:
+        raise DiffscoreError(f"fid_k needs at least 2 real images in the {split} split of the model's data")
+    pool = [inception(images[i : i + 256])[0].cpu() for i in range(0, len(images), 256)]
+    return torch.cat(pool).numpy().astype(np.float64)
+
+
+def fid_k_values(pool: np.ndarray, seeds: np.ndarray, real: np.ndarray, sizes: list[int]) -> dict[str, float]:
+    """MusicScore's FID-k (Lin, Dai & Kong 2024, Sec. 4.2; their evaluation/t2i_eval.py generates one page per real
+    page from its caption and runs pytorch-fid on the two folders of k pages): for each k, the Frechet distance
+    between the Inception statistics of the first k samples (seed order) and those of the k real images they pair
+    with (sample of seed s <-> real image s mod len(real): the caption it was generated from). Each side's
+    covariance comes from k images only (rank < k), as pytorch-fid's does for folders of k images."""
+    out = {}
+    for k in sizes:
+        if len(pool) < k:
+            raise DiffscoreError(f"fid_{k} needs at least {k} samples; pass --num_samples {k} or more")
+        paired = real[seeds[:k] % len(real)]  # [k, 2048]
+        out[f"fid_{k}"] = frechet_distance(*feature_statistics(pool[:k]), *feature_statistics(paired))
+    return out

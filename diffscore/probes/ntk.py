@@ -2,12 +2,15 @@
 
 Denoising score matching is regression: with D = c_skip x + c_out F and EDM's weighting, the loss of a point is
 exactly mean_d (F(x, sigma) - y)^2 with the label y = (x0 - c_skip x) / c_out, so the model of the regression is
-the backbone output F (:class:`BackboneOutput`) and its tangent kernel is the one that drives training. On a fixed
+the backbone output F (:class:`BackboneOutput`) and its tangent kernel is the one that drives training. Any
+preconditioning's own (c_skip, c_out, c_in, c_noise) make the same regression (a network of VP/VE/iDDPM or a
+Stable Diffusion U-Net: its errors below are then weighted by 1 / c_out^2, the weighting under which its loss is
+this regression; Stable Diffusion's U-Net is probed unconditioned, on the empty caption). On a fixed
 probe set (training points and held-out points, each noised at ``sigmas`` with fixed noise) a probe measures:
 
 - ``ntk/score_error_{train,heldout}``: mean_d (F - F*)^2, F* the target of the exact denoiser (the data module's
   analytic mixture for GMM data, else the delta mixture of the training set); this equals
-  lambda(sigma) mean_d (D - D*)^2 = sigma^4 lambda(sigma) mean_d (s - s*)^2, the EDM-weighted score error;
+  mean_d (D - D*)^2 / c_out^2 = sigma^4 lambda(sigma) mean_d (s - s*)^2, the EDM-weighted score error;
   per sigma on held-out points as ``ntk/score_error_s<sigma>``; ``ntk/heldout_loss``: the loss on the held-out
   points with their fixed noise (what one can measure without an oracle);
 - on a kernel set (the training regression set of a RegressionDiffusionModule, else noised training points):
@@ -25,6 +28,7 @@ point. The NTKProbe callback (diffscore.lit.callbacks.ntk_probe) schedules these
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +46,7 @@ from diffscore.core.ntk import (
     ntk_trace_estimate,
     relative_error,
 )
-from diffscore.core.precond import EDMPrecond, edm_coefficients
+from diffscore.core.precond import Coefficients, Preconditioning
 from diffscore.errors import DiffscoreError
 
 SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)
@@ -50,21 +54,24 @@ KERNEL_MODES = ("auto", "full", "trace_estimate")
 
 
 class BackboneOutput(nn.Module):
-    """The regression model of an EDM denoiser: (x [B, ...], sigma [B]) -> F(c_in x, c_noise) flattened, [B, O]."""
+    """The regression model of a denoiser: (x [B, ...], sigma [B]) -> F(c_in x, c_noise) flattened, [B, O]."""
 
-    def __init__(self, denoiser: EDMPrecond) -> None:
+    def __init__(self, denoiser: Preconditioning) -> None:
         super().__init__()
         self.denoiser = denoiser
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        _, _, c_in, c_noise = edm_coefficients(sigma.to(x.dtype), self.denoiser.sigma_data)
+        _, _, c_in, c_noise = self.denoiser.coefficients(sigma.to(x.dtype))
         bshape = (-1,) + (1,) * (x.ndim - 1)
         return self.denoiser.backbone(x * c_in.view(bshape), c_noise, None, None).flatten(1)
 
 
-def regression_target(x: Tensor, sigma: Tensor, denoised: Tensor, sigma_data: float) -> Tensor:
+Coefficiented = Callable[[Tensor], Coefficients]  # sigma [B] -> (c_skip, c_out, c_in, c_noise): a denoiser's own
+
+
+def regression_target(x: Tensor, sigma: Tensor, denoised: Tensor, coefficients: Coefficiented) -> Tensor:
     """The F that makes D = c_skip x + c_out F equal ``denoised``: (denoised - c_skip x) / c_out, [B, O] float64."""
-    c_skip, c_out, _, _ = edm_coefficients(sigma.double(), sigma_data)
+    c_skip, c_out, _, _ = (c.double() for c in coefficients(sigma.double()))
     bshape = (-1,) + (1,) * (x.ndim - 1)
     return ((denoised.double() - c_skip.view(bshape) * x.double()) / c_out.view(bshape)).flatten(1)
 
@@ -127,12 +134,12 @@ class NTKMeasurer:
         self,
         train: Tensor,
         heldout: Tensor,
-        sigma_data: float,
+        coefficients: Coefficiented,
         settings: NTKSettings = NTKSettings(),
         mixture: Any = None,
         regression_set: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
-        self.sigma_data, self.settings, self.sigmas = sigma_data, settings, tuple(settings.sigmas)
+        self.coefficients, self.settings, self.sigmas = coefficients, settings, tuple(settings.sigmas)
         self.exact = mixture if mixture is not None else DeltaMixtureDenoiser(train)
         self.exact_name = "analytic mixture" if mixture is not None else "delta mixture of the training set"
         self.criterion = "ntk/score_error_heldout" if mixture is not None else "ntk/heldout_loss"
@@ -143,7 +150,7 @@ class NTKMeasurer:
         if regression_set is not None:
             x0, sig, noise = regression_set
             xk = x0 + sig.view((-1,) + (1,) * (x0.ndim - 1)) * noise
-            self.kernel_set = (xk, sig, regression_target(xk, sig, x0, sigma_data))
+            self.kernel_set = (xk, sig, regression_target(xk, sig, x0, coefficients))
         else:
             pick = ~self.probe["heldout"]
             n = settings.num_kernel_points
@@ -160,9 +167,9 @@ class NTKMeasurer:
                 sig = torch.full((len(x0),), float(s))
                 parts["x"].append(x)
                 parts["sigma"].append(sig)
-                parts["noisy"].append(regression_target(x, sig, x0, self.sigma_data))
+                parts["noisy"].append(regression_target(x, sig, x0, self.coefficients))
                 exact = self.exact(x.double(), sig.double())
-                parts["exact"].append(regression_target(x, sig, exact, self.sigma_data))
+                parts["exact"].append(regression_target(x, sig, exact, self.coefficients))
                 parts["heldout"].append(torch.full((len(x0),), is_heldout))
                 parts["sigma_idx"].append(torch.full((len(x0),), i))
         return {k: torch.cat(v) for k, v in parts.items()}

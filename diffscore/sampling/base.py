@@ -21,7 +21,9 @@ class Sampler(BackboneFacts):
     """Draws samples x0 [len(seeds), *data_shape] from seeds; sample s is a function of seed s only.
 
     ``networks`` holds every network the sampler runs (a caller moves it to a device); ``backbone`` is the main
-    network's backbone, whose facts (data_shape, label_dim, text_encoder) the sampler reports.
+    network's backbone, whose facts (data_shape, label_dim, text_encoder) the sampler reports. A latent model's
+    sampler also holds a ``decoder`` (``with_decoder``: e.g. Stable Diffusion's VAE): ``generate`` gives the
+    model's own samples (latents), ``images`` and ``draw`` decode them.
     """
 
     one_step: bool = False
@@ -57,6 +59,43 @@ class Sampler(BackboneFacts):
     def speed(self) -> Speed:
         """The GPU speed switches this run uses (none by default)."""
         return Speed()
+
+    def with_decoder(self, decoder: nn.Module | None) -> Sampler:
+        """This sampler, its samples decoded by ``decoder`` (latents [B, *data_shape] -> images [B, C, H, W] in
+        [-1, 1]), which joins ``networks`` (so it moves to the device with them); None: nothing to decode."""
+        if decoder is not None:
+            self.networks["decoder"] = decoder
+        return self
+
+    @property
+    def decoder(self) -> nn.Module | None:
+        return self.networks["decoder"] if "decoder" in self.networks else None
+
+    def initial_noise(self, seeds: Sequence[int]) -> Tensor:
+        """The unit initial draws [B, *data_shape] of ``start`` (each seed's first draw), on the sampler's device:
+        what a sampler elsewhere needs to start from the same point (before any scaling by sigma_max)."""
+        return seeded_noise(seed_generators(seeds, self.device), self.data_shape, self.device)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        """The images of samples ``x`` (``x`` itself when the sampler has no decoder)."""
+        if self.decoder is None:
+            return x
+        with self.evaluating():
+            return self.decoder(x)
+
+    def images(self, seeds: Sequence[int]) -> Tensor:
+        """The samples of ``seeds`` in data space: decoded when the model is a latent one."""
+        return self.decode(self.generate(seeds))
+
+    def draw(self, seeds: Sequence[int]) -> dict[str, Tensor]:
+        """What a command keeps of ``seeds``: "samples" (in data space, decoded), "noise" (the unit initial draws),
+        and "latents" (the model's own samples) when the sampler decodes."""
+        x = self.generate(seeds)
+        out = {"samples": self.decode(x), "noise": self.initial_noise(seeds)}
+        if self.decoder is not None:
+            out["latents"] = x
+        return out
 
     def start(self, seeds: Sequence[int]) -> tuple[list[torch.Generator], Tensor, Tensor | list[str] | None]:
         """(per-seed generators, unit noise [B, *data_shape], condition), drawn in generate.py's order."""

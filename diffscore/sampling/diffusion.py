@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from diffscore.core.discrete_ddpm import DiscreteDDPMPrecond, ddim_sigmas
 from diffscore.core.gaussian import GaussianDenoiser, skip_for_sigma, teleport
 from diffscore.core.guidance import guided_denoiser
 from diffscore.core.precond import Preconditioning
@@ -29,7 +30,10 @@ from diffscore.sampling.speed import Speed, fast_denoiser
 
 def sampler_grid(denoiser: Preconditioning, defaults: SamplerDefaults, options: SamplingOptions, steps: int) -> Tensor:
     """The noise levels [steps + 1] (last 0): Karras et al. Eq. 5 with the chosen sigma_min, sigma_max and rho,
-    clipped to the preconditioning's range and rounded to its levels, as EDM's sampler does."""
+    clipped to the preconditioning's range and rounded to its levels, as EDM's sampler does; or, for the "ddim"
+    grid, the trained levels of DDIM's timesteps (diffscore.core.discrete_ddpm.ddim_sigmas)."""
+    if (options.grid or defaults.grid) == "ddim":
+        return ddim_grid(denoiser, options, steps)
     lo = defaults.sigma_min if options.sigma_min is None else options.sigma_min
     hi = defaults.sigma_max if options.sigma_max is None else options.sigma_max
     rho = defaults.rho if options.rho is None else options.rho
@@ -38,6 +42,18 @@ def sampler_grid(denoiser: Preconditioning, defaults: SamplerDefaults, options: 
     except ValueError as e:
         raise DiffscoreError(f"--sigma_min/--sigma_max: {e}") from None
     return karras_sigmas(steps, lo, hi, rho, round_sigma=denoiser.round_sigma)
+
+
+def ddim_grid(denoiser: Preconditioning, options: SamplingOptions, steps: int) -> Tensor:
+    """DDIM's levels [steps + 1] of a discrete-time denoiser; one line for any other model or a Karras option."""
+    if not isinstance(denoiser, DiscreteDDPMPrecond):
+        raise DiffscoreError("--grid ddim needs a discrete-time model (a Stable Diffusion U-Net); use --grid karras")
+    if any(v is not None for v in (options.sigma_min, options.sigma_max, options.rho)):
+        raise DiffscoreError("--grid ddim takes the model's timestep levels: leave out --sigma_min/max and --rho")
+    try:
+        return ddim_sigmas(denoiser.sigmas, steps)
+    except ValueError as e:
+        raise DiffscoreError(f"--steps: {e}") from None
 
 
 class DiffusionSampler(Sampler):

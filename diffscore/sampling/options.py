@@ -16,6 +16,7 @@ from diffscore.core.samplers import SAMPLERS
 from diffscore.errors import DiffscoreError
 
 PRECISIONS = ("bf16", "32")
+GRIDS = ("karras", "ddim")  # Karras et al.'s Eq. 5; DDIM's timesteps of a discrete-time model (Stable Diffusion)
 
 
 def _number(value: Any) -> bool:
@@ -91,6 +92,8 @@ class SamplingOptions:
         sigma_min: smallest noise level of the sampler grid (Karras et al. Eq. 5), clipped to the network's range.
         sigma_max: largest noise level of the grid (the start), clipped to the network's range.
         rho: the grid's exponent.
+        grid: "karras" (Eq. 5 over [sigma_min, sigma_max]) or "ddim": the trained levels of DDIM's timesteps,
+            for a discrete-time model (Stable Diffusion; with --sampler euler this is DDIM with eta 0).
         class_label: one class for every sample of a class-conditional model (default: a label drawn per seed).
         prompt: the caption of every sample of a text-conditioned model (default: the empty caption).
         guidance: guidance scale w: D = D_ref + w (D - D_ref) (1 = the model as trained). D_ref is the --guide
@@ -114,6 +117,7 @@ class SamplingOptions:
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float | None = None
+    grid: str | None = None
     class_label: int | None = None
     prompt: str | None = None
     guidance: float = 1.0
@@ -139,6 +143,8 @@ class SamplingOptions:
                 raise DiffscoreError(f"--{name} must be a positive number, got {value!r}")
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
             raise DiffscoreError(f"--sigma_min {self.sigma_min} must be below --sigma_max {self.sigma_max}")
+        if self.grid is not None and self.grid not in GRIDS:
+            raise DiffscoreError(f"--grid must be one of {GRIDS}, got {self.grid!r}")
         if self.class_label is not None and (not isinstance(self.class_label, int) or self.class_label < 0):
             raise DiffscoreError(f"--class_label must be an integer >= 0, got {self.class_label!r}")
         if not _number(self.guidance) or not math.isfinite(self.guidance):
@@ -164,6 +170,7 @@ class SamplerDefaults:
         sigma_max: largest noise level of the grid.
         rho: the grid's exponent.
         precision: on a GPU, "bf16" or "32" (None: set from the trainer's precision when fit starts).
+        grid: "karras" or "ddim" (see SamplingOptions).
     """
 
     sampler: str = "heun"
@@ -173,6 +180,7 @@ class SamplerDefaults:
     sigma_max: float = 80.0
     rho: float = 7.0
     precision: str | None = None
+    grid: str = "karras"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -188,3 +196,5 @@ class SamplerDefaults:
             raise DiffscoreError(f"sampler sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise DiffscoreError(f"sampling precision must be bf16, 32 or null, got {self.precision!r}")
+        if self.grid not in GRIDS:
+            raise DiffscoreError(f"sampling grid must be one of {GRIDS}, got {self.grid!r}")

@@ -31,3 +31,10 @@ def test_report_of_a_corrupt_middle_line_is_one_line(tmp_path, capsys):
     assert run_cli(["report", tmp_path]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "metrics.jsonl line 2" in err
+
+
+def test_sample_quality_plots_the_heldout_reference_not_its_sample_count():
+    from diffscore.commands.report import panels_of
+
+    keys = ["eval/fd_digits", "eval/fd_digits_heldout", "eval/fd_digits_heldout_n", "eval/fid", "eval/fid_std"]
+    assert panels_of(keys)["sample_quality"] == ["eval/fd_digits", "eval/fd_digits_heldout", "eval/fid"]

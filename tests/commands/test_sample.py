@@ -1,10 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from diffscore.sampling.options import SamplingOptions
 from tests.conftest import run_cli
 
 
@@ -22,6 +24,34 @@ def test_sample_writes_exactly_n_distinct_samples(tiny_ckpt, tmp_path):
     flat = samples.reshape(7, -1)
     assert len({row.tobytes() for row in flat}) == 7  # no duplicated sample
     assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+
+
+@pytest.mark.parametrize("kind", ["diffscore", "one-step"])
+def test_the_npz_holds_each_seeds_initial_draw(tiny_ckpt, tmp_path, kind):
+    """``noise``: seed s's unit initial draw (before any sigma scaling), from which another sampler reproduces the
+    samples: Euler on the model's own grid for a diffusion model, x = G(sigma_init z) for a one-step generator."""
+    from diffscore.core.distill import one_step_generate
+    from diffscore.core.samplers import euler
+    from diffscore.loading.open import open_model
+    from diffscore.sampling.seeds import seed_generators, seeded_noise
+
+    files = Path(__file__).resolve().parents[1] / "data_files"
+    ckpt = tiny_ckpt if kind == "diffscore" else files / "disback-2026-12.ckpt"
+    out = tmp_path / "s.npz"
+    extra = ["--steps", "3", "--sampler", "euler"] if kind == "diffscore" else []
+    assert sample_npz(ckpt, out, "--num_samples", "3", "--seed", "4", *extra) == 0
+    data = np.load(out)
+    assert sorted(data.files) == ["noise", "samples", "seeds", "written_by"]
+    model = open_model(ckpt)
+    noise = seeded_noise(seed_generators([4, 5, 6], "cpu"), model.data_shape, "cpu")
+    torch.testing.assert_close(torch.from_numpy(data["noise"]), noise, rtol=0, atol=0)
+    with torch.no_grad():
+        if kind == "diffscore":
+            sigmas = model.sampler(SamplingOptions(sampler="euler", steps=3)).sigmas
+            again = euler(model.network, noise * float(sigmas[0]), sigmas)
+        else:
+            again = one_step_generate(model.network, noise, model.sigma_init)
+    torch.testing.assert_close(torch.from_numpy(data["samples"]), again, rtol=0, atol=1e-6)
 
 
 CHURN = '{"s_churn": 40, "s_min": 0.05, "s_max": 50, "s_noise": 1.003}'  # EDM's ImageNet-64 Heun

@@ -12,8 +12,11 @@ import torch
 from diffscore.core.discrete_ddpm import (
     BETA_SCHEDULES,
     DiscreteDDPMPrecond,
+    UniformTimesteps,
+    ddim_sigmas,
     ddpm_alphas_cumprod,
     ddpm_betas,
+    ddpm_loss,
     ddpm_sigmas,
     schedule_sigmas,
     sigma_to_timestep,
@@ -180,3 +183,59 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="increasing"):
         DiscreteDDPMPrecond(_Recorder(), beta_start=0.02, beta_end=0.0)
     assert set(BETA_SCHEDULES) == {s for s, _, _ in SCHEDULES}
+
+
+@pytest.mark.parametrize("steps", [8, 50, 250])
+def test_ddim_levels_are_those_of_diffusers_ddim_timesteps(steps):
+    """DDIM's "leading" timesteps with steps_offset 1 (SD's scheduler config), on the trained levels, then 0."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(**SD, steps_offset=1, set_alpha_to_one=True)
+    sched.set_timesteps(steps)
+    levels = schedule_sigmas(**SD)
+    got = ddim_sigmas(levels, steps)
+    assert got.dtype == torch.float64 and got.shape == (steps + 1,) and got[-1] == 0
+    torch.testing.assert_close(got[:-1], levels.double()[sched.timesteps], rtol=0, atol=0)
+    if steps == 250:  # LDM's "uniform" DDIM discretisation: range(0, 1000, 4) + 1, reversed
+        assert sched.timesteps[0] == 997 and sched.timesteps[-1] == 1
+    with pytest.raises(ValueError, match="do not fit"):
+        ddim_sigmas(levels, 1000)
+
+
+def test_uniform_timesteps_draw_the_trained_levels_evenly():
+    levels = schedule_sigmas(**SD)
+    law = UniformTimesteps(levels)
+    sigma = law(200_000, generator=torch.Generator().manual_seed(0))
+    index = torch.searchsorted(levels, sigma)
+    torch.testing.assert_close(levels[index], sigma, rtol=0, atol=0)  # every draw is a trained level
+    counts = torch.bincount(index // 100, minlength=10).double()  # ten bins of 100 timesteps
+    assert ((counts - 20_000).abs() < 5 * 20_000**0.5).all()
+
+
+class _TimeNet(torch.nn.Module):
+    """A backbone whose output depends on the input and the timestep: F = conv(x) (1 + t / 1000)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, c_noise, cond=None, aug_label=None):
+        return self.conv(x) * (1 + c_noise.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_loss_is_the_mse_of_the_network_against_its_target(prediction_type):
+    """An independent reference in the DDPM's own variables: x_t = sqrt(abar) x0 + sqrt(1 - abar) n, the network
+    called at the integer timestep t, target n (epsilon) or v = sqrt(abar) n - sqrt(1 - abar) x0."""
+    torch.manual_seed(0)
+    net = _TimeNet()
+    denoiser = DiscreteDDPMPrecond(net, **SD, prediction_type=prediction_type)
+    abar = ddpm_alphas_cumprod(ddpm_betas(**{k: SD[k] for k in SD})).double()
+    t = torch.tensor([0, 17, 500, 999])
+    x0, noise = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    a, s = abar[t].sqrt().float().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        F = net(a * x0 + s * noise, t.float())
+        target = noise if prediction_type == "epsilon" else a * noise - s * x0
+        reference = (F - target).square().flatten(1).mean(1)
+        got = ddpm_loss(denoiser, x0, denoiser.sigmas[t], noise)
+    torch.testing.assert_close(got, reference, rtol=2e-4, atol=1e-6)

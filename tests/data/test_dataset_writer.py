@@ -177,6 +177,23 @@ def test_overwrite_replaces_only_what_diffscore_wrote(tmp_path):
         convert_dataset(str(src), str(tmp_path / "out"), overwrite=True)
 
 
+def test_a_failed_overwrite_keeps_the_old_dataset(tmp_path):
+    """--overwrite swaps the new output in only once it is complete: a source that fails half-way (a corrupt image
+    after good ones) leaves the old dataset as it was, also where a folder named *.zip is replaced by a ZIP."""
+    src = _source_folder(tmp_path)
+    folder, zip_folder = tmp_path / "out", tmp_path / "odd.zip"
+    convert_dataset(str(src), str(folder))
+    convert_dataset(str(src), str(tmp_path / "made"))
+    (tmp_path / "made").rename(zip_folder)  # a folder of `diffscore dataset` that a ZIP --dest would replace
+    before = {p: p.read_bytes() for d in (folder, zip_folder) for p in sorted(d.rglob("*")) if p.is_file()}
+    (src / "zzz.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for dest in (folder, zip_folder):
+        with pytest.raises(DiffscoreError, match="zzz.png"):
+            convert_dataset(str(src), str(dest), overwrite=True)
+    after = {p: p.read_bytes() for d in (folder, zip_folder) for p in sorted(d.rglob("*")) if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
 def test_output_is_marked_as_diffscores_and_stays_edm_compatible(tmp_path):
     out = convert_dataset(str(_source_folder(tmp_path)), str(tmp_path / "out.zip"))
     with zipfile.ZipFile(out) as zf:

@@ -383,7 +383,8 @@ def test_a_network_of_stride0_views_declaring_gigabytes_is_refused_and_allocates
     path = stride0_network(tmp_path / "huge.pkl", layers=56)
     assert path.stat().st_size < 64_000  # 56 weights of 37.7 MB: 2.1 GB declared
     one_line_error(path, r"a tensor of size \[1024, 1024, 3, 3\] \(9,437,184 elements\) on a storage of 1: a view")
-    code = (  # what convert does with the weights: materialise them; peak memory of the whole process
+    code = (  # what convert does with the weights: materialise them; peak memory of the whole process (VmHWM: the
+        # child's own; ru_maxrss would report the pytest parent's peak, which a fork + exec carries over on Linux)
         "import resource, sys\n"
         "from diffscore.loading.edm.pickle import read_edm_pickle, record_state_dict\n"
         "from diffscore.errors import DiffscoreError\n"
@@ -391,7 +392,11 @@ def test_a_network_of_stride0_views_declaring_gigabytes_is_refused_and_allocates
         "    kept = [t.clone() for t in record_state_dict(read_edm_pickle(sys.argv[1])['ema']).values()]\n"
         "except DiffscoreError as e:\n"
         "    print(e)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+        "try:\n"
+        "    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+        "    print(int(hwm.split()[1]) // 1024)\n"
+        "except (OSError, StopIteration):\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
     )
     child = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
     report = (child.returncode, child.stdout[-600:], child.stderr[-600:])

@@ -97,7 +97,10 @@ def test_reading_never_touches_the_network(folder, monkeypatch):
 def test_pickled_weights_are_refused_unless_trusted(tmp_path):
     pickled = write_sd_folder(tmp_path / "bin", seed=SEED, safe=False)
     assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
-    with pytest.raises(DiffscoreError, match=r"unet/diffusion_pytorch_model\.bin: pickled weights .* trust=True"):
+    with pytest.raises(
+        DiffscoreError,
+        match=r"unet/diffusion_pytorch_model\.bin: pickled weights .* --trust_checkpoint true \(trust=True\)",
+    ):
         read_stable_diffusion(pickled)
     parts = read_stable_diffusion(pickled, trust=True)
     assert same_weights(parts.backbone.unet, tiny_pipeline(seed=SEED).unet)

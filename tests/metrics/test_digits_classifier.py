@@ -33,7 +33,7 @@ def test_retraining_writes_to_the_working_folder_not_into_the_package(tmp_path, 
     import diffscore.metrics.digits_classifier as dc
 
     shipped = dc.WEIGHTS.read_bytes()
-    report = {"test_accuracy": 0.5, "heldout_size": 3, "fd_floor_heldout_vs_train": 1.0}
+    report = {"test_accuracy": 0.5, "heldout_size": 3, "fd_heldout_vs_train": 1.0}
     monkeypatch.setattr(dc, "train_classifier", lambda epochs: (dc.DigitsClassifier(), report))
     monkeypatch.chdir(tmp_path)
     dc.main(["--epochs", "1"])

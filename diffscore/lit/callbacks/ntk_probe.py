@@ -26,8 +26,8 @@ def measurer_of(trainer: Trainer, pl_module: LightningModule, settings: NTKSetti
         raise DiffscoreError(f"{type(dm).__name__} has no 'val' split; the NTK probe needs held-out points")
     regression_set = pl_module.regression_set() if isinstance(pl_module, RegressionDiffusionModule) else None
     mixture = dm.mixture if isinstance(dm, GMMDataModule) else None
-    sigma_data = pl_module.denoiser.sigma_data
-    return NTKMeasurer(split_images(dm, "train"), heldout, sigma_data, settings, mixture, regression_set)
+    coefficients = pl_module.denoiser.coefficients
+    return NTKMeasurer(split_images(dm, "train"), heldout, coefficients, settings, mixture, regression_set)
 
 
 class NTKProbe(Callback):

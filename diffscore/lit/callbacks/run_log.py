@@ -17,7 +17,7 @@ from diffscore.errors import DiffscoreError
 from diffscore.lit.callbacks.ema import ema_module
 from diffscore.lit.callbacks.sample_grid import CallbackGuide
 from diffscore.lit.callbacks.status import say
-from diffscore.lit.datamodules.base import train_images
+from diffscore.lit.datamodules.latents import reference_images
 from diffscore.lit.datamodules.tensor import heldout_images
 from diffscore.lit.modules.diffusion import DiffusionModule
 from diffscore.lit.run_dir import run_dir
@@ -156,7 +156,7 @@ class SampleQuality(Callback):
 
             self.digits = load_classifier(device=pl_module.device)
         dm = trainer.datamodule
-        self.train = train_images(dm).to(pl_module.device) if len(shape) == 3 else None
+        self.train = reference_images(dm).to(pl_module.device) if len(shape) == 3 else None
         held = heldout_images(dm)
         self.reference = reference_statistics(self.wanted, None, self.train, held, self.inception, self.digits)
         self._ready = True
@@ -187,7 +187,7 @@ class SampleQuality(Callback):
         sampler = self.guiding.sampler(module)
         for start in range(self.seed, self.seed + self.num_samples, self.batch_size):
             seeds = list(range(start, min(start + self.batch_size, self.seed + self.num_samples)))
-            x = sampler.generate(seeds).float()
+            x = sampler.images(seeds).float()
             feats["seeds"].append(torch.tensor(seeds))
             memo = self.train if "memorization" in self.wanted else None
             for k, v in sample_features(x, self.inception, self.digits, memo, "leakage" in self.wanted).items():

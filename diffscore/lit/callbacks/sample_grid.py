@@ -107,7 +107,7 @@ class SampleGrid(Callback):
         seeds = range(self.seed, self.seed + self.num_samples)
         sampler = self.guiding.sampler(module)
         say(trainer, f"step {step}: sampling the {self.num_samples}-sample grid ({sampler.nfe} evaluations each)")
-        samples = sampler.generate(seeds).float().cpu()
+        samples = sampler.images(seeds).float().cpu()
         path = run_dir(trainer) / "samples" / f"grid_step{step:07d}.png"
         if samples.ndim == 4:
             save_png_atomic(path, samples.clamp(-1, 1), nrow=max(1, math.isqrt(len(samples))))

@@ -12,8 +12,10 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 
+from diffscore.data.latent_dataset import read_meta
 from diffscore.errors import DiffscoreError
 from diffscore.lit.datamodules.images import ImageDataModule
+from diffscore.lit.datamodules.latents import LatentDataModule
 from diffscore.loading.classes import ClassTable, build, class_and_arguments, resolve, spellings
 from diffscore.loading.model import LoadedModel
 
@@ -25,6 +27,7 @@ DATA_MODULES: ClassTable = {
     **spellings("diffscore.lit.datamodules.images", "CIFAR10DataModule", *_OLD, "diffscore.lit.data.images"),
     **spellings("diffscore.lit.datamodules.musicscore", "MusicScoreDataModule", *_OLD, "diffscore.lit.data.musicscore"),
     **spellings("diffscore.lit.datamodules.distill", "DistillBatches", *_OLD[1:], "diffscore.lit.data.distill"),
+    **spellings("diffscore.lit.datamodules.latents", "LatentDataModule", "diffscore.lit.datamodules"),
     "diffscore.lit.distill_data.DistillBatches": "diffscore.lit.datamodules.distill:DistillBatches",
 }
 
@@ -76,10 +79,12 @@ def model_datamodule(model: LoadedModel) -> LightningDataModule | None:
 def training_data(
     model: LoadedModel, data: str | None = None, what_to_pass: str = "--data PATH (an EDM dataset ZIP or folder)"
 ) -> LightningDataModule:
-    """The training data of a model: the data set at ``data`` (an EDM ZIP or folder of PNGs) if given, else the
-    DataModule the model names; checked against the model's data shape. Raises if there is none, saying to pass
-    ``what_to_pass``."""
-    if data is not None:
+    """The training data of a model: the data set at ``data`` (an EDM ZIP or folder of PNGs, or a latent dataset of
+    `diffscore dataset --encode` for a latent model) if given, else the DataModule the model names; checked
+    against the model's data shape. Raises if there is none, saying to pass ``what_to_pass``."""
+    if data is not None and read_meta(data) is not None:
+        dm = LatentDataModule(data, num_workers=0)
+    elif data is not None:
         dm = ImageDataModule(data, num_workers=0, pin_memory=False)
     else:
         dm = model_datamodule(model)
@@ -87,5 +92,9 @@ def training_data(
         kind = "an NVlabs/edm network pickle never names" if model.kind == "edm-pickle" else "it does not name"
         raise DiffscoreError(f"{model.path}: {kind} its training data; pass {what_to_pass}")
     if tuple(dm.data_shape) != tuple(model.data_shape):
-        raise DiffscoreError(f"the data are {list(dm.data_shape)} images but the model makes {list(model.data_shape)}")
+        kind = "latents" if isinstance(dm, LatentDataModule) else "images"
+        hint = "; pass a latent dataset of its VAE (`diffscore dataset --encode`)" if model.decoder is not None else ""
+        raise DiffscoreError(
+            f"the data are {list(dm.data_shape)} {kind} but the model makes {list(model.data_shape)}{hint}"
+        )
     return dm

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,10 +69,11 @@ def optimizer_config(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     public = getattr(torch.optim, cls.__name__, None) is cls
     path = f"torch.optim.{cls.__name__}" if public else f"{cls.__module__}.{cls.__qualname__}"
     plain = (bool, int, float, str, type(None))
+    accepted = inspect.signature(cls.__init__).parameters  # (AdamW's defaults hold a key its constructor refuses)
     init = {
         k: list(v) if isinstance(v, tuple) else v
         for k, v in optimizer.defaults.items()
-        if isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v))
+        if k in accepted and (isinstance(v, plain) or (isinstance(v, tuple) and all(isinstance(x, plain) for x in v)))
     }
     return {"class_path": path, "init_args": init}
 
@@ -240,7 +242,11 @@ class DiffusionModule(BackboneFacts, LightningModule):
 
     def _loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None) -> Tensor:
         """The per-sample loss [B]: EDM's, on augmented data if the module has augmenters (core.losses)."""
-        return augmented_loss(self.train_denoiser, x0, sigma, noise, self.augment, cond, self.hparams.sigma_data)
+        return augmented_loss(self.train_denoiser, x0, sigma, noise, self.augment, cond, self.sigma_data)
+
+    def _fixed_sigma_loss(self, x0: Tensor, sigma: Tensor, noise: Tensor, cond: Tensor | None) -> Tensor:
+        """The per-sample loss [B] that validation and test report at each of ``val_sigmas``: EDM's."""
+        return edm_loss(self.train_denoiser, x0, sigma, noise, cond, self.sigma_data)
 
     def _raise_if_nonfinite(self) -> None:
         if bool(self._nonfinite):
@@ -296,8 +302,7 @@ class DiffusionModule(BackboneFacts, LightningModule):
         noise = torch.randn(x0.shape, generator=g, device=x0.device)
         for i, s in enumerate(self.val_sigmas):
             sigma = torch.full((x0.shape[0],), s, device=x0.device)
-            loss = edm_loss(self.train_denoiser, x0, sigma, noise, self._cond(labels), self.sigma_data)
-            self.val_metrics[f"{split}_{i}"].update(loss)
+            self.val_metrics[f"{split}_{i}"].update(self._fixed_sigma_loss(x0, sigma, noise, self._cond(labels)))
 
     def on_validation_epoch_end(self) -> None:
         # The MeanMetrics already reduce over ranks; sync_dist=True averages equal values (and keeps Lightning from

@@ -21,6 +21,13 @@ code's silent ``strict=False`` no-op cannot happen here), and logged in ``target
 
 Distillation is data-free: the data module (diffscore.lit.datamodules.DistillBatches) only sets the batch size;
 checkpoints name the teacher's data (``datamodule_hyper_parameters``), which `diffscore evaluate` compares with.
+
+A latent, text-conditioned teacher (a Stable Diffusion folder, or a checkpoint fine-tuned from one): teacher, fake
+score and generator are copies of its U-Net in its discrete-DDPM preconditioning; every step's captions are drawn
+(from the module's generator) from ``captions``, by default the teacher's training captions when its data names
+them, else the empty caption (unconditional distillation); noise levels are clipped to the teacher's trained range
+[sigma_0, sigma_{T-1}]; the fake score's EDM loss uses sigma_data = 1 (SD's latents have about unit variance;
+ours); the generator's samples are latents, which its checkpoint's sampler decodes with the teacher's VAE.
 """
 
 from __future__ import annotations
@@ -35,14 +42,18 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from diffscore.core.discrete_ddpm import DiscreteDDPMPrecond
 from diffscore.core.distill import WEIGHTINGS, one_step_generate, vsd_gradient, vsd_surrogate_loss
 from diffscore.core.losses import edm_loss
 from diffscore.core.precond import EDMPrecond
 from diffscore.core.schedules import LogNormalSigma
 from diffscore.errors import DiffscoreError
 from diffscore.io import atomic_write
+from diffscore.lit.datamodules.base import Captioned
+from diffscore.lit.datamodules.from_file import model_datamodule
 from diffscore.lit.run_dir import run_dir
 from diffscore.loading.denoiser import spec_record
+from diffscore.loading.model import LoadedModel
 from diffscore.loading.open import open_model
 from diffscore.networks.backbone import BackboneFacts
 from diffscore.networks.backbone import config as backbone_config
@@ -52,6 +63,7 @@ from diffscore.sampling.options import SamplingOptions
 OptimizerCallable = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 METHODS = ("disback", "diffinstruct")
 STAGES = ("both", "record", "backtrack")
+LATENT_SIGMA_DATA = 1.0  # a teacher without EDM's sigma_data (Stable Diffusion): its latents' std
 
 
 def distill_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -118,12 +130,13 @@ class DisBackModule(BackboneFacts, LightningModule):
         fake_optimizer: OptimizerCallable = distill_optimizer,  # used in stage 1 as well; state reset at stage 2
         seed: int = 0,  # seed of the distillation noise (z, sigma, n)
         trust_checkpoint: bool = False,  # allow a teacher checkpoint that needs full unpickling
+        captions: list[str] | None = None,  # text teachers: captions to draw from (default: the teacher's data's)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator_optimizer", "fake_optimizer"])
         self.automatic_optimization = False
         check_options(self.hparams)
-        teacher = self._load_teacher(teacher_ckpt, trust_checkpoint)
+        teacher = self._load_teacher(teacher_ckpt, trust_checkpoint, captions)
         self.generator = copy.deepcopy(teacher).requires_grad_(True).train()
         self.fake = copy.deepcopy(teacher).requires_grad_(True).train()
         # frozen networks live outside the module tree: not in state_dict (the teacher is re-read from its file,
@@ -132,7 +145,7 @@ class DisBackModule(BackboneFacts, LightningModule):
             "teacher": teacher,
             "target": copy.deepcopy(teacher).eval().requires_grad_(False),
         }
-        self.sigma_data = teacher.sigma_data
+        self.sigma_data = float(getattr(teacher, "sigma_data", LATENT_SIGMA_DATA))
         self.sigma_init = float(sigma_init)
         self.sigma_law = LogNormalSigma(P_mean, P_std)
         self.generator_optimizer_factory = generator_optimizer
@@ -146,13 +159,15 @@ class DisBackModule(BackboneFacts, LightningModule):
         self._rng_state: Tensor | None = None
         self._path_dir: Path | None = Path(path_dir) if path_dir else None
 
-    def _load_teacher(self, teacher_ckpt: str, trust_checkpoint: bool) -> EDMPrecond:
-        """The frozen EMA denoiser of the teacher's file; records its backbone, data and fingerprint."""
+    def _load_teacher(self, teacher_ckpt: str, trust_checkpoint: bool, captions: list[str] | None) -> EDMPrecond:
+        """The frozen EMA denoiser of the teacher's file; records its backbone, data, captions and fingerprint."""
         loaded = open_model(teacher_ckpt, trust_checkpoint)  # EMA weights, opened once
         teacher = loaded.denoiser(f"model.teacher_ckpt ({teacher_ckpt})").eval().requires_grad_(False)
         self.teacher_backbone_config = backbone_config(teacher.backbone)
         self.teacher_data_config = loaded.data_config  # NVlabs/edm pickles have none
         self.teacher_fingerprint = fingerprint(teacher)
+        self.captions = teacher_captions(loaded, captions) if loaded.text_conditioned else None
+        self._decoder = loaded.decoder  # a latent teacher's VAE: the generator's samples are decoded by it
         return teacher
 
     # ----------------------------------------------------------------------------------------------------
@@ -166,7 +181,7 @@ class DisBackModule(BackboneFacts, LightningModule):
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        for net in self._frozen.values():
+        for net in (*self._frozen.values(), *([self._decoder] if self._decoder is not None else [])):
             net._apply(fn, recurse)
         return self
 
@@ -199,7 +214,7 @@ class DisBackModule(BackboneFacts, LightningModule):
     def sampler(self, options: SamplingOptions | None = None, **resources: Any) -> OneStepSampler:
         """A sampler of the generator's current weights: x = D_G(sigma_init z; sigma_init), NFE = 1."""
         resources.pop("progress", None)
-        return OneStepSampler(self.generator, self.sigma_init, options, **resources)
+        return OneStepSampler(self.generator, self.sigma_init, options, **resources).with_decoder(self._decoder)
 
     # ----------------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -225,8 +240,13 @@ class DisBackModule(BackboneFacts, LightningModule):
         z = torch.randn(shape, generator=self._rng, device=self.device)
         noise = torch.randn(shape, generator=self._rng, device=self.device)
         sigma = self.sigma_law(batch, device=self.device, generator=self._rng)
+        if isinstance(self.teacher, DiscreteDDPMPrecond):  # defined on its trained levels only
+            sigma = sigma.clamp(self.teacher.sigma_min, self.teacher.sigma_max)
         cond = None
-        if self.conditional:
+        if self.captions is not None:
+            pick = torch.randint(len(self.captions), (batch,), generator=self._rng, device=self.device)
+            cond = [self.captions[i] for i in pick.tolist()]
+        elif self.conditional:
             cond = torch.randint(self.backbone.label_dim, (batch,), generator=self._rng, device=self.device)
         return z, sigma, noise, cond
 
@@ -337,7 +357,7 @@ class DisBackModule(BackboneFacts, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["one_step_generator"] = {
             "backbone": self.teacher_backbone_config,
-            "precond": spec_record(self.generator),  # EDM2's for an EDM2 teacher (its logvar head rides along)
+            "precond": spec_record(self.generator),  # EDM2's (logvar head included) or a Stable Diffusion folder's
             "sigma_data": self.sigma_data,
             "sigma_init": self.sigma_init,
         }
@@ -365,3 +385,15 @@ class DisBackModule(BackboneFacts, LightningModule):
         state = super().__getstate__()
         state["generator_optimizer_factory"] = state["fake_optimizer_factory"] = None
         return state
+
+
+def teacher_captions(loaded: LoadedModel, given: list[str] | None) -> list[str]:
+    """The captions a text teacher's distillation draws: ``given``, else the teacher's training captions (its data
+    names a captioned data set), else the empty caption (the teacher's unconditional mode)."""
+    if given is not None:
+        if not given or not all(isinstance(c, str) for c in given):
+            raise DiffscoreError("model.captions must be a non-empty list of strings")
+        return list(given)
+    dm = model_datamodule(loaded)
+    captions = dm.captions("train") if isinstance(dm, Captioned) else []
+    return list(captions) or [""]

@@ -190,8 +190,8 @@ def _load_error(path: Path, head: bytes, e: Exception, at_end: bool = False) -> 
     if isinstance(e, RefusedGlobalError) and str(e).split(".")[-1] in NUMPY_ARRAY_GLOBALS:
         return (
             f"{path}: refused to load the global {e}: the file holds numpy arrays, which EDM's networks never do but "
-            "an NVlabs/edm2 latent model's encoder (StabilityVAEEncoder) does; latent EDM2 models need the VAE "
-            "support that the Stable Diffusion work (issue 33) adds; nothing was run"
+            "an NVlabs/edm2 latent model's encoder (StabilityVAEEncoder) does; diffscore's VAE support is for Stable "
+            "Diffusion folders and does not load latent EDM2 models yet; nothing was run"
         )
     if isinstance(e, RefusedGlobalError):
         return f"{path}: refused to load the global {e} (not on the EDM network pickle allow-list); nothing was run"

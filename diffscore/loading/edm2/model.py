@@ -4,7 +4,8 @@ post-hoc reconstructions and the ``network-snapshot-*.pkl`` / ``phema-*.pkl`` of
 The file is read once, without running its code (diffscore.loading.edm.pickle), and its EMA network is built by
 diffscore.loading.edm2.network. Sampling defaults are those of EDM2's ``generate_images.py``: Heun, 32 steps, sigma
 0.002..80, rho 7, fp32 (EDM2 runs its U-Net in fp16 on a GPU; diffscore samples it in fp32 unless --precision bf16).
-A latent model (StabilityVAEEncoder) is refused: its samples are VAE latents, and diffscore has no VAE yet.
+A latent model (StabilityVAEEncoder) is refused: its samples are VAE latents, which the Stable Diffusion
+support's decoder does not take yet (it reads diffusers folders, not EDM2's encoder record).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from diffscore.loading.model import LoadedModel
 from diffscore.sampling.options import SamplerDefaults
 
 LATENT_REFUSAL = (
-    "latent EDM2 models need the VAE support that the Stable Diffusion work (issue 33) adds; until then diffscore "
-    "samples EDM2's pixel models (StandardRGBEncoder, edm2-img64-*.pkl)"
+    "diffscore's VAE support is for Stable Diffusion folders (issue 33) and does not decode EDM2's latents yet; "
+    "diffscore samples EDM2's pixel models (StandardRGBEncoder, edm2-img64-*.pkl)"
 )
 
 

@@ -38,7 +38,7 @@ def test_full_batch_sgd_is_gradient_descent_on_the_fixed_noisy_labels():
     x0, sigma, noise = trained.regression_set()
     assert torch.equal(x0, dm.splits["train"][0])  # every training point, in the data module's order
     x = x0 + sigma[:, None] * noise
-    labels = regression_target(x, sigma, x0, 0.5).float()  # Y = (x0 - c_skip x) / c_out
+    labels = regression_target(x, sigma, x0, start.denoiser.coefficients).float()  # Y = (x0 - c_skip x) / c_out
     model = BackboneOutput(start.denoiser)
     loss = (model(x, sigma) - labels).square().mean()  # (1/(N D)) ||F(X) - Y||^2
     # EDM's weighted denoising loss is exactly this regression loss
