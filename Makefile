@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 quickstart: install
 	$(BIN)/diffscore fit --config experiments/quickstart.yaml
 
+# The suite's networks are tiny: one thread each runs them fastest, and on a busy machine two threads per process
+# made them ~10x slower (set OMP_NUM_THREADS to override).
 test: install
-	$(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check diffscore tests bench
