@@ -20,10 +20,9 @@ from diffscore.data.dataset_writer import (
     _check_options,
     _check_paths,
     _iter_images,
-    _make_parents,
-    _Output,
     _prepare,
     convert_dataset,
+    dataset_output,
 )
 from diffscore.data.latent_dataset import SPLITS, write_latents
 from diffscore.data.latents import encode_latent_stats
@@ -36,7 +35,6 @@ from diffscore.data.musicscore import (
     read_metadata,
 )
 from diffscore.errors import DiffscoreError
-from diffscore.io import atomic_write
 from diffscore.loading.stable_diffusion import read_vae
 
 Item = tuple[Tensor, int | None, str | None, str]  # (uint8 RGB [3, H, W], label, caption, split)
@@ -96,27 +94,13 @@ def encode_dataset(
     count, items = _source_items(src, options["resolution"], options["transform"])
     total = min(count, options["max_images"] or count)
     limited = (item for _, item in zip(range(total), items))
-    as_zip = out.suffix.lower() == ".zip"
-    created = _make_parents(out)
-    try:
-        with atomic_write(out, directory=not as_zip) as tmp:
-            output = _Output(tmp, as_zip)
-            try:
-                from tqdm import tqdm
+    from tqdm import tqdm
 
-                progress = tqdm(limited, total=total, desc="diffscore dataset --encode", unit="img")
-                meta = write_latents(output.write, progress, _encoder(vae), options["batch_size"])
-                extra = {"scaling_factor": scaling_factor, "vae": str(vae_dir.resolve()), MARKER: WRITER}
-                output.close(json.dumps({**meta, **extra}))
-            finally:
-                output.close()
-    except BaseException:
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
+    with dataset_output(out) as output:
+        progress = tqdm(limited, total=total, desc="diffscore dataset --encode", unit="img")
+        meta = write_latents(output.write, progress, _encoder(vae), options["batch_size"])
+        extra = {"scaling_factor": scaling_factor, "vae": str(vae_dir.resolve()), MARKER: WRITER}
+        output.close(json.dumps({**meta, **extra}))
     print(f"diffscore: wrote {total} latents {meta['latent_shape']} (scaling factor {scaling_factor}) to {out}")
     return out
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -273,12 +274,15 @@ def _write_images(
     return labels, (first[2].mode, first[2].size)
 
 
-def _write(out: Path, items: Iterable, total: int, src: Path, resolution: int | None, transform: str | None):
-    """Write the output at ``out`` (atomically, replacing what is there); return (mode, size) of its images."""
-    from tqdm import tqdm
-
+@contextmanager
+def dataset_output(out: Path) -> Iterator[_Output]:
+    """Where `diffscore dataset` writes ``out`` (a .zip, else a folder): missing parents are made, the output is
+    written under a temporary name and swapped in only when whole (an --overwrite, already checked, of a folder by
+    a ZIP or the reverse sets the old one aside until then). The caller writes through the yielded output and
+    closes it with its ``dataset.json``. On any failure the old output is back and the parents made are removed."""
     as_zip = out.suffix.lower() == ".zip"
-    old = None  # --overwrite (checked) of a folder by a ZIP or the reverse: set aside, removed once the new is whole
+    created = _make_parents(out)
+    old = None
     if out.exists() and out.is_dir() == as_zip:
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
@@ -286,17 +290,30 @@ def _write(out: Path, items: Iterable, total: int, src: Path, resolution: int | 
         with atomic_write(out, directory=not as_zip) as tmp:
             output = _Output(tmp, as_zip)
             try:
-                progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
-                labels, shape = _write_images(output, progress, total, src, resolution, transform)
-                output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
+                yield output
             finally:
                 output.close()
     except BaseException:
         if old is not None and not out.exists():
             os.replace(old, out)  # the failed write loses nothing
+        for folder in created:  # deepest first; only the ones this run made, and only while empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _write(out: Path, items: Iterable, total: int, src: Path, resolution: int | None, transform: str | None):
+    """Write the images at ``out`` (dataset_output); return (mode, size) of its images."""
+    from tqdm import tqdm
+
+    with dataset_output(out) as output:
+        progress = tqdm(items, total=total, desc="diffscore dataset", unit="img")
+        labels, shape = _write_images(output, progress, total, src, resolution, transform)
+        output.close(json.dumps({"labels": labels if labels else None, MARKER: WRITER}))
     return shape
 
 
@@ -325,15 +342,6 @@ def convert_dataset(
     _check_paths(src, out, overwrite)
     count, items = _iter_cifar(src) if _is_cifar(src) else _iter_images(src)
     total = min(count, max_images or count)
-    created = _make_parents(out)
-    try:
-        mode, (w, h) = _write(out, items, total, src, resolution, transform)
-    except BaseException:
-        for folder in created:  # deepest first; only the ones this run made, and only while empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
+    mode, (w, h) = _write(out, items, total, src, resolution, transform)
     print(f"diffscore: wrote {total} images ({w}x{h} {mode}) to {out}", flush=True)
     return out
